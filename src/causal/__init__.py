@@ -1,0 +1,24 @@
+"""CausalMER: a counterfactual causal head over any backbone plus three unimodal branches."""
+from src.causal.head import FUSIONS, CausalHead, check_fusion
+from src.causal.loss import (
+    DEGENERATE_KL_MESSAGE,
+    KL_MODES,
+    causal_loss,
+    check_kl,
+    kl_is_degenerate,
+    warn_if_constants_cannot_learn,
+)
+from src.causal.model import CausalMER
+
+__all__ = [
+    "CausalHead",
+    "CausalMER",
+    "FUSIONS",
+    "KL_MODES",
+    "DEGENERATE_KL_MESSAGE",
+    "causal_loss",
+    "check_fusion",
+    "check_kl",
+    "kl_is_degenerate",
+    "warn_if_constants_cannot_learn",
+]

@@ -1,0 +1,48 @@
+"""CausalMER: any backbone (the multimodal path z_m) plus three unimodal branches, joined by the causal head.
+
+The wrapper is model-agnostic: it only relies on the backbone contract (src/models/contract.py) and on
+branches mapping one modality (B, L_m, d_m) to logits (B, C). Submodules keep fixed names — backbone,
+text_branch, audio_branch, vision_branch, head (with constant_t/a/v) — so the trainer can give each its
+own Adam parameter group.
+"""
+import torch
+import torch.nn as nn
+
+from src.causal.head import CausalHead
+from src.causal.loss import causal_loss, check_kl
+from src.models.contract import backbone_aux_loss, split_backbone_output
+
+
+class CausalMER(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        text_branch: nn.Module,
+        audio_branch: nn.Module,
+        vision_branch: nn.Module,
+        head: CausalHead,
+        alpha: float = 0.1,
+        beta: float = 1.0,
+        kl: str = "all",
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.text_branch = text_branch
+        self.audio_branch = audio_branch
+        self.vision_branch = vision_branch
+        self.head = head
+        self.alpha = alpha
+        self.beta = beta
+        self.kl = check_kl(kl)
+
+    def forward(self, text: torch.Tensor, audio: torch.Tensor, vision: torch.Tensor) -> dict:
+        logits_m, extras = split_backbone_output(self.backbone(text, audio, vision))
+        # Each branch sees only its own modality: that is what makes its logits a shortcut to remove.
+        out = self.head(logits_m, self.text_branch(text), self.audio_branch(audio), self.vision_branch(vision))
+        out["extras"] = extras
+        return out
+
+    def loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:
+        total = causal_loss(out, target, alpha=self.alpha, beta=self.beta, kl=self.kl)
+        aux = backbone_aux_loss(self.backbone, out["extras"], target)
+        return total if aux is None else total + aux

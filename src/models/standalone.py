@@ -1,0 +1,25 @@
+"""BackboneOnly: a backbone trained on its own, the baseline CausalMER is compared against.
+
+It speaks the same interface as CausalMER (forward -> dict, loss(out, target)) so both train and
+evaluate with the same loop; its prediction is `logits_m`.
+"""
+import torch
+import torch.nn as nn
+
+from src.losses import task_loss
+from src.models.contract import backbone_aux_loss, split_backbone_output
+
+
+class BackboneOnly(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, text: torch.Tensor, audio: torch.Tensor, vision: torch.Tensor) -> dict:
+        logits_m, extras = split_backbone_output(self.backbone(text, audio, vision))
+        return {"logits_m": logits_m, "extras": extras}
+
+    def loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:
+        total = task_loss(out["logits_m"], target)
+        aux = backbone_aux_loss(self.backbone, out["extras"], target)
+        return total if aux is None else total + aux
