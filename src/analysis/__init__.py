@@ -1,0 +1,34 @@
+"""Analysis of trained models: modality contributions, balance, missing-modality robustness, multi-seed summaries.
+
+``contributions`` and ``summary`` need only numpy; ``plots`` draws PNG charts when the optional
+matplotlib extra is installed.
+"""
+from src.analysis.contributions import (
+    MODALITIES,
+    REMOVALS,
+    SUBSETS,
+    balance_index,
+    nde_shares,
+    removal_report,
+    removal_scores_from_subsets,
+    shapley_values,
+    subset_label,
+)
+from src.analysis.summary import collect_runs, flatten_metrics, format_summary, summarize, write_csv
+
+__all__ = [
+    "MODALITIES",
+    "REMOVALS",
+    "SUBSETS",
+    "balance_index",
+    "collect_runs",
+    "flatten_metrics",
+    "format_summary",
+    "nde_shares",
+    "removal_report",
+    "removal_scores_from_subsets",
+    "shapley_values",
+    "subset_label",
+    "summarize",
+    "write_csv",
+]

@@ -1,0 +1,159 @@
+"""Multi-seed summaries: mean ± standard deviation of every metric over groups of runs.
+
+A run is a directory holding a ``metrics.json`` of nested dicts that end in numbers, for example
+``{"best_loss": {"test": {"tie": {"avg_acc": 0.83, ...}, "te": {...}, "m": {...}}}, "best_acc": {...}}``.
+The structure is read generically: nested keys are joined with ``/`` (``best_loss/test/tie/avg_acc``)
+and leaves that are not numbers (strings, lists, null, booleans) are ignored, so new sections in
+``metrics.json`` show up in the summary without changes here.
+
+Groups are typically the baseline (the backbone trained alone, e.g. ``mult``) and ``causalmer``, each a
+list of runs that differ only in seed.
+"""
+from __future__ import annotations
+
+import csv
+import fnmatch
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from src.errors import UserError
+from src.metrics import format_value, is_fraction_metric
+
+METRICS_FILE = "metrics.json"
+CSV_FIELDS = ("group", "metric", "n", "mean", "std")
+
+
+def flatten_metrics(tree: dict, prefix: str = "") -> dict[str, float]:
+    """Nested dicts to ``{"a/b/metric": value}`` for every numeric leaf, in the file's order."""
+    flat: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, name))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            # bool is an int subclass, but a flag is not a metric.
+            flat[name] = float(value)
+    return flat
+
+
+def load_run_metrics(run_dir: Path) -> dict[str, float]:
+    """The flattened metrics of one run directory."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise UserError(f"{path} not found: is {run_dir} a finished run directory?")
+    try:
+        tree = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from error
+    if not isinstance(tree, dict):
+        raise UserError(f"{path} should hold a JSON object of metrics, found {type(tree).__name__}")
+    return flatten_metrics(tree)
+
+
+def collect_runs(root, pattern: str = "*") -> list[Path]:
+    """Run directories under ``root`` whose path matches the glob ``pattern`` and that hold a metrics.json.
+
+    ``pattern`` is relative to ``root`` and may span levels (``"mult_seed*"``, ``"*/causalmer_*"``,
+    ``"**/seed*"``). Sorted, so seeds come out in a stable order.
+    """
+    root = Path(root)
+    return sorted(path for path in root.glob(pattern) if path.is_dir() and (path / METRICS_FILE).is_file())
+
+
+def summarize(groups: dict[str, list]) -> list[dict]:
+    """Mean and standard deviation of every metric, per group of runs.
+
+    ``groups`` maps a group name to its run directories. Returns one row per (group, metric):
+    ``{"group", "metric", "n", "mean", "std"}``. ``std`` is the sample standard deviation (ddof=1), the
+    usual error bar across seeds, and 0.0 when a single run has the metric. ``n`` counts the runs that
+    report the metric with a finite value (a run without it, or with nan, does not count), so a summary
+    never silently averages over fewer seeds than it shows. Metrics keep the order in which they first
+    appear.
+    """
+    rows: list[dict] = []
+    for group, run_dirs in groups.items():
+        run_dirs = list(run_dirs)
+        if not run_dirs:
+            raise UserError(f"group {group!r} has no runs: check the run directory and pattern")
+        values: dict[str, list[float]] = {}
+        for run_dir in run_dirs:
+            for metric, value in load_run_metrics(run_dir).items():
+                bucket = values.setdefault(metric, [])
+                if math.isfinite(value):
+                    bucket.append(value)
+        for metric, samples in values.items():
+            n = len(samples)
+            rows.append({
+                "group": group,
+                "metric": metric,
+                "n": n,
+                "mean": float(np.mean(samples)) if n else float("nan"),
+                "std": float(np.std(samples, ddof=1)) if n > 1 else (0.0 if n == 1 else float("nan")),
+            })
+    return rows
+
+
+def write_csv(rows: list[dict], path) -> Path:
+    """Write summary rows as CSV (columns group, metric, n, mean, std; full precision)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({field: row[field] for field in CSV_FIELDS})
+    return path
+
+
+def _mean_std_cell(row: dict | None) -> str:
+    if row is None or row["n"] == 0:
+        return "-"
+    return f"{format_value(row['metric'], row['mean'])} ± {format_value(row['metric'], row['std'])} (n={row['n']})"
+
+
+def format_summary(rows: list[dict], groups, keys=None) -> str:
+    """A fixed-width table with the groups side by side: ``mean ± std (n=…)`` per metric.
+
+    ``groups``: the group names in column order (a dict's keys work). ``keys``: metric names or glob
+    patterns (``"best_loss/test/tie/*"``) selecting rows; all metrics when omitted. Accuracies and F1
+    are percentages. With exactly two groups a last column gives the difference of means, second minus
+    first (e.g. CausalMER minus the baseline).
+    """
+    groups = list(groups)
+    by_key = {(row["group"], row["metric"]): row for row in rows}
+    metrics: list[str] = []
+    for row in rows:
+        if row["group"] in groups and row["metric"] not in metrics:
+            metrics.append(row["metric"])
+    if keys is not None:
+        patterns = [keys] if isinstance(keys, str) else list(keys)
+        metrics = [m for m in metrics if any(fnmatch.fnmatchcase(m, pattern) for pattern in patterns)]
+    if not groups or not metrics:
+        return "(no metrics to summarise)"
+
+    header = ["metric", *groups]
+    show_difference = len(groups) == 2
+    if show_difference:
+        header.append(f"{groups[1]} - {groups[0]}")
+    body = []
+    for metric in metrics:
+        cells = [metric, *(_mean_std_cell(by_key.get((group, metric))) for group in groups)]
+        if show_difference:
+            first, second = by_key.get((groups[0], metric)), by_key.get((groups[1], metric))
+            if first and second and first["n"] and second["n"]:
+                difference = second["mean"] - first["mean"]
+                text = format_value(metric, difference)
+                cells.append(text if text.startswith("-") or text == "nan" else f"+{text}")
+            else:
+                cells.append("-")
+        body.append(cells)
+
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))]).rstrip()
+             for row in [header, *body]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    note = "accuracies and F1 in %" if any(is_fraction_metric(m) for m in metrics) else ""
+    return "\n".join(lines + ([f"({note}; std: sample, ddof=1)"] if note else ["(std: sample, ddof=1)"]))
