@@ -15,3 +15,27 @@ def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         pytest.fail(f"reference fixtures not found at {FIXTURES} (expected ../shared/fixtures beside the checkout)")
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """Factory for tiny synthetic MulT pickles, shared by the session.
+
+    `synthetic_data(dataset="iemocap", aligned=True, scale=0.0005, **options)` writes the file once
+    (4-8 samples per split at the default scale) and returns its data directory. Treat the result as
+    read-only: a test that modifies files should call `write_synthetic` into its own tmp_path.
+    """
+    root = tmp_path_factory.mktemp("synthetic")
+    written = {}
+
+    def make(dataset="iemocap", aligned=True, scale=0.0005, **options):
+        from src.data.synthetic import write_synthetic
+
+        key = (dataset, aligned, scale, tuple(sorted(options.items())))
+        if key not in written:
+            data_dir = root / f"set{len(written)}"
+            write_synthetic(data_dir, dataset, aligned=aligned, scale=scale, **options)
+            written[key] = data_dir
+        return written[key]
+
+    return make

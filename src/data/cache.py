@@ -1,0 +1,518 @@
+"""Pickle -> validated float32 `.npy` cache, so training can memory-map the data.
+
+Unpickling a MulT file costs its whole size in memory (12 GB for unaligned MOSEI) and is slow, and
+the features arrive as float64. So the first load validates the file, converts every array to
+float32 exactly once and writes one `.npy` per split and key into `<pickle>.cache/` (or, when that
+folder can't be written, into a per-user cache folder). Later loads only check a small manifest and
+memory-map the arrays, so memory no longer grows with the dataset.
+
+The manifest is written last and atomically, and it records the source file's size, mtime and a
+fingerprint plus the shape, dtype and byte size of every array. A cache is used only when all of
+that still matches; a stale one (the pickle changed) or a torn one (a crash mid-write: manifest
+missing, an array missing or short) is rebuilt, never trusted.
+
+Values: audio `-inf` (present in the real COVAREP features) becomes 0 as in the reference code, and
+the count is logged. Any other NaN or +-inf is an error that says where and how many, unless the
+caller asked for `clean_nonfinite`, which replaces them with 0.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from src.data.layout import ID_KEY, MODALITIES, REQUIRED_KEYS, SPLITS, DatasetSpec
+from src.data.safe_pickle import safe_load
+from src.errors import DataError
+
+LOG = logging.getLogger("src.data")
+
+CACHE_FORMAT = 1
+MANIFEST_NAME = "manifest.json"
+FINGERPRINT_BLOCK = 1 << 20
+# Conversion works on row blocks of about this many bytes, so the temporaries it needs (a float32
+# copy and a few masks) stay small whatever the size of the file.
+CONVERT_BLOCK_BYTES = 32 << 20
+CACHE_DIR_ENV = "CAUSALMER_CACHE_DIR"
+STALE_TMP_SECONDS = 3600
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the cache lives
+
+
+def source_fingerprint(path: Path) -> dict:
+    """Size, mtime and a sha1 of the first and last MiB: cheap, and catches a replaced file."""
+    stat = path.stat()
+    digest = hashlib.sha1(str(stat.st_size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(FINGERPRINT_BLOCK))
+        if stat.st_size > FINGERPRINT_BLOCK:
+            handle.seek(max(FINGERPRINT_BLOCK, stat.st_size - FINGERPRINT_BLOCK))
+            digest.update(handle.read(FINGERPRINT_BLOCK))
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha1": digest.hexdigest()}
+
+
+def user_cache_root() -> Path:
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "causalmer"
+
+
+def cache_locations(pickle_path: Path) -> list[Path]:
+    """Candidate cache folders, preferred first: next to the pickle, then the per-user one."""
+    pickle_path = Path(pickle_path)
+    beside = pickle_path.with_name(pickle_path.name + ".cache")
+    key = hashlib.sha1(str(pickle_path.resolve()).encode()).hexdigest()[:16]
+    return [beside, user_cache_root() / f"{pickle_path.name}-{key}"]
+
+
+def _writable_dir(directory: Path) -> bool:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-"):
+            pass
+        return True
+    except OSError:
+        return False
+
+
+def array_file(split: str, key: str) -> str:
+    return f"{split}.{key}.npy"
+
+
+# --------------------------------------------------------------------------------------------------
+# The cache a load uses
+
+
+@dataclass
+class CachedData:
+    """A validated cache folder and its manifest."""
+
+    directory: Path
+    manifest: dict
+
+    @property
+    def seq_lens(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["seq_lens"])
+
+    def has(self, split: str, key: str) -> bool:
+        return f"{split}/{key}" in self.manifest["arrays"]
+
+    def path(self, split: str, key: str) -> Path:
+        return self.directory / self.manifest["arrays"][f"{split}/{key}"]["file"]
+
+    def open(self, split: str, key: str) -> np.ndarray:
+        """The array as a read-only memory map (nothing is read until it is indexed)."""
+        return np.load(self.path(split, key), mmap_mode="r")
+
+
+def prepare_cache(pickle_path: Path, spec: DatasetSpec, clean_nonfinite: bool = False) -> CachedData:
+    """Return a valid cache for `pickle_path`, building it from the pickle when needed."""
+    pickle_path = Path(pickle_path)
+    fingerprint = source_fingerprint(pickle_path)
+    locations = cache_locations(pickle_path)
+    for directory in locations:
+        manifest = _valid_manifest(directory, spec, fingerprint)
+        if manifest is not None:
+            _apply_nonfinite_policy(manifest, pickle_path, clean_nonfinite)
+            _log_neg_inf(manifest, logging.DEBUG)
+            return CachedData(directory, manifest)
+
+    for directory in locations:
+        if _writable_dir(directory):
+            break
+    else:
+        raise DataError(
+            f"cannot write the float32 cache for {pickle_path}: neither {locations[0]} nor "
+            f"{locations[1]} is writable. Set {CACHE_DIR_ENV} to a writable folder."
+        )
+    manifest = _build(pickle_path, spec, directory, fingerprint, clean_nonfinite)
+    return CachedData(directory, manifest)
+
+
+def _valid_manifest(directory: Path, spec: DatasetSpec, fingerprint: dict) -> dict | None:
+    """The manifest of `directory` if the cache there is complete and matches the source, else None."""
+    manifest_path = directory / MANIFEST_NAME
+    if not manifest_path.is_file():
+        if directory.is_dir() and any(directory.glob("*.npy")):
+            LOG.info("cache %s has no manifest (an interrupted conversion?); rebuilding it", directory)
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        reason = _manifest_mismatch(directory, manifest, spec, fingerprint)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        reason = f"unreadable manifest ({exc})"
+    if reason is None:
+        return manifest
+    LOG.info("cache %s is not usable (%s); rebuilding it", directory, reason)
+    return None
+
+
+def _manifest_mismatch(directory: Path, manifest: dict, spec: DatasetSpec, fingerprint: dict) -> str | None:
+    if manifest.get("format") != CACHE_FORMAT:
+        return "written by another version of the cache format"
+    if manifest.get("dataset") != spec.name:
+        return f"built for dataset '{manifest.get('dataset')}'"
+    if manifest.get("source") != fingerprint:
+        return "the source pickle changed since the cache was built"
+    for split in SPLITS:
+        for key in REQUIRED_KEYS:
+            if f"{split}/{key}" not in manifest["arrays"]:
+                return f"{split}/{key} is not listed"
+    for name, entry in manifest["arrays"].items():
+        path = directory / entry["file"]
+        if not path.is_file():
+            return f"{entry['file']} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{entry['file']} has {path.stat().st_size} bytes, expected {entry['bytes']}"
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            return f"{entry['file']} is unreadable ({exc})"
+        if list(array.shape) != entry["shape"] or str(array.dtype) != entry["dtype"]:
+            return f"{entry['file']} holds {array.dtype}{array.shape}, expected {entry['dtype']}{tuple(entry['shape'])}"
+        del array
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation of the unpickled file
+
+
+def _where(path: Path, split: str, key: str | None = None) -> str:
+    return f"{path}, split '{split}'" + (f", key '{key}'" if key is not None else "")
+
+
+def _describe_labels(spec: DatasetSpec) -> str:
+    if spec.label_shape == (4, 2):
+        return ("(N, 4, 2): one one-hot (absent, present) pair for each of the 4 emotions "
+                "Neutral, Happy, Sad, Angry")
+    return "(N, 1, 1): one sentiment score in [-3, 3] per sample"
+
+
+def check_layout(data, spec: DatasetSpec, path: Path) -> tuple[int, int, int]:
+    """Check keys, types, ranks, sizes and label layout; return the shared (L_t, L_a, L_v).
+
+    Only shapes and dtypes are looked at here, so this costs nothing; the values are checked while
+    converting.
+    """
+    if not isinstance(data, dict):
+        raise DataError(
+            f"{path} does not hold the MulT layout: expected a dict with keys 'train', 'valid' and "
+            f"'test', found a {type(data).__name__}"
+        )
+    seq_lens: dict[str, tuple[int, str]] = {}
+    for split in SPLITS:
+        if split not in data:
+            raise DataError(
+                f"{path}: split '{split}' is missing (the file has: {_keys(data)}); a MulT data file "
+                f"holds the splits train, valid and test"
+            )
+        part = data[split]
+        if not isinstance(part, dict):
+            raise DataError(f"{_where(path, split)}: expected a dict of arrays, found a {type(part).__name__}")
+        for key in REQUIRED_KEYS:
+            if key not in part:
+                raise DataError(
+                    f"{_where(path, split)}: key '{key}' is missing (the split has: {_keys(part)}); "
+                    f"every split needs text, audio, vision and labels"
+                )
+        counts = {}
+        for key in REQUIRED_KEYS:
+            array = part[key]
+            where = _where(path, split, key)
+            if not isinstance(array, np.ndarray):
+                raise DataError(f"{where}: expected a numpy array, found a {type(array).__name__}")
+            if array.dtype.kind not in "biuf":
+                raise DataError(f"{where}: expected real numbers, found an array of dtype {array.dtype}")
+            if key == "labels":
+                if array.ndim != 3 or tuple(array.shape[1:]) != spec.label_shape:
+                    raise DataError(
+                        f"{where}: {spec.name} labels must have shape {_describe_labels(spec)}; found "
+                        f"shape {tuple(array.shape)}. Is '{spec.name}' the right dataset for this file?"
+                    )
+            else:
+                dim = spec.dim(key)
+                if array.ndim != 3:
+                    raise DataError(
+                        f"{where}: expected a 3-D array (N, L, {dim}) of per-step features, found "
+                        f"shape {tuple(array.shape)}"
+                    )
+                if array.shape[2] != dim:
+                    raise DataError(
+                        f"{where}: {spec.name} {key} features have {dim} dimensions, this array has "
+                        f"{array.shape[2]} (shape {tuple(array.shape)}). Is '{spec.name}' the right "
+                        f"dataset for this file?"
+                    )
+                length = int(array.shape[1])
+                if key in seq_lens and seq_lens[key][0] != length:
+                    first_length, first_split = seq_lens[key]
+                    raise DataError(
+                        f"{where}: sequence length {length} differs from the {first_length} of split "
+                        f"'{first_split}'; all splits of a file must share one length per modality"
+                    )
+                seq_lens.setdefault(key, (length, split))
+            counts[key] = int(array.shape[0])
+        if ID_KEY in part:
+            ids = part[ID_KEY]
+            if not isinstance(ids, np.ndarray) or ids.ndim not in (1, 2):
+                raise DataError(
+                    f"{_where(path, split, ID_KEY)}: expected a 1-D or 2-D array of sample ids, found "
+                    f"{type(ids).__name__} {getattr(ids, 'shape', '')}"
+                )
+            counts[ID_KEY] = int(ids.shape[0])
+        if len(set(counts.values())) != 1:
+            listing = ", ".join(f"{key} {n}" for key, n in counts.items())
+            raise DataError(
+                f"{_where(path, split)}: the arrays disagree on the number of samples ({listing}); "
+                f"they must all have the same first dimension N"
+            )
+        if counts["labels"] == 0:
+            raise DataError(f"{_where(path, split)}: the split has no samples")
+    return tuple(seq_lens[m][0] for m in MODALITIES)
+
+
+def _keys(mapping: dict) -> str:
+    return ", ".join(repr(k) for k in mapping) or "nothing"
+
+
+def _check_label_values(labels: np.ndarray, spec: DatasetSpec, path: Path, split: str) -> None:
+    where = _where(path, split, "labels")
+    if spec.label_shape == (4, 2):
+        # Non-finite labels are left to the non-finite report, which says how to clean them.
+        off = ~np.isin(labels, (0.0, 1.0)) & np.isfinite(labels)
+        if off.any():
+            raise DataError(
+                f"{where}: {int(off.sum())} label values are neither 0 nor 1; {spec.name} labels are "
+                f"one-hot pairs {_describe_labels(spec)}"
+            )
+        ambiguous = int((labels[..., 0] == labels[..., 1]).sum())
+        if ambiguous:
+            LOG.warning("%s: %d (absent, present) pairs are not one-hot; argmax reads them as absent",
+                        where, ambiguous)
+    else:
+        outside = int((np.abs(labels) > 3.0).sum())
+        if outside:
+            LOG.warning("%s: %d sentiment scores lie outside [-3, 3]; class targets clip them", where, outside)
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversion
+
+
+def _build(path: Path, spec: DatasetSpec, directory: Path, fingerprint: dict, clean_nonfinite: bool) -> dict:
+    LOG.info("converting %s to a float32 cache in %s (once; later runs memory-map it)", path, directory)
+    started = time.monotonic()
+    data = safe_load(path)
+    seq_lens = check_layout(data, spec, path)
+
+    # The old manifest goes first: from here until the new one is written the folder is torn on
+    # purpose, so an interruption can only ever leave a cache that is rebuilt.
+    _remove_cache_files(directory)
+    arrays: dict[str, dict] = {}
+    neg_inf: dict[str, int] = {}
+    nonfinite: list[dict] = []
+    written: list[Path] = []
+    try:
+        for split in SPLITS:
+            # Popping hands each split's arrays to this loop alone, so they are freed as soon as
+            # they are written instead of living until the whole file is converted.
+            part = data.pop(split)
+            for key in REQUIRED_KEYS:
+                source = part.pop(key)
+                target = directory / array_file(split, key)
+                entry, counts = _convert(source, target, audio=key == "audio", clean=clean_nonfinite)
+                del source
+                written.append(target)
+                arrays[f"{split}/{key}"] = entry
+                if key == "audio":
+                    neg_inf[split] = counts.pop("neg_inf_audio")
+                if any(counts.values()):
+                    nonfinite.append({"split": split, "key": key, **counts})
+                if key == "labels":
+                    _check_label_values(np.load(target, mmap_mode="r"), spec, path, split)
+            if ID_KEY in part:
+                target = directory / array_file(split, ID_KEY)
+                arrays[f"{split}/{ID_KEY}"] = _write_ids(part.pop(ID_KEY), target)
+                written.append(target)
+            del part
+        del data
+        if nonfinite and not clean_nonfinite:
+            raise DataError(_nonfinite_message(path, nonfinite))
+    except BaseException:
+        for target in written:
+            target.unlink(missing_ok=True)
+        raise
+
+    manifest = {
+        "format": CACHE_FORMAT,
+        "dataset": spec.name,
+        "source_path": str(path),
+        "source": fingerprint,
+        "seq_lens": list(seq_lens),
+        "arrays": arrays,
+        "audio_neg_inf": neg_inf,
+        "nonfinite": nonfinite,
+        "clean_nonfinite": bool(clean_nonfinite),
+    }
+    _write_atomically(directory / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    LOG.info("cache of %s written in %.1f s", path.name, time.monotonic() - started)
+    _log_neg_inf(manifest, logging.INFO)
+    if nonfinite:
+        LOG.warning("%s", _nonfinite_message(path, nonfinite, cleaned=True))
+    return manifest
+
+
+def _convert(source: np.ndarray, target: Path, audio: bool, clean: bool) -> tuple[dict, dict]:
+    """Write `source` as float32 .npy block by block; return its manifest entry and value counts."""
+    counts = {"nan": 0, "pos_inf": 0, "neg_inf": 0, "too_large": 0}
+    if audio:
+        counts["neg_inf_audio"] = 0
+    tmp = _tmp_name(target)
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=source.shape)
+    finished = False
+    try:
+        row_bytes = max(1, int(np.prod(source.shape[1:], dtype=np.int64)) * 4)
+        step = max(1, CONVERT_BLOCK_BYTES // row_bytes)
+        for start in range(0, source.shape[0], step):
+            chunk = source[start:start + step]
+            with np.errstate(over="ignore", invalid="ignore"):
+                block = chunk.astype(np.float32)
+            bad = ~np.isfinite(block)
+            if bad.any():
+                _count_nonfinite(chunk, block, bad, counts, audio)
+                if audio:
+                    # Reference behaviour: COVAREP's -inf (log of silence) is read as 0.
+                    block[np.isneginf(chunk)] = 0.0
+                if clean:
+                    block[~np.isfinite(block)] = 0.0
+            out[start:start + step] = block
+        out.flush()
+        finished = True
+    finally:
+        del out
+        if not finished:
+            tmp.unlink(missing_ok=True)
+    _fsync(tmp)
+    os.replace(tmp, target)
+    entry = {"file": target.name, "shape": list(source.shape), "dtype": "float32",
+             "bytes": target.stat().st_size}
+    return entry, counts
+
+
+def _count_nonfinite(chunk: np.ndarray, block: np.ndarray, bad: np.ndarray, counts: dict, audio: bool) -> None:
+    source_nan = int(np.isnan(chunk).sum()) if chunk.dtype.kind == "f" else 0
+    source_pos = int(np.isposinf(chunk).sum()) if chunk.dtype.kind == "f" else 0
+    source_neg = int(np.isneginf(chunk).sum()) if chunk.dtype.kind == "f" else 0
+    counts["nan"] += source_nan
+    counts["pos_inf"] += source_pos
+    if audio:
+        counts["neg_inf_audio"] += source_neg
+    else:
+        counts["neg_inf"] += source_neg
+    # Finite float64 values beyond float32's range turn into +-inf in the conversion.
+    counts["too_large"] += int(bad.sum()) - source_nan - source_pos - source_neg
+
+
+def _nonfinite_message(path: Path, found: list[dict], cleaned: bool = False) -> str:
+    names = {"nan": "NaN", "pos_inf": "+inf", "neg_inf": "-inf", "too_large": "beyond float32 range"}
+    places = []
+    total = 0
+    for entry in found:
+        parts = [f"{entry[k]} {label}" for k, label in names.items() if entry.get(k)]
+        total += sum(entry.get(k, 0) for k in names)
+        places.append(f"split '{entry['split']}' key '{entry['key']}': {', '.join(parts)}")
+    listing = "; ".join(places)
+    if cleaned:
+        return f"{path}: replaced {total} non-finite values with 0 as asked ({listing})"
+    return (
+        f"{path} contains {total} non-finite value{'s' if total != 1 else ''} besides the audio -inf that MulT files are known "
+        f"to have ({listing}). Pass clean_nonfinite=True (CLI: --clean-nonfinite) to replace them "
+        f"with 0, or repair the file."
+    )
+
+
+def _apply_nonfinite_policy(manifest: dict, path: Path, clean_nonfinite: bool) -> None:
+    # A cache built with cleaning on holds zeros where the source has NaN/inf; a later load that did
+    # not ask for cleaning must see the same error the source itself would give.
+    found = manifest.get("nonfinite") or []
+    if found and not clean_nonfinite:
+        raise DataError(_nonfinite_message(path, found))
+
+
+def _log_neg_inf(manifest: dict, level: int) -> None:
+    counts = manifest.get("audio_neg_inf", {})
+    total = sum(counts.values())
+    if total:
+        per_split = ", ".join(f"{split} {n}" for split, n in counts.items())
+        LOG.log(level, "audio: %d -inf values read as 0, as the reference does (%s)", total, per_split)
+
+
+def _write_ids(ids: np.ndarray, target: Path) -> dict:
+    """Store sample ids as one unicode string per sample (the fields of a row joined by '/')."""
+    def text(value) -> str:
+        if isinstance(value, bytes):
+            return value.decode("utf-8", errors="replace")
+        return str(value)
+
+    rows = ids.reshape(len(ids), -1)
+    joined = np.array(["/".join(text(v) for v in row) for row in rows.tolist()], dtype=str)
+    tmp = _tmp_name(target)
+    with open(tmp, "wb") as handle:
+        np.save(handle, joined, allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+    return {"file": target.name, "shape": list(joined.shape), "dtype": str(joined.dtype),
+            "bytes": target.stat().st_size}
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+
+
+def _tmp_name(target: Path) -> Path:
+    # Hidden, process-specific and ending in .tmp: never mistaken for a cache file, and two
+    # processes converting at once don't write into the same file.
+    return target.with_name(f".{target.name}.{os.getpid()}.tmp")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _write_atomically(target: Path, payload: bytes) -> None:
+    tmp = _tmp_name(target)
+    with open(tmp, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+
+
+def _remove_cache_files(directory: Path) -> None:
+    """Delete what a previous conversion left: the manifest first, then arrays and temporaries."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MANIFEST_NAME).unlink(missing_ok=True)
+    for split in SPLITS:
+        for key in REQUIRED_KEYS + (ID_KEY,):
+            (directory / array_file(split, key)).unlink(missing_ok=True)
+    # Temporaries of a crashed conversion; recent ones may belong to a conversion running right now
+    # in another process, so only those untouched for a while are removed.
+    cutoff = time.time() - STALE_TMP_SECONDS
+    for stale in directory.glob(".*.tmp"):
+        try:
+            if stale.stat().st_mtime < cutoff:
+                stale.unlink()
+        except OSError:
+            pass

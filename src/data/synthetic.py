@@ -1,0 +1,232 @@
+"""Synthetic data files in exactly the MulT layout, with real label signal and an optional shortcut.
+
+The real pickles can't be downloaded everywhere, so tests and the demo run on files written here.
+They match SPEC §1 in everything a loader could notice: a dict of train/valid/test splits; keys
+text/audio/vision/labels (and `id` for MOSEI/MOSI); float64 arrays except MOSI's float32 text; the
+real feature dimensions and sequence lengths; zero left-padding of varying length; `-inf` entries
+in audio; labels as IEMOCAP one-hot (absent, present) pairs or MOSEI/MOSI (N, 1, 1) scores.
+
+How the features depend on the labels:
+- Each sample gets a label (one of the four emotions for IEMOCAP, a sentiment score in [-3, 3]
+  quantised to thirds for MOSEI/MOSI) and from it a small latent vector (the emotion one-hot; or
+  the score and its magnitude).
+- Every modality carries genuine signal: at a random subset of its non-padded steps, the latent
+  times a fixed modality-specific orthonormal direction matrix, scaled by `signal`, is added to
+  unit Gaussian noise. Each modality "sees" the true label only with some probability (text most
+  often, vision least) and otherwise a random one, so no modality alone is perfect and combining
+  them helps. `signal=0` leaves pure noise.
+- A planted bias (`bias_modality`, `bias_strength`): the chosen modality gets an extra, clean
+  shortcut along directions orthogonal to its genuine ones, added at every non-padded step. In
+  train and valid the shortcut encodes the true label with probability `bias_strength` (else a
+  random label); in test it is always drawn independently of the label. A model that leans on the
+  shortcut scores well on valid and drops on test; `shortcut_directions()` returns the directions
+  so an analysis can measure how much of it a model uses.
+
+Everything is drawn from `seed`: the same arguments write a byte-identical file, and files that
+differ only in the planted bias share labels, genuine signal and noise.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from src.data.layout import MODALITIES, SPLITS, DatasetSpec, data_file, get_spec
+from src.errors import ConfigError
+
+# Small enough that a tiny model trains for a few epochs on two CPU cores in well under two
+# minutes (272 / 80 / 94 samples of 20 steps), large enough that accuracy differences mean something.
+DEFAULT_DEMO = dict(dataset="iemocap", aligned=True, scale=0.1, seed=0, bias_modality=None,
+                    bias_strength=0.0, signal=1.0)
+
+MIN_SPLIT_SIZE = 4
+# How often each modality's signal reflects the sample's true label (text, audio, vision).
+MODALITY_RELIABILITY = {"text": 0.85, "audio": 0.75, "vision": 0.7}
+# Signal amplitude per modality (before `signal` scales it) relative to unit noise.
+MODALITY_AMPLITUDE = {"text": 2.5, "audio": 2.0, "vision": 2.0}
+SIGNAL_STEP_FRACTION = 0.6     # share of non-padded steps that carry the label signal
+SHORTCUT_AMPLITUDE = 2.0       # the shortcut is stronger and cleaner than the genuine signal
+AUDIO_NEG_INF_FRACTION = 0.02  # share of non-padded audio entries set to -inf
+IEMOCAP_EMOTION_PRIOR = (0.35, 0.2, 0.2, 0.25)
+PICKLE_PROTOCOL = 4
+
+
+def split_sizes(dataset: str, scale: float) -> tuple[int, int, int]:
+    """N per split: the real sizes times `scale`, rounded, at least MIN_SPLIT_SIZE."""
+    return tuple(max(MIN_SPLIT_SIZE, int(round(n * scale))) for n in get_spec(dataset).split_sizes)
+
+
+def _latent_size(spec: DatasetSpec) -> int:
+    return 4 if spec.label_shape == (4, 2) else 2
+
+
+def _directions(spec: DatasetSpec, modality: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Orthonormal (d_m, k) matrices: the genuine signal's directions and the shortcut's."""
+    k = _latent_size(spec)
+    rng = np.random.default_rng([seed, 7, MODALITIES.index(modality)])
+    basis, _ = np.linalg.qr(rng.standard_normal((spec.dim(modality), 2 * k)))
+    return basis[:, :k], basis[:, k:]
+
+
+def _offset(spec: DatasetSpec, modality: str, seed: int) -> np.ndarray:
+    """A per-feature mean, shared by all splits, so that features are not zero-mean."""
+    rng = np.random.default_rng([seed, 11, MODALITIES.index(modality)])
+    return rng.normal(0.0, 0.5, size=spec.dim(modality))
+
+
+def signal_directions(dataset: str, modality: str, seed: int = 0) -> np.ndarray:
+    """The (d_m, k) directions the genuine label signal of `modality` is written along."""
+    if modality not in MODALITIES:
+        raise ConfigError(f"unknown modality '{modality}'; valid: {', '.join(MODALITIES)}")
+    return _directions(get_spec(dataset), modality, seed)[0]
+
+
+def shortcut_directions(dataset: str, modality: str, seed: int = 0) -> np.ndarray:
+    """The (d_m, k) directions a planted shortcut is written along (k = 4 for IEMOCAP, else 2).
+
+    Averaging a sample's non-padded steps and projecting on these columns recovers the shortcut
+    latent (up to noise), e.g. to check whether a model's predictions follow it.
+    """
+    if modality not in MODALITIES:
+        raise ConfigError(f"unknown modality '{modality}'; valid: {', '.join(MODALITIES)}")
+    return _directions(get_spec(dataset), modality, seed)[1]
+
+
+def _draw_labels(spec: DatasetSpec, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels in the file's layout, latent (n, k)) for n random samples."""
+    if spec.label_shape == (4, 2):
+        emotion = rng.choice(4, size=n, p=IEMOCAP_EMOTION_PRIOR)
+        present = np.eye(4)[emotion]
+        labels = np.stack([1.0 - present, present], axis=-1)
+        return labels, present
+    # Real sentiment scores are annotator averages, skewed slightly positive.
+    score = np.clip(np.round(rng.normal(0.4, 1.3, size=n) * 3) / 3, -3.0, 3.0)
+    latent = np.stack([score / 1.5, np.abs(score) / 1.5 - 1.0], axis=-1)
+    return score.reshape(n, 1, 1), latent
+
+
+def _corrupt(latent: np.ndarray, keep: float, spec: DatasetSpec, rng: np.random.Generator) -> np.ndarray:
+    """`latent` where each row is kept with probability `keep`, otherwise a fresh random label's."""
+    _, random_latent = _draw_labels(spec, rng, len(latent))
+    kept = rng.random(len(latent)) < keep
+    return np.where(kept[:, None], latent, random_latent)
+
+
+def _valid_lengths(rng: np.random.Generator, n: int, seq_lens: tuple[int, int, int], aligned: bool) -> dict:
+    """Non-padded length of each sample per modality (padding is on the left)."""
+    text_len = seq_lens[0]
+    base = rng.integers(max(1, text_len // 3), text_len + 1, size=n)
+    lengths = {"text": base}
+    for modality, length in zip(MODALITIES[1:], seq_lens[1:]):
+        if aligned:
+            lengths[modality] = np.minimum(base, length)
+        else:
+            # Audio and vision frames span the same utterance as the words, at their own rate.
+            stretch = rng.uniform(0.8, 1.0, size=n)
+            lengths[modality] = np.clip(np.round(base / text_len * length * stretch), 1, length).astype(np.int64)
+    return lengths
+
+
+def _features(spec: DatasetSpec, modality: str, rng: np.random.Generator, valid: np.ndarray, length: int,
+              offset: np.ndarray, latent: np.ndarray, directions: np.ndarray, amplitude: float,
+              shortcut: np.ndarray | None, shortcut_dirs: np.ndarray) -> np.ndarray:
+    n, dim = len(valid), spec.dim(modality)
+    steps = np.arange(length)
+    mask = steps[None, :] >= (length - valid)[:, None]                    # (n, L): non-padded steps
+    x = rng.standard_normal((n, length, dim)) + offset
+    gate = (rng.random((n, length)) < SIGNAL_STEP_FRACTION) * rng.uniform(0.5, 1.5, size=(n, 1))
+    x += amplitude * gate[..., None] * (latent @ directions.T)[:, None, :]
+    if shortcut is not None:
+        x += SHORTCUT_AMPLITUDE * (shortcut @ shortcut_dirs.T)[:, None, :]
+    if modality == "audio":
+        # Like COVAREP's log features of silence; channel 0 is spared so that a real step never
+        # reads as padding (an all-zero channel 0) once -inf becomes 0.
+        holes = rng.random((n, length, dim)) < AUDIO_NEG_INF_FRACTION
+        holes[..., 0] = False
+        x[holes] = -np.inf
+    x[~mask] = 0.0
+    return x
+
+
+def _split(spec: DatasetSpec, split: str, n: int, aligned: bool, seed: int, bias_modality: str | None,
+           bias_strength: float, signal: float) -> dict:
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    seq_lens = spec.seq_lens(aligned)
+    labels, latent = _draw_labels(spec, rng, n)
+    lengths = _valid_lengths(rng, n, seq_lens, aligned)
+
+    shortcut = None
+    if bias_modality is not None:
+        # A stream of its own, so that with the same seed a biased file differs from the unbiased
+        # one only by the shortcut: same labels, same genuine features, same noise.
+        bias_rng = np.random.default_rng([seed, SPLITS.index(split), 13])
+        _, random_latent = _draw_labels(spec, bias_rng, n)
+        if split == "test":
+            shortcut = random_latent
+        else:
+            follows = bias_rng.random(n) < bias_strength
+            shortcut = np.where(follows[:, None], latent, random_latent)
+
+    part = {}
+    for modality, length in zip(MODALITIES, seq_lens):
+        genuine, shortcut_dirs = _directions(spec, modality, seed)
+        seen = _corrupt(latent, MODALITY_RELIABILITY[modality], spec, rng)
+        x = _features(spec, modality, rng, lengths[modality], length, _offset(spec, modality, seed), seen, genuine,
+                      signal * MODALITY_AMPLITUDE[modality],
+                      shortcut if modality == bias_modality else None, shortcut_dirs)
+        if modality == "text" and spec.text_dtype == "float32":
+            x = x.astype(np.float32)
+        part[modality] = x
+    part["labels"] = labels
+    if spec.has_ids:
+        part["id"] = np.array(
+            [[f"synth{split[:2]}{i // 4:05d}".encode(), str(i % 4).encode(), str(int(lengths["text"][i])).encode()]
+             for i in range(n)],
+            dtype="S16",
+        )
+    return part
+
+
+def write_synthetic(data_dir: str | Path, dataset: str, aligned: bool = True, scale: float = 0.05,
+                    seed: int = 0, bias_modality: str | None = None, bias_strength: float = 0.0,
+                    signal: float = 1.0) -> Path:
+    """Write a synthetic `dataset` pickle into `data_dir` under its real file name; return its path.
+
+    dataset: iemocap | mosei_senti | mosi. aligned: the aligned or the unaligned ("_noalign") file,
+    with the real sequence lengths of each. scale: fraction of the real split sizes (each split
+    gets at least MIN_SPLIT_SIZE samples). seed: everything is drawn from it, so the same arguments
+    give a byte-identical file. bias_modality (text | audio | vision | None) and bias_strength in
+    [0, 1]: plant a shortcut in that modality that agrees with the label with this probability in
+    train and valid and is independent of it in test. signal: scale of the genuine label signal in
+    every modality (0 = pure noise).
+
+    The whole file is built in memory before it is pickled, like the real ones: at scale 1 the
+    unaligned MOSEI file needs many GB. The file appears atomically (temporary file + rename).
+    """
+    spec = get_spec(dataset)
+    if not scale > 0:
+        raise ConfigError(f"scale must be positive, got {scale}")
+    if bias_modality is not None and bias_modality not in MODALITIES:
+        raise ConfigError(f"bias_modality must be one of {', '.join(MODALITIES)} or None, got '{bias_modality}'")
+    if not 0.0 <= bias_strength <= 1.0:
+        raise ConfigError(f"bias_strength must lie in [0, 1], got {bias_strength}")
+    if signal < 0:
+        raise ConfigError(f"signal must be non-negative, got {signal}")
+
+    sizes = split_sizes(dataset, scale)
+    data = {split: _split(spec, split, n, aligned, seed, bias_modality, bias_strength, signal)
+            for split, n in zip(SPLITS, sizes)}
+    path = data_file(data_dir, dataset, aligned)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            pickle.dump(data, handle, protocol=PICKLE_PROTOCOL)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

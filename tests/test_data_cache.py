@@ -1,0 +1,140 @@
+"""The float32 cache: reused when valid, rebuilt when stale or torn, never trusted half-written."""
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import src.data.cache as cache_module
+from src.data import load_splits, write_synthetic
+from src.errors import DataError
+
+
+def _forbid_unpickling(monkeypatch):
+    def refuse(path):
+        raise AssertionError(f"the pickle {path} was read although the cache is valid")
+    monkeypatch.setattr(cache_module, "safe_load", refuse)
+
+
+def _count_unpickling(monkeypatch):
+    calls = []
+    real = cache_module.safe_load
+
+    def counting(path):
+        calls.append(path)
+        return real(path)
+    monkeypatch.setattr(cache_module, "safe_load", counting)
+    return calls
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = write_synthetic(tmp_path, "iemocap", scale=0.0005)
+    first = load_splits(tmp_path, "iemocap")
+    return tmp_path, path, path.with_name(path.name + ".cache"), first
+
+
+def test_cache_layout_and_manifest(tiny):
+    _, path, cache_dir, first = tiny
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    stat = path.stat()
+    assert manifest["source"]["size"] == stat.st_size and manifest["source"]["mtime_ns"] == stat.st_mtime_ns
+    assert len(manifest["source"]["sha1"]) == 40
+    entry = manifest["arrays"]["train/audio"]
+    assert entry["dtype"] == "float32" and entry["shape"] == [4, 20, 74]
+    assert entry["bytes"] == (cache_dir / entry["file"]).stat().st_size
+    assert sorted(p.name for p in cache_dir.iterdir() if not p.name.startswith(".")) == sorted(
+        [f"{s}.{k}.npy" for s in ("train", "valid", "test") for k in ("text", "audio", "vision", "labels")]
+        + ["manifest.json"])
+    assert isinstance(first["train"]._arrays()["text"], np.memmap)
+
+
+def test_second_load_reuses_the_cache(tiny, monkeypatch):
+    data_dir, _, _, first = tiny
+    _forbid_unpickling(monkeypatch)
+    again = load_splits(data_dir, "iemocap")
+    assert torch.equal(again["test"][2]["audio"], first["test"][2]["audio"])
+
+
+def test_changed_source_is_rebuilt(tiny, monkeypatch):
+    data_dir, path, _, first = tiny
+    before = first["train"][0]["text"]
+    write_synthetic(data_dir, "iemocap", scale=0.0005, seed=1)
+    calls = _count_unpickling(monkeypatch)
+    rebuilt = load_splits(data_dir, "iemocap")
+    assert len(calls) == 1
+    assert not torch.equal(rebuilt["train"][0]["text"], before)
+
+
+def test_touched_source_with_same_size_is_rebuilt(tiny, monkeypatch):
+    data_dir, path, _, _ = tiny
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    calls = _count_unpickling(monkeypatch)
+    load_splits(data_dir, "iemocap")
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("damage", ["no manifest", "truncated npy", "missing npy", "reshaped npy", "bad manifest"])
+def test_torn_cache_is_rebuilt(tiny, monkeypatch, damage):
+    data_dir, _, cache_dir, first = tiny
+    target = cache_dir / "valid.vision.npy"
+    if damage == "no manifest":
+        (cache_dir / "manifest.json").unlink()
+    elif damage == "truncated npy":
+        with open(target, "r+b") as handle:
+            handle.truncate(target.stat().st_size - 100)
+    elif damage == "missing npy":
+        target.unlink()
+    elif damage == "reshaped npy":
+        # Same byte count, different shape: only the header check can tell.
+        array = np.load(target)
+        np.save(target, array.reshape(array.shape[0], -1, 7))
+    else:
+        (cache_dir / "manifest.json").write_text("{ not json")
+    calls = _count_unpickling(monkeypatch)
+    rebuilt = load_splits(data_dir, "iemocap")
+    assert len(calls) == 1
+    assert torch.equal(rebuilt["valid"][1]["vision"], first["valid"][1]["vision"])
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["arrays"]["valid/vision"]["shape"] == [4, 20, 35]
+
+
+def test_failed_conversion_leaves_no_trusted_cache(tmp_path):
+    path = write_synthetic(tmp_path, "mosi", scale=0.0005)
+    with open(path, "rb") as handle:
+        data = pickle.load(handle)
+    data["test"]["vision"][0, -1, 0] = np.nan
+    with open(path, "wb") as handle:
+        pickle.dump(data, handle)
+    with pytest.raises(DataError):
+        load_splits(tmp_path, "mosi")
+    cache_dir = path.with_name(path.name + ".cache")
+    assert not (cache_dir / "manifest.json").exists()
+    assert not list(cache_dir.glob("*.npy"))
+
+
+def test_unwritable_data_dir_falls_back_to_the_user_cache(tmp_path, monkeypatch):
+    data_dir = tmp_path / "readonly"
+    write_synthetic(data_dir, "mosi", scale=0.0005)
+    beside = data_dir / "mosi_data.pkl.cache"
+    real = cache_module._writable_dir
+    monkeypatch.setattr(cache_module, "_writable_dir", lambda d: d != beside and real(d))
+    monkeypatch.setenv("CAUSALMER_CACHE_DIR", str(tmp_path / "user-cache"))
+
+    first = load_splits(data_dir, "mosi")
+    assert not beside.exists()
+    manifests = list((tmp_path / "user-cache").glob("mosi_data.pkl-*/manifest.json"))
+    assert len(manifests) == 1
+    _forbid_unpickling(monkeypatch)
+    again = load_splits(data_dir, "mosi")
+    assert torch.equal(again["train"][0]["text"], first["train"][0]["text"])
+
+
+def test_nothing_writable_is_a_clear_error(tmp_path, monkeypatch):
+    write_synthetic(tmp_path, "mosi", scale=0.0005)
+    monkeypatch.setattr(cache_module, "_writable_dir", lambda d: False)
+    with pytest.raises(DataError, match="CAUSALMER_CACHE_DIR"):
+        load_splits(tmp_path, "mosi")
