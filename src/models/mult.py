@@ -1,0 +1,104 @@
+"""MulT, the Multimodal Transformer backbone, as modified for CausalMER (SPEC §2).
+
+text/audio/vision (B, L_m, d_m)
+  -> Conv1d per modality (kernel k_m, no bias) to d_model          (text: embedding dropout first)
+  -> six crossmodal encoders, target <- source: l<-a, l<-v, a<-l, a<-v, v<-l, v<-a
+  -> per target, concatenate its two crossmodal outputs (2·d_model) -> memory encoder
+  -> last time step of each memory encoder, concatenated l, a, v   = last_hs (B, 6·d_model)
+  -> residual head proj1/proj2 -> out_layer                         = logits (B, output_dim)
+
+Parameter names are the reference's, so its state_dicts load with `load_state_dict` (strict).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.models.encoder import TransformerEncoder, can_group, dropout, run_grouped
+
+# The reference builds every encoder with 10 heads whatever its config says.
+REFERENCE_NUM_HEADS = 10
+
+
+class MulT(nn.Module):
+    """Returns `(logits, last_hs)` from `forward(text, audio, vision)`.
+
+    `num_heads` is accepted for config compatibility but, as in the reference, ignored (10 heads)
+    unless `use_configured_heads=True`. `seq_lens` is accepted and ignored (the backbone contract):
+    MulT works at any length. `group_encoders` runs encoders of one shape as a single batched
+    computation when their lengths are similar (same results; a speed option).
+    """
+
+    def __init__(self, orig_dims, kernel_sizes=(3, 5, 3), d_model=40, num_heads=10, layers=5,
+                 attn_dropout=0.1, attn_dropout_a=0.0, attn_dropout_v=0.0, relu_dropout=0.1,
+                 res_dropout=0.1, embed_dropout=0.25, out_dropout=0.0, attn_mask=True, output_dim=1,
+                 seq_lens=None, use_configured_heads=False, group_encoders=True):
+        super().__init__()
+        d_text, d_audio, d_vision = orig_dims
+        k_text, k_audio, k_vision = kernel_sizes
+        self.d_model = d_model
+        self.embed_dropout = embed_dropout
+        self.out_dropout = out_dropout
+        self.group_encoders = group_encoders
+        heads = num_heads if use_configured_heads else REFERENCE_NUM_HEADS
+
+        self.proj_l = nn.Conv1d(d_text, d_model, kernel_size=k_text, padding=0, bias=False)
+        self.proj_a = nn.Conv1d(d_audio, d_model, kernel_size=k_audio, padding=0, bias=False)
+        self.proj_v = nn.Conv1d(d_vision, d_model, kernel_size=k_vision, padding=0, bias=False)
+
+        def encoder(embed_dim, attn_dropout_for_source, depth):
+            return TransformerEncoder(embed_dim, heads, depth, attn_dropout=attn_dropout_for_source,
+                                      relu_dropout=relu_dropout, res_dropout=res_dropout,
+                                      embed_dropout=embed_dropout, attn_mask=attn_mask)
+
+        # Crossmodal attention dropout follows the *source* modality (the reference's naming:
+        # trans_l_with_a is l <- a, so it uses the audio attention dropout).
+        self.trans_l_with_a = encoder(d_model, attn_dropout_a, layers)
+        self.trans_l_with_v = encoder(d_model, attn_dropout_v, layers)
+        self.trans_a_with_l = encoder(d_model, attn_dropout, layers)
+        self.trans_a_with_v = encoder(d_model, attn_dropout_v, layers)
+        self.trans_v_with_l = encoder(d_model, attn_dropout, layers)
+        self.trans_v_with_a = encoder(d_model, attn_dropout_a, layers)
+
+        memory_depth = max(layers, 3)
+        self.trans_l_mem = encoder(2 * d_model, attn_dropout, memory_depth)
+        self.trans_a_mem = encoder(2 * d_model, attn_dropout, memory_depth)
+        self.trans_v_mem = encoder(2 * d_model, attn_dropout, memory_depth)
+
+        combined_dim = 6 * d_model
+        self.proj1 = nn.Linear(combined_dim, combined_dim)
+        self.proj2 = nn.Linear(combined_dim, combined_dim)
+        self.out_layer = nn.Linear(combined_dim, output_dim)
+
+    def forward(self, text, audio, vision):
+        """text/audio/vision (B, L_m, d_m) -> (logits (B, output_dim), last_hs (B, 6·d_model))."""
+        text = dropout(text, self.embed_dropout, self.training)
+        # Conv1d wants (B, d, L); the encoders want (T, B, E).
+        x_l = self.proj_l(text.transpose(1, 2)).permute(2, 0, 1)
+        x_a = self.proj_a(audio.transpose(1, 2)).permute(2, 0, 1)
+        x_v = self.proj_v(vision.transpose(1, 2)).permute(2, 0, 1)
+
+        crossmodal = [self.trans_l_with_a, self.trans_l_with_v, self.trans_a_with_l,
+                      self.trans_a_with_v, self.trans_v_with_l, self.trans_v_with_a]
+        l_a, l_v, a_l, a_v, v_l, v_a = self._run(crossmodal, [x_l, x_l, x_a, x_a, x_v, x_v],
+                                                 [x_a, x_v, x_l, x_v, x_l, x_a])
+        h_l, h_a, h_v = torch.cat([l_a, l_v], dim=2), torch.cat([a_l, a_v], dim=2), torch.cat([v_l, v_a], dim=2)
+        memories = self._run([self.trans_l_mem, self.trans_a_mem, self.trans_v_mem], [h_l, h_a, h_v])
+        last_hs = torch.cat([memory[-1] for memory in memories], dim=1)
+        hidden = self.proj2(dropout(F.relu(self.proj1(last_hs)), self.out_dropout, self.training))
+        logits = self.out_layer(hidden + last_hs)
+        return logits, last_hs
+
+    def _run(self, encoders, queries, keys=None):
+        """Apply each encoder to its query (and key/value) sequence.
+
+        With similar lengths (aligned data) the encoders run as one batched computation, which on
+        small inputs is several times fewer operations; with very different lengths (unaligned
+        data) padding would cost more than it saves, so each runs on its own.
+        """
+        query_lengths = [q.shape[0] for q in queries]
+        key_lengths = query_lengths if keys is None else [k.shape[0] for k in keys]
+        if self.group_encoders and can_group(encoders, query_lengths, key_lengths):
+            return run_grouped(encoders, queries, keys)
+        if keys is None:
+            return [encoder(q) for encoder, q in zip(encoders, queries)]
+        return [encoder(q, k, k) for encoder, q, k in zip(encoders, queries, keys)]

@@ -1,0 +1,225 @@
+"""The MulT encoder pieces: positions, the shifted future mask, attention, dropout, the encoder."""
+import math
+
+import pytest
+import torch
+
+from src.models import encoder as enc
+from src.models.encoder import MultiheadAttention, TransformerEncoder, dropout, future_mask, sinusoidal_positions
+
+
+def reference_position(p: int, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.tensor([math.exp(-i * math.log(10000) / (half - 1)) for i in range(half)])
+    return torch.cat([torch.sin(p * freqs), torch.cos(p * freqs)])
+
+
+def naive_attention(attn: MultiheadAttention, query, key, value, mask=None, keep=None):
+    """The textbook computation with the packed weights, (T, B, E) in and out."""
+    e, h = attn.embed_dim, attn.num_heads
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    q = query @ w[:e].T + b[:e]
+    k = key @ w[e:2 * e].T + b[e:2 * e]
+    v = value @ w[2 * e:].T + b[2 * e:]
+
+    def heads(x):
+        t, batch, _ = x.shape
+        return x.reshape(t, batch * h, e // h).transpose(0, 1)
+
+    scores = heads(q) @ heads(k).transpose(1, 2) / math.sqrt(e // h)
+    if mask is not None:
+        scores = scores + mask
+    weights = torch.softmax(scores.float(), dim=-1)
+    if keep is not None:
+        weights = weights * keep
+    out = (weights @ heads(v)).transpose(0, 1).reshape(query.shape[0], query.shape[1], e)
+    return attn.out_proj(out)
+
+
+def test_positions_follow_fairseq_table_and_zero_channel_rule():
+    x = torch.randn(6, 3, 8)
+    x[2, 1, 0] = 0.0  # one padded step in the middle of sample 1
+    pos = sinusoidal_positions(x)
+    assert pos.shape == (6, 3, 8)
+    for t in range(6):
+        assert torch.allclose(pos[t, 0], reference_position(t + 1, 8), atol=1e-6)
+    assert torch.all(pos[2, 1] == 0)
+    # the steps after a padded one keep their own index (no renumbering)
+    assert torch.allclose(pos[3, 1], reference_position(4, 8), atol=1e-6)
+
+
+def test_positions_of_zeroed_input_are_zero():
+    assert torch.all(sinusoidal_positions(torch.zeros(5, 2, 10)) == 0)
+
+
+def test_positions_odd_width_has_zero_last_column():
+    pos = sinusoidal_positions(torch.ones(4, 1, 7))
+    assert torch.all(pos[..., -1] == 0)
+
+
+@pytest.mark.parametrize("t_q,t_k", [(4, 4), (3, 6), (6, 3)])
+def test_future_mask_is_shifted_by_length_difference(t_q, t_k):
+    mask = future_mask(t_q, t_k, torch.device("cpu"))
+    shift = abs(t_k - t_q)
+    for i in range(t_q):
+        for j in range(t_k):
+            expected = float("-inf") if j > i + shift else 0.0
+            assert mask[i, j].item() == expected
+    assert mask.shape == (t_q, t_k)
+    assert future_mask(t_q, t_k, torch.device("cpu")) is mask  # cached
+
+
+def test_attention_matches_naive_computation_with_mask():
+    torch.manual_seed(0)
+    attn = MultiheadAttention(20, 5).eval()
+    nn_init_bias(attn)
+    q, kv = torch.randn(4, 3, 20), torch.randn(7, 3, 20)
+    mask = future_mask(4, 7, q.device)
+    assert torch.allclose(attn(q, kv, kv, attn_mask=mask), naive_attention(attn, q, kv, kv, mask), atol=1e-5)
+    assert torch.allclose(attn(q, q, q), naive_attention(attn, q, q, q), atol=1e-5)
+
+
+def nn_init_bias(attn):
+    # nonzero biases so the packed slicing of the bias is exercised too
+    with torch.no_grad():
+        attn.in_proj_bias.normal_()
+        attn.out_proj.bias.normal_()
+
+
+def test_attention_dropout_path_matches_naive_values_and_gradients():
+    torch.manual_seed(0)
+    attn = MultiheadAttention(12, 3, attn_dropout=0.3).train()
+    nn_init_bias(attn)
+    q = torch.randn(5, 2, 12, requires_grad=True)
+    kv = torch.randn(8, 2, 12, requires_grad=True)
+    mask = future_mask(5, 8, q.device)
+    torch.manual_seed(7)
+    out = attn(q, kv, kv, attn_mask=mask)
+    grads = torch.autograd.grad(out.square().sum(), (q, kv, attn.in_proj_weight))
+    torch.manual_seed(7)  # the same random draw gives the same dropout mask
+    keep = enc._keep_scale(enc._random_lanes((2 * 3, 5, 8), q.device), 0.3)
+    expected = naive_attention(attn, q, kv, kv, mask, keep)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, kv, attn.in_proj_weight))
+    assert torch.allclose(out, expected, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_chunked_dropout_attention_equals_single_chunk(monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 9, 5, requires_grad=True) for _ in range(3))
+    mask = future_mask(9, 9, q.device)
+
+    def run():
+        torch.manual_seed(3)
+        out = enc._DropoutAttention.apply(q, k, v, mask, 0.2, 0.5)
+        return (out, *torch.autograd.grad(out.sum(), (q, k, v)))
+
+    whole = run()
+    monkeypatch.setattr(enc, "_SCORE_BLOCK_ELEMENTS", 40)  # two query rows per chunk
+    chunked = run()
+    for a, b in zip(whole, chunked):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_dropout_statistics_and_gradient():
+    torch.manual_seed(0)
+    x = torch.ones(200, 100, requires_grad=True)
+    y = dropout(x, 0.25, training=True)
+    zero_fraction = (y == 0).float().mean().item()
+    assert abs(zero_fraction - 0.25) < 0.01
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.75))
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, y == 0)
+    assert dropout(x, 0.25, training=False) is x
+    assert dropout(x, 0.0, training=True) is x
+
+
+def test_encoder_shapes_self_and_crossmodal_with_other_head_counts():
+    torch.manual_seed(0)
+    self_enc = TransformerEncoder(30, 6, 2, attn_mask=True).eval()  # DMD uses 6 heads at d = 30
+    assert self_enc.layers[0].self_attn.num_heads == 6
+    assert self_enc(torch.randn(7, 2, 30)).shape == (7, 2, 30)
+    cross = TransformerEncoder(30, 6, 2, attn_mask=True).eval()
+    assert cross(torch.randn(7, 2, 30), torch.randn(11, 2, 30), None).shape == (7, 2, 30)
+
+
+def test_encoder_train_mode_is_random_and_eval_is_deterministic():
+    torch.manual_seed(0)
+    encoder = TransformerEncoder(20, 5, 2, attn_dropout=0.2, relu_dropout=0.1, res_dropout=0.1,
+                                 embed_dropout=0.2, attn_mask=True)
+    x, kv = torch.randn(5, 3, 20), torch.randn(6, 3, 20)
+    encoder.train()
+    assert not torch.allclose(encoder(x, kv, kv), encoder(x, kv, kv))
+    encoder.eval()
+    assert torch.equal(encoder(x, kv, kv), encoder(x, kv, kv))
+
+
+def test_encoder_loads_reference_buffers_and_still_checks_parameters():
+    encoder = TransformerEncoder(20, 5, 1)
+    state = dict(encoder.state_dict())
+    state["version"] = torch.tensor([2.0])
+    state["embed_positions._float_tensor"] = torch.tensor([1.0])
+    encoder.load_state_dict(state)  # strict, the two weightless buffers are skipped
+    del state["layers.0.fc1.weight"]
+    with pytest.raises(RuntimeError, match="fc1.weight"):
+        encoder.load_state_dict(state)
+
+
+def test_cached_tables_made_in_inference_mode_still_train():
+    encoder = TransformerEncoder(20, 5, 1, attn_mask=True)
+    x = torch.randn(13, 2, 20)  # a length no other test uses, so the cache is filled here
+    with torch.inference_mode():
+        encoder(x)
+    encoder(x).sum().backward()
+    assert encoder.layers[0].fc1.weight.grad is not None
+
+
+def test_encoder_runs_under_bf16_autocast_on_cpu():
+    torch.manual_seed(0)
+    encoder = TransformerEncoder(20, 5, 2, attn_dropout=0.1, attn_mask=True).train()
+    x, kv = torch.randn(5, 2, 20), torch.randn(8, 2, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = encoder(x, kv, kv)
+    assert out.shape == (5, 2, 20) and torch.isfinite(out.float()).all()
+    out.float().sum().backward()
+    assert torch.isfinite(encoder.layers[0].self_attn.in_proj_weight.grad).all()
+
+
+@pytest.mark.parametrize("attn_mask", [True, False])
+@pytest.mark.parametrize("crossmodal", [True, False])
+def test_grouped_encoders_equal_separate_ones_values_and_gradients(attn_mask, crossmodal):
+    torch.manual_seed(0)
+    encoders = [TransformerEncoder(20, 5, 2, attn_mask=attn_mask).eval() for _ in range(3)]
+    queries = [torch.randn(t, 2, 20, requires_grad=True) for t in (5, 4, 6)]
+    keys = [torch.randn(s, 2, 20) for s in (6, 5, 3)] if crossmodal else None
+    grouped = enc.run_grouped(encoders, queries, keys)
+    separate = [e(q, k, k) if crossmodal else e(q) for e, q, k in zip(encoders, queries, keys or queries)]
+    for a, b in zip(grouped, separate):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    params = [p for e in encoders for p in e.parameters()] + queries
+    grads_grouped = torch.autograd.grad(sum(o.square().sum() for o in grouped), params)
+    grads_separate = torch.autograd.grad(sum(o.square().sum() for o in separate), params)
+    for a, b in zip(grads_grouped, grads_separate):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_grouped_training_with_mixed_attention_dropouts_runs():
+    torch.manual_seed(0)
+    encoders = [TransformerEncoder(20, 5, 1, attn_dropout=p, relu_dropout=0.1, res_dropout=0.1,
+                                   embed_dropout=0.2, attn_mask=True).train() for p in (0.0, 0.3)]
+    queries = [torch.randn(5, 2, 20), torch.randn(4, 2, 20)]
+    keys = [torch.randn(6, 2, 20), torch.randn(5, 2, 20)]
+    outputs = enc.run_grouped(encoders, queries, keys)
+    assert [o.shape for o in outputs] == [(5, 2, 20), (4, 2, 20)]
+    sum(o.sum() for o in outputs).backward()
+    for e in encoders:
+        assert all(torch.isfinite(p.grad).all() for p in e.parameters())
+
+
+def test_can_group_refuses_mismatched_shapes_and_wasteful_padding():
+    a, b = TransformerEncoder(20, 5, 2), TransformerEncoder(20, 5, 3)
+    assert not enc.can_group([a, b], [5, 5], [5, 5])  # different depths
+    c = TransformerEncoder(20, 5, 2)
+    assert enc.can_group([a, c], [18, 16], [16, 18])
+    assert not enc.can_group([a, c], [18, 400], [400, 18])  # unaligned lengths
