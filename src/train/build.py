@@ -1,0 +1,52 @@
+"""Build the model a config describes, and its optimiser parameter groups."""
+from __future__ import annotations
+
+import torch
+
+from src.models import backbone_class, branch_class, build_backbone, build_branch
+from src.train.config import check_kwargs
+
+MODALITIES = ("text", "audio", "vision")
+
+
+def build_model(cfg: dict, dims, seq_lens, output_dim: int) -> torch.nn.Module:
+    """CausalMER (backbone + three branches + causal head) or the backbone alone, per model.name."""
+    model_cfg = cfg["model"]
+    name = model_cfg["backbone"]
+    params = dict(model_cfg.get("backbone_params") or {})
+    check_kwargs(backbone_class(name), params, f"the '{name}' backbone's config (model.backbone_params)")
+    backbone = build_backbone(name, orig_dims=list(dims), seq_lens=list(seq_lens), output_dim=output_dim, **params)
+    if model_cfg["name"] == "backbone":
+        from src.models.standalone import BackboneOnly
+
+        return BackboneOnly(backbone)
+
+    from src.causal import CausalHead, CausalMER
+
+    branches = []
+    for modality, in_dim, seq_len in zip(MODALITIES, dims, seq_lens):
+        options = dict(model_cfg["branches"][modality])
+        kind = options.pop("kind")
+        check_kwargs(branch_class(kind), options, f"model.branches.{modality}")
+        branches.append(build_branch(kind, in_dim=in_dim, seq_len=seq_len, output_dim=output_dim, **options))
+    head = CausalHead(**model_cfg["head"])
+    loss = cfg["loss"]
+    return CausalMER(backbone, *branches, head, alpha=loss["alpha"], beta=loss["beta"], kl=loss["kl"])
+
+
+def param_groups(model: torch.nn.Module, lr: dict) -> list[dict]:
+    """Adam groups with the per-part learning rates of the config (backbone, each branch, each constant)."""
+    if not hasattr(model, "head"):  # the backbone alone
+        return [{"params": list(model.parameters()), "lr": lr["backbone"], "name": "backbone"}]
+    groups = [
+        {"params": list(model.backbone.parameters()), "lr": lr["backbone"], "name": "backbone"},
+        {"params": list(model.text_branch.parameters()), "lr": lr["text"], "name": "text"},
+        {"params": list(model.audio_branch.parameters()), "lr": lr["audio"], "name": "audio"},
+        {"params": list(model.vision_branch.parameters()), "lr": lr["vision"], "name": "vision"},
+    ]
+    for key in ("constant_t", "constant_a", "constant_v"):
+        groups.append({"params": [getattr(model.head, key)], "lr": lr["constant"], "name": key})
+    counted = sum(len(g["params"]) for g in groups)
+    if counted != len(list(model.parameters())):
+        raise RuntimeError("parameter groups do not cover every parameter of the model exactly once")
+    return groups

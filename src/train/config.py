@@ -1,0 +1,232 @@
+"""Config: YAML file -> validated nested dict -> constructors.
+
+A run's config is resolved once, in this order, later wins:
+  1. configs/<dataset>.yaml            data, model (which backbone, branches, head), loss, train
+  2. configs/backbones/<backbone>.yaml  that backbone's hyperparameters for the dataset (`model`) and
+                                       its training overrides (`train`), merged into the above
+  3. command-line flags and `--set a.b=value` overrides
+The result is checked against SCHEMA (unknown keys and wrong types are errors that name the key), and
+saved with the run as config.yaml.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+
+import yaml
+
+from src.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+DATASETS = ("iemocap", "mosei_senti", "mosi")
+TASKS = {"iemocap": ("binary",), "mosei_senti": ("cls", "regression"), "mosi": ("cls", "regression")}
+MODEL_NAMES = ("causalmer", "backbone")
+
+# Every key a config may hold, with the type(s) its value may take. `dict` leaves are free-form
+# keyword arguments checked against the constructor they are passed to.
+NUM = (int, float)
+OPT_NUM = (int, float, type(None))
+SCHEMA = {
+    "dataset": str,
+    "data": {"dir": str, "aligned": bool, "task": str, "clean_nonfinite": bool},
+    "model": {
+        "name": str,
+        "backbone": str,
+        "backbone_params": dict,
+        "branches": {"text": dict, "audio": dict, "vision": dict},
+        "head": {"fusion": str, "constant": NUM},
+    },
+    "loss": {"alpha": NUM, "beta": NUM, "kl": str},
+    "train": {
+        "epochs": int,
+        "batch_size": int,
+        "eval_batch_size": int,
+        "lr": {"backbone": NUM, "text": NUM, "audio": NUM, "vision": NUM, "constant": NUM},
+        "weight_decay": NUM,
+        "grad_clip_norm": OPT_NUM,
+        "grad_clip_value": OPT_NUM,
+        "accumulate": int,
+        "plateau": {"factor": NUM, "patience": int},
+        "early_stop": (int, type(None)),
+        "num_workers": int,
+    },
+}
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """Return base updated recursively by update (neither is modified)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level, not {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """'train.epochs=5' -> (['train', 'epochs'], 5); the value is read as YAML (numbers, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value (e.g. train.epochs=5), got '{text}'")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(cfg: dict, path: list[str], value) -> None:
+    node = cfg
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: '{part}' is not a section")
+    node[path[-1]] = value
+
+
+def _check(node, schema, where: str) -> None:
+    if isinstance(schema, dict):
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{where}' must be a section (mapping), got {node!r}")
+        for key, value in node.items():
+            here = f"{where}.{key}" if where else key
+            if key not in schema:
+                raise ConfigError(f"unknown config key '{here}'; valid keys here: {', '.join(schema)}")
+            _check(value, schema[key], here)
+        return
+    types = schema if isinstance(schema, tuple) else (schema,)
+    # YAML reads 1e-3 without a dot as a string and `true` as bool; bool is an int subclass, so refuse it
+    # explicitly where a number is expected.
+    if isinstance(node, bool) and bool not in types:
+        raise ConfigError(f"config key '{where}' must be {_type_names(types)}, got {node!r}")
+    if not isinstance(node, types):
+        raise ConfigError(f"config key '{where}' must be {_type_names(types)}, got {node!r}")
+
+
+def _type_names(types) -> str:
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def _require(cfg: dict, path: str):
+    node = cfg
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"config is missing required key '{path}'")
+        node = node[part]
+    return node
+
+
+def validate(cfg: dict) -> dict:
+    """Check keys, types and values; return cfg unchanged. Errors name the offending key."""
+    _check(cfg, SCHEMA, "")
+    for path in ("dataset", "data.task", "model.name", "model.backbone", "model.head.fusion", "loss.kl",
+                 "train.epochs", "train.batch_size"):
+        _require(cfg, path)
+    dataset = cfg["dataset"]
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset '{dataset}'; valid datasets: {', '.join(DATASETS)}")
+    task = cfg["data"]["task"]
+    if task not in TASKS[dataset]:
+        raise ConfigError(f"data.task '{task}' is not valid for {dataset}; valid tasks: {', '.join(TASKS[dataset])}")
+    if cfg["model"]["name"] not in MODEL_NAMES:
+        raise ConfigError(f"model.name '{cfg['model']['name']}' is unknown; valid: {', '.join(MODEL_NAMES)}")
+    from src.models import BACKBONES, BRANCHES  # registries; importing them is cheap (lazy entries)
+    from src.causal import check_fusion, check_kl
+
+    if cfg["model"]["backbone"] not in BACKBONES:
+        raise ConfigError(f"model.backbone '{cfg['model']['backbone']}' is unknown; valid: {', '.join(sorted(BACKBONES))}")
+    check_fusion(cfg["model"]["head"]["fusion"])
+    check_kl(cfg["loss"]["kl"])
+    for modality, branch in cfg["model"]["branches"].items():
+        if branch.get("kind") not in BRANCHES:
+            raise ConfigError(f"model.branches.{modality}.kind '{branch.get('kind')}' is unknown; "
+                              f"valid kinds: {', '.join(sorted(BRANCHES))}")
+    train = cfg["train"]
+    for key in ("epochs", "batch_size", "eval_batch_size", "accumulate"):
+        if key in train and train[key] < 1:
+            raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
+    for key, value in train.get("lr", {}).items():
+        if value < 0:
+            raise ConfigError(f"train.lr.{key} must be non-negative, got {value}")
+    for key in ("grad_clip_norm", "grad_clip_value"):
+        if train.get(key) is not None and train[key] <= 0:
+            raise ConfigError(f"train.{key} must be positive or null, got {train[key]}")
+    if not 0 < train["plateau"]["factor"] < 1:
+        raise ConfigError(f"train.plateau.factor must be in (0, 1), got {train['plateau']['factor']}")
+    return cfg
+
+
+def check_kwargs(fn, kwargs: dict, where: str) -> None:
+    """Reject config keys a constructor does not take, naming them and listing what it does take."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        valid = [name for name in params if name != "self"]
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(valid)}")
+
+
+def load_config(dataset: str, config_path: str | Path | None = None, backbone: str | None = None,
+                model_name: str | None = None, overrides: list[str] = (), cli: dict | None = None) -> dict:
+    """Resolve a run's config (see module docstring). `cli` holds flat dotted keys set by named flags."""
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset '{dataset}'; valid datasets: {', '.join(DATASETS)}")
+    path = Path(config_path) if config_path else CONFIG_DIR / f"{dataset}.yaml"
+    cfg = read_yaml(path)
+    if cfg.get("dataset", dataset) != dataset:
+        raise ConfigError(f"config file {path} is for dataset '{cfg.get('dataset')}', not '{dataset}'")
+    cfg["dataset"] = dataset
+    if model_name is not None:
+        cfg.setdefault("model", {})["name"] = model_name
+    if backbone is not None:
+        cfg.setdefault("model", {})["backbone"] = backbone
+    # Overrides that pick the backbone must be applied before its file is merged.
+    parsed = [parse_override(text) for text in overrides]
+    for key_path, value in parsed:
+        if key_path[:2] in (["model", "backbone"], ["model", "name"]):
+            apply_override(cfg, key_path, value)
+    name = _require(cfg, "model.backbone")
+    from src.models import BACKBONES
+
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown backbone '{name}'; valid backbones: {', '.join(sorted(BACKBONES))}")
+    backbone_file = read_yaml(CONFIG_DIR / "backbones" / f"{name}.yaml")
+    if dataset not in backbone_file:
+        raise ConfigError(f"configs/backbones/{name}.yaml has no section for dataset '{dataset}'")
+    block = backbone_file[dataset] or {}
+    cfg["model"]["backbone_params"] = deep_merge(block.get("model") or {}, cfg["model"].get("backbone_params") or {})
+    cfg["train"] = deep_merge(cfg.get("train", {}), block.get("train") or {})
+    for dotted, value in (cli or {}).items():
+        if value is not None:
+            apply_override(cfg, dotted.split("."), value)
+    for key_path, value in parsed:
+        apply_override(cfg, key_path, value)
+    return validate(cfg)
+
+
+def dump_config(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def model_signature(cfg: dict) -> dict:
+    """The parts of a config that define a trained model: a checkpoint only loads into the same."""
+    return {"dataset": cfg["dataset"], "aligned": cfg["data"]["aligned"], "task": cfg["data"]["task"],
+            "model": cfg["model"]}

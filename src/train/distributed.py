@@ -1,0 +1,73 @@
+"""Device choice and the little DistributedDataParallel plumbing the loop needs.
+
+A run under `torchrun --nproc_per_node=N` sees WORLD_SIZE > 1 and joins a process group (NCCL on CUDA,
+gloo on the CPU). Without torchrun everything here is a no-op with rank 0 of 1.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from src.errors import UserError
+
+
+@dataclass(frozen=True)
+class Context:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda when present, else cpu. Chosen once and passed down; nothing else picks a device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for, but no CUDA device is available; use --device cpu")
+    return device
+
+
+def setup(device_name: str = "auto") -> Context:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Context(resolve_device(device_name))
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Context(device, rank, world_size)
+
+
+def teardown(ctx: Context) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_objects(obj, ctx: Context) -> list:
+    """Every rank's obj, in rank order, on every rank (a list of one without a process group)."""
+    if not ctx.distributed:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.distributed:
+        dist.barrier()

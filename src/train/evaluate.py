@@ -1,0 +1,138 @@
+"""Evaluation: run a model over a split, gather every sample exactly once, and score it.
+
+Every evaluation reports the predictions the model has, side by side: the debiased prediction
+(`logits_tie`), the fused one (`logits_te`) and the backbone alone (`logits_m`).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import numpy as np
+import torch
+
+from src import metrics
+from src.train.distributed import Context, gather_objects
+
+PREDICTIONS = {"tie": "logits_tie", "te": "logits_te", "m": "logits_m"}
+MODALITIES = ("text", "audio", "vision")
+REMOVAL_LETTERS = {"t": "text", "a": "audio", "v": "vision"}
+# The six non-empty proper removals of the missing-modality test, in a fixed order.
+REMOVALS = ("t", "a", "v", "ta", "tv", "av")
+
+
+def parse_removal(text: str | None) -> tuple[str, ...]:
+    """'tv' -> ('text', 'vision'); None or '' -> (). Letters t, a, v; each once; not all three."""
+    from src.errors import UserError
+
+    if not text:
+        return ()
+    letters = list(text)
+    if any(c not in REMOVAL_LETTERS for c in letters) or len(set(letters)) != len(letters):
+        raise UserError(f"--remove takes letters t, a, v (e.g. a, tv) or 'sweep', got '{text}'")
+    if len(letters) == 3:
+        raise UserError("--remove tav would remove every modality; remove at most two")
+    return tuple(REMOVAL_LETTERS[c] for c in "tav" if c in letters)
+
+
+def iterate_batches(dataset, indices, batch_size: int):
+    for start in range(0, len(indices), batch_size):
+        yield dataset.get_batch(indices[start:start + batch_size])
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+@torch.no_grad()
+def predict(model, dataset, batch_size: int, ctx: Context, remove=(), amp: bool = False,
+            keys=("logits_tie", "logits_te", "logits_m")) -> dict:
+    """Outputs for every sample of `dataset`, in dataset order, on every rank.
+
+    Ranks take disjoint strided shards (no padding samples), so after gathering each sample appears
+    exactly once. Returns numpy arrays per output key present, plus `target`, `score` when the data has
+    it, and `loss` (the mean of model.loss over samples)."""
+    model.eval()
+    indices = np.arange(ctx.rank, len(dataset), ctx.world_size)
+    outputs = {}
+    loss_sum, count = 0.0, 0
+    for batch in iterate_batches(dataset, indices, batch_size):
+        batch = to_device(batch, ctx.device)
+        inputs = [torch.zeros_like(batch[m]) if m in remove else batch[m] for m in MODALITIES]
+        with autocast(ctx.device, amp):
+            out = model(*inputs)
+            loss = unwrap(model).loss(out, batch["target"])
+        n = len(batch["target"])
+        loss_sum += float(loss) * n
+        count += n
+        for key in keys:
+            if key in out:
+                outputs.setdefault(key, []).append(out[key].float().cpu().numpy())
+        outputs.setdefault("target", []).append(batch["target"].cpu().numpy())
+        if "score" in batch:
+            outputs.setdefault("score", []).append(batch["score"].cpu().numpy())
+    local = {k: np.concatenate(v) for k, v in outputs.items()}
+    local["index"] = indices
+    parts = gather_objects((local, loss_sum, count), ctx)
+    order = np.argsort(np.concatenate([p[0]["index"] for p in parts]))
+    merged = {k: np.concatenate([p[0][k] for p in parts if k in p[0]])[order]
+              for k in local if k != "index"}
+    merged["loss"] = sum(p[1] for p in parts) / max(1, sum(p[2] for p in parts))
+    return merged
+
+
+def score_predictions(pred: dict, task: str) -> dict:
+    """{prediction name: metrics} for each prediction present, plus the loss."""
+    results = {}
+    for name, key in PREDICTIONS.items():
+        if key in pred:
+            results[name] = metrics.compute_metrics(pred[key], pred["target"], task, score=pred.get("score"))
+    return results
+
+
+def evaluate(model, dataset, batch_size: int, ctx: Context, remove=(), amp: bool = False) -> dict:
+    pred = predict(model, dataset, batch_size, ctx, remove=remove, amp=amp)
+    return {"loss": pred["loss"], "predictions": score_predictions(pred, dataset.task)}
+
+
+def main_prediction(model) -> str:
+    """The prediction a run is judged by: the debiased one for CausalMER, else the backbone's."""
+    return "tie" if hasattr(unwrap(model), "head") else "m"
+
+
+def removal_sweep(model, dataset, batch_size: int, ctx: Context, amp: bool = False) -> dict:
+    """Scores with each of the six removals, their drops from the full-input score, and the std of drops."""
+    from src.analysis.contributions import removal_report
+
+    key, higher_is_better = metrics.headline(dataset.task)
+    full = evaluate(model, dataset, batch_size, ctx, amp=amp)
+    removals = {letters: evaluate(model, dataset, batch_size, ctx, remove=parse_removal(letters), amp=amp)
+                for letters in REMOVALS}
+    summary = {name: removal_report(full["predictions"][name][key],
+                                    {r: removals[r]["predictions"][name][key] for r in REMOVALS},
+                                    higher_is_better=higher_is_better)
+               for name in full["predictions"]}
+    return {"metric": key, "full": full, "removals": removals, "summary": summary}
+
+
+def subset_scores(model, dataset, batch_size: int, ctx: Context, amp: bool = False) -> dict:
+    """Headline score of each prediction for all 8 presence subsets (absent modalities zeroed)."""
+    key, _ = metrics.headline(dataset.task)
+    scores = {}
+    for r in range(4):
+        for present in itertools.combinations(MODALITIES, r):
+            removed = tuple(m for m in MODALITIES if m not in present)
+            result = evaluate(model, dataset, batch_size, ctx, remove=removed, amp=amp)
+            for name, values in result["predictions"].items():
+                scores.setdefault(name, {})[frozenset(present)] = values[key]
+    return scores

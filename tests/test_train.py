@@ -1,0 +1,270 @@
+"""End to end through main.py on tiny synthetic data: train, evaluate, resume, remove, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# A tiny MulT (MulT always uses 10 heads, so d_model 10) and cheap branches keep every run to seconds.
+TINY = ["--set", "model.backbone_params.d_model=10", "--set", "model.backbone_params.layers=1",
+        "--set", "model.branches.text={kind: pool}", "--set", "model.branches.audio={kind: pool}",
+        "--set", "model.branches.vision={kind: pool}", "--set", "train.batch_size=16",
+        "--set", "train.eval_batch_size=32"]
+
+
+def cli(*args, check=True, env=None):
+    """Run `python main.py ...` in a fresh process, as a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run([sys.executable, "main.py", *map(str, args)], cwd=REPO, capture_output=True,
+                            text=True, env=full_env, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"main.py {' '.join(map(str, args))} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    cli("make-data", "--dataset", "iemocap", "--data-dir", root, "--scale", "0.02", "--seed", "0")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """One CausalMER run of 2 epochs shared by the evaluation tests."""
+    runs = tmp_path_factory.mktemp("runs")
+    cli("train", "--dataset", "iemocap", "--name", "tiny", "--seed", "3", "--data-dir", data_dir,
+        "--runs-dir", runs, "--device", "cpu", "--epochs", "2", *TINY)
+    return runs / "iemocap" / "tiny" / "seed3"
+
+
+def test_training_writes_a_complete_run(trained):
+    for name in ("config.yaml", "train.log", "metrics.json", "last.pt", "best_loss.pt", "best_acc.pt"):
+        assert (trained / name).is_file(), name
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert len(metrics["history"]) == 2
+    for which in ("best_loss", "best_acc"):
+        test = metrics[which]["test"]["predictions"]
+        assert set(test) == {"tie", "te", "m"}  # debiased, fused and backbone side by side
+        for values in test.values():
+            assert 0.0 <= values["avg_acc"] <= 1.0 and "angry_f1" in values
+    last = torch.load(trained / "last.pt", weights_only=True)  # tensors only
+    assert last["epoch"] == 2 and "head.constant_t" in last["model"]
+    assert "epoch 2" in (trained / "train.log").read_text()
+
+
+def test_eval_prints_all_three_predictions_and_writes_json(trained, data_dir):
+    result = cli("eval", "--dataset", "iemocap", "--name", "tiny", "--seed", "3", "--runs-dir",
+                 trained.parents[2], "--device", "cpu")
+    for label in ("tie", "te", "m", "avg_acc"):
+        assert label in result.stdout
+    saved = json.loads((trained / "eval_best_acc_test.json").read_text())
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert saved["predictions"]["tie"]["avg_acc"] == pytest.approx(metrics["best_acc"]["test"]["predictions"]["tie"]["avg_acc"])
+
+
+def test_remove_sweep_reports_six_removals_and_drop_std(trained):
+    cli("eval", "--dataset", "iemocap", "--name", "tiny", "--seed", "3", "--runs-dir", trained.parents[2],
+        "--device", "cpu", "--remove", "sweep")
+    report = json.loads((trained / "robustness_best_acc_test.json").read_text())
+    assert set(report["removals"]) == {"t", "a", "v", "ta", "tv", "av"}
+    tie = report["summary"]["tie"]
+    drops = [tie["removals"][r]["drop"] for r in report["removals"]]
+    assert tie["drop_std"] == pytest.approx(float(torch.tensor(drops).std(unbiased=False)))
+    one = cli("eval", "--dataset", "iemocap", "--name", "tiny", "--seed", "3", "--runs-dir", trained.parents[2],
+              "--device", "cpu", "--remove", "a")
+    assert "without audio" in one.stdout
+    removed = json.loads((trained / "eval_best_acc_test_no_a.json").read_text())
+    assert removed["predictions"]["tie"]["avg_acc"] == pytest.approx(tie["removals"]["a"]["score"])
+
+
+@pytest.mark.parametrize("removal, message", [("tav", "remove at most two"), ("x", "letters t, a, v")])
+def test_bad_removal_is_a_user_error(trained, removal, message):
+    result = cli("eval", "--dataset", "iemocap", "--name", "tiny", "--seed", "3", "--runs-dir",
+                 trained.parents[2], "--device", "cpu", "--remove", removal, check=False)
+    assert_user_error(result, message)
+
+
+def test_backbone_alone_uses_the_same_loop_and_seed_repeats_exactly(data_dir, tmp_path):
+    args = ["train", "--dataset", "iemocap", "--model", "mult", "--seed", "5", "--data-dir", data_dir,
+            "--runs-dir", tmp_path, "--device", "cpu", "--epochs", "2", *TINY]
+    cli(*args, "--name", "a")
+    cli(*args, "--name", "b")
+    first = json.loads((tmp_path / "iemocap" / "a" / "seed5" / "metrics.json").read_text())
+    second = json.loads((tmp_path / "iemocap" / "b" / "seed5" / "metrics.json").read_text())
+    assert set(first["best_acc"]["test"]["predictions"]) == {"m"}
+    assert first["best_acc"]["test"] == second["best_acc"]["test"]
+    assert [h["train_loss"] for h in first["history"]] == [h["train_loss"] for h in second["history"]]
+
+
+def test_killed_run_resumes_to_the_same_result(data_dir, tmp_path):
+    """Kill a run during a later epoch, resume it, and compare with the uninterrupted run."""
+    common = ["--dataset", "iemocap", "--seed", "7", "--data-dir", data_dir, "--device", "cpu",
+              "--epochs", "4", *TINY]
+    cli("train", *common, "--name", "whole", "--runs-dir", tmp_path)
+    run_dir = tmp_path / "iemocap" / "cut" / "seed7"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "main.py", "train", *map(str, common), "--name", "cut",
+                             "--runs-dir", str(tmp_path)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run_dir / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "metrics.json").exists(), "the run finished before it could be killed"
+    cli("train", *common, "--name", "cut", "--runs-dir", tmp_path, "--resume")
+    whole = json.loads((tmp_path / "iemocap" / "whole" / "seed7" / "metrics.json").read_text())
+    cut = json.loads((run_dir / "metrics.json").read_text())
+    for which in ("best_loss", "best_acc"):
+        assert cut[which]["test"] == whole[which]["test"]
+        assert cut[which]["epoch"] == whole[which]["epoch"]
+    assert [h["valid_loss"] for h in cut["history"]] == [h["valid_loss"] for h in whole["history"]]
+
+
+def test_distributed_training_and_evaluation_count_every_sample_once(data_dir, tmp_path):
+    """Two gloo processes on the CPU: the run trains, and its test scores equal a 1-process evaluation."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29533", "main.py", "train", "--dataset", "iemocap", "--name", "ddp",
+                             "--seed", "2", "--data-dir", str(data_dir), "--runs-dir", str(tmp_path),
+                             "--device", "cpu", "--epochs", "2", *TINY], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "iemocap" / "ddp" / "seed2"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    cli("eval", "--dataset", "iemocap", "--name", "ddp", "--seed", "2", "--runs-dir", tmp_path,
+        "--device", "cpu", "--data-dir", data_dir)
+    single = json.loads((run_dir / "eval_best_acc_test.json").read_text())
+    for name, values in single["predictions"].items():
+        for key, value in values.items():
+            assert metrics["best_acc"]["test"]["predictions"][name][key] == pytest.approx(value, abs=1e-6)
+
+
+def test_sentiment_tasks_train(tmp_path):
+    data = tmp_path / "data"
+    cli("make-data", "--dataset", "mosi", "--data-dir", data, "--scale", "0.02")
+    runs = tmp_path / "runs"
+    base = ["train", "--dataset", "mosi", "--data-dir", data, "--runs-dir", runs, "--device", "cpu",
+            "--epochs", "1", *TINY]
+    cli(*base, "--name", "cls")
+    regression = cli(*base, "--name", "reg", "--task", "regression")
+    assert "constants cannot learn" in regression.stdout + regression.stderr
+    metrics = json.loads((runs / "mosi" / "cls" / "seed1" / "metrics.json").read_text())
+    assert {"acc7", "acc2_pos", "mae", "corr"} <= set(metrics["best_acc"]["test"]["predictions"]["tie"])
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_missing_data_says_where_and_how(tmp_path):
+    result = cli("train", "--dataset", "iemocap", "--name", "x", "--data-dir", tmp_path / "nowhere",
+                 "--runs-dir", tmp_path, "--device", "cpu", check=False)
+    assert_user_error(result, "iemocap_data.pkl", "make-data")
+
+
+def test_unknown_dataset_is_refused():
+    result = cli("train", "--dataset", "meld", "--name", "x", check=False)
+    assert result.returncode == 2 and "invalid choice: 'meld'" in result.stderr
+
+
+def test_existing_run_is_never_overwritten(trained, data_dir):
+    before = {p.name: p.stat().st_mtime_ns for p in trained.iterdir()}
+    result = cli("train", "--dataset", "iemocap", "--name", "tiny", "--seed", "3", "--data-dir", data_dir,
+                 "--runs-dir", trained.parents[2], "--device", "cpu", "--epochs", "2", *TINY, check=False)
+    assert_user_error(result, "already holds a run", "--resume")
+    assert {p.name: p.stat().st_mtime_ns for p in trained.iterdir()} == before
+
+
+def test_resume_with_another_config_is_refused(trained, data_dir):
+    result = cli("train", "--dataset", "iemocap", "--name", "tiny", "--seed", "3", "--data-dir", data_dir,
+                 "--runs-dir", trained.parents[2], "--device", "cpu", "--epochs", "2", *TINY,
+                 "--set", "model.head.fusion=sum", "--resume", check=False)
+    assert_user_error(result, "model.head.fusion", "'mask'", "'sum'")
+
+
+def test_corrupt_and_foreign_checkpoints_are_refused(trained, tmp_path):
+    runs = tmp_path / "runs"
+    copy = runs / "iemocap" / "tiny" / "seed3"
+    copy.mkdir(parents=True)
+    for item in trained.iterdir():
+        if item.is_file():
+            (copy / item.name).write_bytes(item.read_bytes())
+    (copy / "best_loss.pt").write_bytes((trained / "best_loss.pt").read_bytes()[:1000])
+    result = cli("eval", "--dataset", "iemocap", "--name", "tiny", "--seed", "3", "--runs-dir", runs,
+                 "--device", "cpu", "--checkpoint", "best_loss", check=False)
+    assert_user_error(result, "best_loss.pt", "cannot be read")
+    # A checkpoint of another model (different head fusion) in place of best_acc.
+    foreign = torch.load(trained / "best_acc.pt", weights_only=True)
+    foreign["config"] = foreign["config"].replace("fusion: mask", "fusion: hm")
+    torch.save(foreign, copy / "best_acc.pt")
+    result = cli("eval", "--dataset", "iemocap", "--name", "tiny", "--seed", "3", "--runs-dir", runs,
+                 "--device", "cpu", check=False)
+    assert_user_error(result, "different model or config", "model.head.fusion")
+
+
+def test_eval_of_a_missing_run(tmp_path):
+    result = cli("eval", "--dataset", "iemocap", "--name", "ghost", "--runs-dir", tmp_path, "--device", "cpu",
+                 check=False)
+    assert_user_error(result, "not found")
+
+
+# ------------------------------------------------------------------------------------- other backbones
+SMALL_BACKBONE = {
+    "pmr": ["--set", "model.backbone_params.d_model=8", "--set", "model.backbone_params.num_heads=2",
+            "--set", "model.backbone_params.layers=1"],
+    "dmd": ["--set", "model.backbone_params.d_model=8", "--set", "model.backbone_params.num_heads=2",
+            "--set", "model.backbone_params.nlevels=1", "--set", "train.accumulate=2"],
+}
+POOL_BRANCHES = TINY[4:10]
+
+
+@pytest.fixture(scope="module")
+def mosei_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mosei")
+    cli("make-data", "--dataset", "mosei_senti", "--data-dir", root, "--scale", "0.002")
+    return root
+
+
+@pytest.mark.parametrize("backbone", ["pmr", "dmd"])
+def test_other_backbones_train_alone_and_wrapped_through_main(backbone, mosei_dir, tmp_path):
+    common = ["--dataset", "mosei_senti", "--data-dir", mosei_dir, "--runs-dir", tmp_path, "--device", "cpu",
+              "--epochs", "1", *SMALL_BACKBONE[backbone], *POOL_BRANCHES]
+    cli("train", *common, "--model", backbone, "--name", "alone")
+    cli("train", *common, "--model", "causalmer", "--backbone", backbone, "--name", "wrapped")
+    alone = json.loads((tmp_path / "mosei_senti" / "alone" / "seed1" / "metrics.json").read_text())
+    wrapped = json.loads((tmp_path / "mosei_senti" / "wrapped" / "seed1" / "metrics.json").read_text())
+    assert set(alone["best_acc"]["test"]["predictions"]) == {"m"}
+    assert set(wrapped["best_acc"]["test"]["predictions"]) == {"tie", "te", "m"}
+    config = (tmp_path / "mosei_senti" / "wrapped" / "seed1" / "config.yaml").read_text()
+    assert f"backbone: {backbone}" in config
+    result = cli("eval", "--dataset", "mosei_senti", "--name", "wrapped", "--runs-dir", tmp_path, "--device", "cpu",
+                 "--data-dir", mosei_dir)
+    assert "acc7" in result.stdout
+
+
+def test_main_sh_and_inference_sh_pass_their_arguments_through(data_dir, tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    train = subprocess.run(["bash", "main.sh", "cpu", "shell", "4", "iemocap", "--data-dir", str(data_dir),
+                            "--runs-dir", str(tmp_path), "--epochs", "1", "--model", "mult", *TINY],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    run_dir = tmp_path / "iemocap" / "shell" / "seed4"
+    assert "device cpu" in (run_dir / "train.log").read_text()
+    evaluation = subprocess.run(["bash", "inference.sh", "cpu", "shell", "4", "iemocap", "--runs-dir", str(tmp_path),
+                                 "--checkpoint", "best_loss"], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=600)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert "m (backbone)" in evaluation.stdout and (run_dir / "eval_best_loss_test.json").is_file()
