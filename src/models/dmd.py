@@ -1,0 +1,407 @@
+"""DMD, Decoupled Multimodal Distillation (Li et al., CVPR 2023), as fixed by SPEC §8.
+
+Each modality's features are split into a modality-specific part s_m and a part c_m common to all
+modalities (one encoder shared by the three). The common parts feed a "homogeneous" branch, the
+specific parts MulT's crossmodal "heterogeneous" branch; each branch's per-modality predictions are
+distilled into each other along a learned graph, and a gated fusion of both gives the logits.
+
+text/audio/vision (B, L_m, d_m)                                   modality order inside: l, v, a
+  -> text dropout; Conv1d per modality (kernel k_m, no bias)       X_m (B, d, T_m), T_m = L_m - k_m + 1
+  -> s_m = E_m(X_m), c_m = E_c(X_m), r_m = D_m([s_m; c_m]), s'_m = E_m(r_m)      (1x1 convolutions)
+  -> homogeneous, per m: flatten c_m -> residual head -> logits_homo_m, repr_homo_m; c_sim_m
+  -> common fusion: self-attention encoder per m over c_m, last steps -> c_f (B, 3d) -> logits_c
+  -> heterogeneous: MulT's six crossmodal + three memory encoders over s_m -> h_m (B, 2d)
+     -> residual head per m -> logits_hetero_m, repr_hetero_m
+  -> fused: z = [σ(W h_l); σ(W h_v); σ(W h_a); σ(W c_f)] (B, 9d) -> residual head -> logits (B, C)
+
+`forward` returns `(logits, extras)`; `aux_loss(extras, target)` is SPEC §8's auxiliary loss (the
+per-branch task losses, the two graph distillations, reconstruction, cycle, margin and
+orthogonality terms). Only this module reads the extras.
+
+Choices where SPEC §8 is silent:
+- the dropout inside every residual head (homogeneous, heterogeneous, common, fused) is
+  `out_dropout`;
+- the common self-attention encoder over c_m uses modality m's attention dropout, as MulT's
+  per-modality encoders do (text `attn_dropout`, audio `attn_dropout_a`, vision `attn_dropout_v`);
+  memory encoders use `attn_dropout` (SPEC §2);
+- the graph distillation's edge scores read the logits and representations without detaching
+  them: only the teacher's side of each distance is cut from the gradient (SPEC §8's `.detach()`);
+- margin loss on IEMOCAP: a sample's label is its vector of four emotion bits; "same label" means all
+  four agree, and |y_a - y_n| is the number of emotions that differ (1 to 4), so the margin grows
+  with how different the two labels are, as a score difference does for sentiment;
+- the heterogeneous graph's representation loss is summed over the six edges like the logit loss.
+
+Tensors are channel-first (B, d, T) around the 1x1 convolutions and sequence-first (T, B, E) inside
+the shared MulT encoders.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.errors import ConfigError
+from src.losses import target_kind, task_loss
+from src.models.encoder import TransformerEncoder, can_group, dropout, run_grouped
+
+# DMD's modality order for its branches, graphs and concatenations.
+ORDER = ("l", "v", "a")
+NAMES = {"l": "text", "a": "audio", "v": "vision"}
+
+# The graphs' ordered (student, teacher) pairs, as indices into ORDER: l<-v, l<-a, v<-l, v<-a, a<-l, a<-v.
+EDGES = ((0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1))
+# Prior scores per edge; softmax(score / 0.25) makes the marked edges dominate: text teaches vision
+# and audio in both graphs, and in the heterogeneous one vision teaches audio as well.
+HOMO_PRIOR_SCORES = (0.0, 0.0, 1.0, 0.0, 1.0, 0.0)
+HETERO_PRIOR_SCORES = (0.0, 0.0, 1.0, 0.0, 1.0, 1.0)
+PRIOR_TEMPERATURE = 0.25
+EDGE_SCALE = 1.0 / 8.0        # edge scores are scaled by this before the softmax
+GRAPH_REG_WEIGHT = 10.0       # pulls the batch-mean edge weights towards the prior
+REPR_DISTILL_WEIGHT = 10.0    # weight of a graph's representation loss
+
+
+# --- graph distillation --------------------------------------------------------------------------
+
+def distillation_losses(logits, reprs, edges, prior, repr_distance: str) -> dict:
+    """SPEC §8's losses of one distillation graph, given its edge weights.
+
+    logits/reprs: three (B, C) / (B, H) tensors in ORDER; edges (B, 6) per-sample edge weights in
+    EDGES order; prior (6,). Each edge pulls its student towards its teacher, weighted per sample by
+    (edge + prior); the teacher is detached so that it is never pulled towards its student.
+    `repr_distance` "l1" uses the L1 distance for representations, "cosine" max(0, cosine).
+    Returns reg, logit and repr (scalars).
+    """
+    weights = edges + prior
+    logit_loss = edges.new_zeros(())
+    repr_loss = edges.new_zeros(())
+    for index, (student, teacher) in enumerate(EDGES):
+        weight = weights[:, index]
+        logit_gap = (logits[student] - logits[teacher].detach()).abs().sum(dim=1)
+        logit_loss = logit_loss + (weight * logit_gap).mean()
+        if repr_distance == "l1":
+            repr_gap = (reprs[student] - reprs[teacher].detach()).abs().sum(dim=1)
+        else:
+            repr_gap = F.cosine_similarity(reprs[student], reprs[teacher].detach(), dim=1).clamp(min=0.0)
+        repr_loss = repr_loss + (weight * repr_gap).mean()
+    reg = GRAPH_REG_WEIGHT * (edges.mean(dim=0) - prior).pow(2).sum()
+    return {"reg": reg, "logit": logit_loss, "repr": REPR_DISTILL_WEIGHT * repr_loss}
+
+
+class GraphDistillation(nn.Module):
+    """Learned distillation graph over three modality vertices (logits o_m, representations r_m).
+
+    Vertex embedding z_m = [W_o o_m; W_r r_m] (gd_size each); the score of edge (student j, teacher i)
+    is a Linear map of [z_j; z_i]; a sample's six scores are scaled by 1/8 and softmaxed, so its edge
+    weights sum to 1.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, gd_size: int, prior_scores, repr_distance: str):
+        super().__init__()
+        if repr_distance not in ("l1", "cosine"):
+            raise ValueError(f"repr_distance must be 'l1' or 'cosine', got {repr_distance!r}")
+        self.logit_proj = nn.Linear(num_classes, gd_size)
+        self.repr_proj = nn.Linear(hidden_size, gd_size)
+        self.edge_score = nn.Linear(4 * gd_size, 1)
+        self.repr_distance = repr_distance
+        prior = torch.softmax(torch.tensor(prior_scores) / PRIOR_TEMPERATURE, dim=0)
+        # A constant of the method, not a weight: kept out of state_dicts.
+        self.register_buffer("prior", prior, persistent=False)
+
+    def edges(self, logits, reprs) -> torch.Tensor:
+        """(B, 6) edge weights in EDGES order; each row sums to 1."""
+        vertices = [torch.cat([self.logit_proj(o), self.repr_proj(r)], dim=1) for o, r in zip(logits, reprs)]
+        pairs = torch.stack([torch.cat([vertices[s], vertices[t]], dim=1) for s, t in EDGES], dim=1)
+        scores = self.edge_score(pairs).squeeze(-1)  # (B, 6)
+        return torch.softmax(scores.float() * EDGE_SCALE, dim=1)
+
+    def forward(self, logits, reprs) -> dict:
+        """Edge weights and the graph's reg, logit and repr losses."""
+        edges = self.edges(logits, reprs)
+        losses = distillation_losses([o.float() for o in logits], [r.float() for r in reprs], edges,
+                                     self.prior, self.repr_distance)
+        return {"edges": edges, **losses}
+
+
+# --- similarity losses ---------------------------------------------------------------------------
+
+def label_distance(labels: torch.Tensor) -> torch.Tensor:
+    """(N, N) label distances: |y_a - y_b| for (N,) scores or classes; for (N, K) bit labels the
+    number of positions where they differ (IEMOCAP's four emotions)."""
+    if labels.dim() == 1:
+        values = labels.float()
+        return (values.unsqueeze(1) - values.unsqueeze(0)).abs()
+    return (labels.unsqueeze(1) != labels.unsqueeze(0)).sum(dim=2).float()
+
+
+# Anchors per chunk are chosen so one (anchors, N, N) hinge tensor stays near this many elements.
+_MARGIN_BLOCK_ELEMENTS = 1 << 22
+
+
+def margin_loss(features: torch.Tensor, labels: torch.Tensor, scale: float = 0.15) -> torch.Tensor:
+    """SPEC §8's margin loss over N vectors (N, F) with labels (N,) or (N, K).
+
+    For anchor a, positive b (same label, b != a) and negative n (different label):
+    max(0, scale·|y_a - y_n| - cos(a, b) + cos(a, n)), averaged over the anchor's (b, n) pairs, then
+    over the anchors that have both; 0 when none has.
+    """
+    count = features.shape[0]
+    unit = F.normalize(features.float(), dim=1, eps=1e-8)
+    cosine = unit @ unit.t()
+    distance = label_distance(labels).to(cosine.device)
+    not_self = ~torch.eye(count, dtype=torch.bool, device=cosine.device)
+    positive = (distance == 0) & not_self
+    negative = distance > 0
+    pairs = positive.sum(dim=1) * negative.sum(dim=1)  # (b, n) pairs per anchor
+    total = cosine.new_zeros(())
+    chunk = max(1, _MARGIN_BLOCK_ELEMENTS // max(1, count * count))
+    for start in range(0, count, chunk):
+        rows = slice(start, start + chunk)
+        hinge = F.relu(scale * distance[rows].unsqueeze(1) - cosine[rows].unsqueeze(2) + cosine[rows].unsqueeze(1))
+        mask = positive[rows].unsqueeze(2) & negative[rows].unsqueeze(1)  # (anchors, b, n)
+        per_anchor = (hinge * mask).sum(dim=(1, 2)) / pairs[rows].clamp(min=1)
+        total = total + per_anchor.sum()
+    return total / (pairs > 0).sum().clamp(min=1)
+
+
+def orthogonality_loss(specific: torch.Tensor, common: torch.Tensor) -> torch.Tensor:
+    """Mean over (sample, time step) of max(0, cos(s, c)) along the feature axis; (B, d, T) inputs."""
+    return F.cosine_similarity(specific.float(), common.float(), dim=1).clamp(min=0.0).mean()
+
+
+# --- building blocks -----------------------------------------------------------------------------
+
+class ResidualHead(nn.Module):
+    """repr = proj2(dropout(relu(proj1(x)))) + x; logits = out_layer(repr). Width-preserving."""
+
+    def __init__(self, width: int, output_dim: int, out_dropout: float):
+        super().__init__()
+        self.proj1 = nn.Linear(width, width)
+        self.proj2 = nn.Linear(width, width)
+        self.out_layer = nn.Linear(width, output_dim)
+        self.out_dropout = out_dropout
+
+    def forward(self, x: torch.Tensor):
+        hidden = self.proj2(dropout(F.relu(self.proj1(x)), self.out_dropout, self.training)) + x
+        return self.out_layer(hidden), hidden
+
+
+class HomogeneousHead(nn.Module):
+    """One modality's homogeneous branch over its flattened common features (B, d·T).
+
+    repr = Linear(d·T -> d)(flat); logits = out(Linear(d -> d·T)(dropout(relu(repr))) + flat);
+    sim = Linear(d·T -> d)(flat), the vector the margin loss compares across samples.
+    """
+
+    def __init__(self, d_model: int, length: int, output_dim: int, out_dropout: float):
+        super().__init__()
+        flat = d_model * length
+        self.proj1 = nn.Linear(flat, d_model)
+        self.proj2 = nn.Linear(d_model, flat)
+        self.out_layer = nn.Linear(flat, output_dim)
+        self.align = nn.Linear(flat, d_model)
+        self.out_dropout = out_dropout
+
+    def forward(self, common: torch.Tensor):
+        flat = common.reshape(common.shape[0], -1)
+        representation = self.proj1(flat)
+        hidden = self.proj2(dropout(F.relu(representation), self.out_dropout, self.training)) + flat
+        return self.out_layer(hidden), representation, self.align(flat)
+
+
+def _conv1x1(in_channels: int, out_channels: int) -> nn.Conv1d:
+    return nn.Conv1d(in_channels, out_channels, kernel_size=1, padding=0, bias=False)
+
+
+class DMD(nn.Module):
+    """`forward(text, audio, vision)` -> `(logits (B, output_dim), extras)`; see the module docstring.
+
+    orig_dims, seq_lens and kernel_sizes are in (text, audio, vision) order. The sequence lengths are
+    fixed at construction: the homogeneous branch flattens each modality's whole sequence, so data
+    of another length is refused with a ConfigError. The loss weights default to SPEC §8's.
+    `group_encoders` runs encoders of one shape as one batched computation when their lengths are
+    similar (same results; a speed option).
+    """
+
+    def __init__(self, orig_dims, seq_lens, output_dim=1, kernel_sizes=(5, 1, 3), d_model=30, num_heads=6,
+                 nlevels=4, attn_dropout=0.4, attn_dropout_a=0.0, attn_dropout_v=0.0, relu_dropout=0.0,
+                 res_dropout=0.0, embed_dropout=0.0, out_dropout=0.5, text_dropout=0.3, attn_mask=True,
+                 gd_size_homo=64, gd_size_hetero=32, homo_distill_weight=0.05, hetero_distill_weight=0.05,
+                 decouple_weight=0.1, similarity_weight=0.1, margin=0.15, group_encoders=True):
+        super().__init__()
+        if seq_lens is None:
+            raise ConfigError("the dmd backbone needs the sequence lengths (seq_lens): its homogeneous branch "
+                              "flattens whole sequences, so their lengths are part of the model")
+        if nlevels < 1:
+            raise ConfigError(f"dmd: nlevels must be at least 1, got {nlevels}")
+        if d_model % num_heads != 0:
+            raise ConfigError(f"dmd: d_model {d_model} must be divisible by num_heads {num_heads}")
+        dims = dict(zip(("l", "a", "v"), orig_dims))
+        kernels = dict(zip(("l", "a", "v"), kernel_sizes))
+        self.seq_lens = dict(zip(("l", "a", "v"), (int(length) for length in seq_lens)))
+        self.conv_lens = {}
+        for m in ORDER:
+            self.conv_lens[m] = self.seq_lens[m] - kernels[m] + 1
+            if self.conv_lens[m] < 1:
+                raise ConfigError(f"dmd: the {NAMES[m]} kernel size {kernels[m]} is longer than the {NAMES[m]} "
+                                  f"sequences of the data ({self.seq_lens[m]} steps); choose a kernel of at most "
+                                  f"{self.seq_lens[m]} (model.backbone_params.kernel_sizes)")
+        self.d_model = d_model
+        self.text_dropout = text_dropout
+        self.homo_distill_weight = homo_distill_weight
+        self.hetero_distill_weight = hetero_distill_weight
+        self.decouple_weight = decouple_weight
+        self.similarity_weight = similarity_weight
+        self.margin = margin
+        self.group_encoders = group_encoders
+
+        self.proj_l = nn.Conv1d(dims["l"], d_model, kernel_size=kernels["l"], padding=0, bias=False)
+        self.proj_a = nn.Conv1d(dims["a"], d_model, kernel_size=kernels["a"], padding=0, bias=False)
+        self.proj_v = nn.Conv1d(dims["v"], d_model, kernel_size=kernels["v"], padding=0, bias=False)
+
+        # Decoupling: a specific encoder and a decoder per modality, one common encoder for all.
+        self.encoder_s = nn.ModuleDict({m: _conv1x1(d_model, d_model) for m in ORDER})
+        self.encoder_c = _conv1x1(d_model, d_model)
+        self.decoder = nn.ModuleDict({m: _conv1x1(2 * d_model, d_model) for m in ORDER})
+
+        self.homo_heads = nn.ModuleDict({m: HomogeneousHead(d_model, self.conv_lens[m], output_dim, out_dropout)
+                                         for m in ORDER})
+
+        def encoder(embed_dim, attn_dropout_here, depth):
+            return TransformerEncoder(embed_dim, num_heads, depth, attn_dropout=attn_dropout_here,
+                                      relu_dropout=relu_dropout, res_dropout=res_dropout,
+                                      embed_dropout=embed_dropout, attn_mask=attn_mask)
+
+        own_attn_dropout = {"l": attn_dropout, "a": attn_dropout_a, "v": attn_dropout_v}
+        self.common_encoders = nn.ModuleDict({m: encoder(d_model, own_attn_dropout[m], nlevels) for m in ORDER})
+        self.common_head = ResidualHead(3 * d_model, output_dim, out_dropout)
+
+        # Heterogeneous branch: MulT's structure (and names); crossmodal attention dropout follows the source.
+        self.trans_l_with_a = encoder(d_model, attn_dropout_a, nlevels)
+        self.trans_l_with_v = encoder(d_model, attn_dropout_v, nlevels)
+        self.trans_a_with_l = encoder(d_model, attn_dropout, nlevels)
+        self.trans_a_with_v = encoder(d_model, attn_dropout_v, nlevels)
+        self.trans_v_with_l = encoder(d_model, attn_dropout, nlevels)
+        self.trans_v_with_a = encoder(d_model, attn_dropout_a, nlevels)
+        memory_depth = max(nlevels, 3)
+        self.trans_l_mem = encoder(2 * d_model, attn_dropout, memory_depth)
+        self.trans_a_mem = encoder(2 * d_model, attn_dropout, memory_depth)
+        self.trans_v_mem = encoder(2 * d_model, attn_dropout, memory_depth)
+        self.hetero_heads = nn.ModuleDict({m: ResidualHead(2 * d_model, output_dim, out_dropout) for m in ORDER})
+
+        self.gates = nn.ModuleDict({m: nn.Linear(2 * d_model, 2 * d_model) for m in ORDER})
+        self.gate_c = nn.Linear(3 * d_model, 3 * d_model)
+        self.fusion_head = ResidualHead(9 * d_model, output_dim, out_dropout)
+
+        self.homo_graph = GraphDistillation(output_dim, d_model, gd_size_homo, HOMO_PRIOR_SCORES, "l1")
+        self.hetero_graph = GraphDistillation(output_dim, 2 * d_model, gd_size_hetero, HETERO_PRIOR_SCORES, "cosine")
+
+    def _check_lengths(self, text, audio, vision) -> None:
+        for m, x in (("l", text), ("a", audio), ("v", vision)):
+            if x.shape[1] != self.seq_lens[m]:
+                raise ConfigError(
+                    f"this dmd model was built for {NAMES[m]} sequences of {self.seq_lens[m]} steps but the data "
+                    f"has {x.shape[1]}: its homogeneous branch flattens whole sequences, so the lengths are fixed "
+                    f"when it is built; use data with the same layout (aligned or unaligned) as the model, or "
+                    f"build a new model for these lengths")
+
+    def forward(self, text, audio, vision):
+        """text/audio/vision (B, L_m, d_m) -> (logits (B, output_dim), extras for aux_loss)."""
+        self._check_lengths(text, audio, vision)
+        text = dropout(text, self.text_dropout, self.training)
+        features = {  # X_m, (B, d, T_m): Conv1d wants channels first
+            "l": self.proj_l(text.transpose(1, 2)),
+            "a": self.proj_a(audio.transpose(1, 2)),
+            "v": self.proj_v(vision.transpose(1, 2)),
+        }
+        specific = {m: self.encoder_s[m](features[m]) for m in ORDER}
+        common = {m: self.encoder_c(features[m]) for m in ORDER}
+        recon = {m: self.decoder[m](torch.cat([specific[m], common[m]], dim=1)) for m in ORDER}
+        specific_cycle = {m: self.encoder_s[m](recon[m]) for m in ORDER}
+
+        homo = {m: self.homo_heads[m](common[m]) for m in ORDER}  # (logits, repr, sim)
+
+        # Common fusion: self-attention over each c_m, last time step, concatenated l, v, a.
+        common_seq = [common[m].permute(2, 0, 1) for m in ORDER]
+        attended = self._run([self.common_encoders[m] for m in ORDER], common_seq)
+        common_fused = torch.cat([x[-1] for x in attended], dim=1)  # c_f (B, 3d)
+        logits_c, _ = self.common_head(common_fused)
+
+        # Heterogeneous branch over the specific features, as MulT does over its projections.
+        x_l, x_a, x_v = (specific[m].permute(2, 0, 1) for m in ("l", "a", "v"))
+        crossmodal = [self.trans_l_with_a, self.trans_l_with_v, self.trans_a_with_l,
+                      self.trans_a_with_v, self.trans_v_with_l, self.trans_v_with_a]
+        l_a, l_v, a_l, a_v, v_l, v_a = self._run(crossmodal, [x_l, x_l, x_a, x_a, x_v, x_v],
+                                                 [x_a, x_v, x_l, x_v, x_l, x_a])
+        memories = self._run([self.trans_l_mem, self.trans_a_mem, self.trans_v_mem],
+                             [torch.cat([l_a, l_v], dim=2), torch.cat([a_l, a_v], dim=2),
+                              torch.cat([v_l, v_a], dim=2)])
+        last = {m: memory[-1] for m, memory in zip(("l", "a", "v"), memories)}  # h_m (B, 2d)
+        hetero = {m: self.hetero_heads[m](last[m]) for m in ORDER}  # (logits, repr)
+
+        gated = [torch.sigmoid(self.gates[m](last[m])) for m in ORDER]
+        gated.append(torch.sigmoid(self.gate_c(common_fused)))
+        logits, _ = self.fusion_head(torch.cat(gated, dim=1))  # z (B, 9d)
+
+        extras = {
+            "logits_homo": [homo[m][0] for m in ORDER],
+            "repr_homo": [homo[m][1] for m in ORDER],
+            "c_sim": [homo[m][2] for m in ORDER],
+            "logits_hetero": [hetero[m][0] for m in ORDER],
+            "repr_hetero": [hetero[m][1] for m in ORDER],
+            "logits_c": logits_c,
+            "features": [features[m] for m in ORDER],
+            "specific": [specific[m] for m in ORDER],
+            "common": [common[m] for m in ORDER],
+            "recon": [recon[m] for m in ORDER],
+            "specific_cycle": [specific_cycle[m] for m in ORDER],
+        }
+        return logits, extras
+
+    def _run(self, encoders, queries, keys=None):
+        """Apply each encoder to its query (and key/value) sequence; batched together when it pays."""
+        query_lengths = [q.shape[0] for q in queries]
+        key_lengths = query_lengths if keys is None else [k.shape[0] for k in keys]
+        if self.group_encoders and can_group(encoders, query_lengths, key_lengths):
+            return run_grouped(encoders, queries, keys)
+        if keys is None:
+            return [encoder(q) for encoder, q in zip(encoders, queries)]
+        return [encoder(q, k, k) for encoder, q, k in zip(encoders, queries, keys)]
+
+    def aux_terms(self, extras: dict, target: torch.Tensor) -> dict:
+        """Every unweighted term of the auxiliary loss, by name (scalars)."""
+        logits_c = extras["logits_c"]
+        kind = target_kind(logits_c, target)
+        branch_logits = [*extras["logits_homo"], *extras["logits_hetero"], logits_c]
+        homo = self.homo_graph(extras["logits_homo"], extras["repr_homo"])
+        hetero = self.hetero_graph(extras["logits_hetero"], extras["repr_hetero"])
+
+        # Margin: three vectors per sample (l, v, a), each labelled with the sample's label.
+        # Scores for regression, class indices for cls, (B, K) emotion bits for the binary tasks.
+        labels = target.reshape(-1).float() if kind == "regression" else target.long()
+        vectors = torch.stack(extras["c_sim"], dim=1)  # (B, 3, d)
+        sample_labels = labels.repeat_interleave(3, dim=0)
+
+        return {
+            "task": sum(task_loss(logits, target) for logits in branch_logits),
+            "homo_logit": homo["logit"],
+            "homo_reg": homo["reg"],
+            "homo_repr": homo["repr"],  # computed, but not part of the total (as in the reference)
+            "hetero_logit": hetero["logit"],
+            "hetero_repr": hetero["repr"],
+            "hetero_reg": hetero["reg"],
+            "recon": sum(F.mse_loss(r.float(), x.float()) for r, x in zip(extras["recon"], extras["features"])),
+            "cycle": sum(F.mse_loss(c.float(), s.float())
+                         for c, s in zip(extras["specific_cycle"], extras["specific"])),
+            "margin": margin_loss(vectors.reshape(-1, vectors.shape[-1]), sample_labels, self.margin),
+            "orthogonality": sum(orthogonality_loss(s, c) for s, c in zip(extras["specific"], extras["common"])),
+        }
+
+    def combine_terms(self, terms: dict) -> torch.Tensor:
+        """SPEC §8's weighted sum of the auxiliary terms."""
+        return (terms["task"]
+                + self.homo_distill_weight * (terms["homo_logit"] + terms["homo_reg"])
+                + self.hetero_distill_weight * (terms["hetero_logit"] + terms["hetero_repr"] + terms["hetero_reg"])
+                + self.decouple_weight * (terms["cycle"] + terms["recon"]
+                                          + self.similarity_weight * (terms["margin"] + terms["orthogonality"])))
+
+    def aux_loss(self, extras: dict, target: torch.Tensor) -> torch.Tensor:
+        """The auxiliary loss added to the task loss of the fused logits (the backbone contract)."""
+        return self.combine_terms(self.aux_terms(extras, target))
