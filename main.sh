@@ -6,6 +6,7 @@
 #   dataset  iemocap | mosei_senti | mosi                                         default iemocap
 #   options  passed to `main.py train`, e.g. --model mult, --unaligned, --set train.epochs=5, --resume
 # Example: bash main.sh 0 causalmer 1 iemocap
+# inference.sh runs this same script with MAIN_COMMAND=eval.
 set -euo pipefail
 cd "$(dirname "$0")"
 gpu=${1:-auto}; name=${2:-causalmer}; seed=${3:-1}; dataset=${4:-iemocap}
@@ -16,4 +17,4 @@ case "$gpu" in
   auto) device=auto ;;
   *) export CUDA_VISIBLE_DEVICES="$gpu"; device=cuda ;;
 esac
-exec "$PYTHON" main.py train --device "$device" --name "$name" --seed "$seed" --dataset "$dataset" "$@"
+exec "$PYTHON" main.py "${MAIN_COMMAND:-train}" --device "$device" --name "$name" --seed "$seed" --dataset "$dataset" "$@"

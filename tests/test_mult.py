@@ -152,11 +152,11 @@ def test_grouped_and_separate_encoders_agree_in_values_and_gradients():
 
 
 def test_aligned_lengths_use_the_grouped_path(monkeypatch):
-    import src.models.mult as mult_module
+    import src.models.encoder as encoder_module
 
     calls = []
-    original = mult_module.run_grouped
-    monkeypatch.setattr(mult_module, "run_grouped", lambda *a, **k: calls.append(len(a[0])) or original(*a, **k))
+    original = encoder_module.run_grouped
+    monkeypatch.setattr(encoder_module, "run_grouped", lambda *a, **k: calls.append(len(a[0])) or original(*a, **k))
     MulT(**tiny_config()).eval()(*inputs(2, (10, 10, 10), (300, 74, 35)))
     assert calls == [6, 3]
     calls.clear()

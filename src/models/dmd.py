@@ -40,7 +40,8 @@ from torch import nn
 
 from src.errors import ConfigError
 from src.losses import target_kind, task_loss
-from src.models.encoder import TransformerEncoder, can_group, dropout, run_grouped
+from src.models.encoder import TransformerEncoder, dropout, run_encoders
+from src.models.mult import add_crossmodal_encoders, crossmodal_memories
 
 # DMD's modality order for its branches, graphs and concatenations.
 ORDER = ("l", "v", "a")
@@ -274,16 +275,7 @@ class DMD(nn.Module):
         self.common_head = ResidualHead(3 * d_model, output_dim, out_dropout)
 
         # Heterogeneous branch: MulT's structure (and names); crossmodal attention dropout follows the source.
-        self.trans_l_with_a = encoder(d_model, attn_dropout_a, nlevels)
-        self.trans_l_with_v = encoder(d_model, attn_dropout_v, nlevels)
-        self.trans_a_with_l = encoder(d_model, attn_dropout, nlevels)
-        self.trans_a_with_v = encoder(d_model, attn_dropout_v, nlevels)
-        self.trans_v_with_l = encoder(d_model, attn_dropout, nlevels)
-        self.trans_v_with_a = encoder(d_model, attn_dropout_a, nlevels)
-        memory_depth = max(nlevels, 3)
-        self.trans_l_mem = encoder(2 * d_model, attn_dropout, memory_depth)
-        self.trans_a_mem = encoder(2 * d_model, attn_dropout, memory_depth)
-        self.trans_v_mem = encoder(2 * d_model, attn_dropout, memory_depth)
+        add_crossmodal_encoders(self, encoder, d_model, nlevels, attn_dropout, attn_dropout_a, attn_dropout_v)
         self.hetero_heads = nn.ModuleDict({m: ResidualHead(2 * d_model, output_dim, out_dropout) for m in ORDER})
 
         self.gates = nn.ModuleDict({m: nn.Linear(2 * d_model, 2 * d_model) for m in ORDER})
@@ -320,19 +312,13 @@ class DMD(nn.Module):
 
         # Common fusion: self-attention over each c_m, last time step, concatenated l, v, a.
         common_seq = [common[m].permute(2, 0, 1) for m in ORDER]
-        attended = self._run([self.common_encoders[m] for m in ORDER], common_seq)
+        attended = run_encoders([self.common_encoders[m] for m in ORDER], common_seq, group=self.group_encoders)
         common_fused = torch.cat([x[-1] for x in attended], dim=1)  # c_f (B, 3d)
         logits_c, _ = self.common_head(common_fused)
 
         # Heterogeneous branch over the specific features, as MulT does over its projections.
         x_l, x_a, x_v = (specific[m].permute(2, 0, 1) for m in ("l", "a", "v"))
-        crossmodal = [self.trans_l_with_a, self.trans_l_with_v, self.trans_a_with_l,
-                      self.trans_a_with_v, self.trans_v_with_l, self.trans_v_with_a]
-        l_a, l_v, a_l, a_v, v_l, v_a = self._run(crossmodal, [x_l, x_l, x_a, x_a, x_v, x_v],
-                                                 [x_a, x_v, x_l, x_v, x_l, x_a])
-        memories = self._run([self.trans_l_mem, self.trans_a_mem, self.trans_v_mem],
-                             [torch.cat([l_a, l_v], dim=2), torch.cat([a_l, a_v], dim=2),
-                              torch.cat([v_l, v_a], dim=2)])
+        memories = crossmodal_memories(self, x_l, x_a, x_v, self.group_encoders)
         last = {m: memory[-1] for m, memory in zip(("l", "a", "v"), memories)}  # h_m (B, 2d)
         hetero = {m: self.hetero_heads[m](last[m]) for m in ORDER}  # (logits, repr)
 
@@ -354,16 +340,6 @@ class DMD(nn.Module):
             "specific_cycle": [specific_cycle[m] for m in ORDER],
         }
         return logits, extras
-
-    def _run(self, encoders, queries, keys=None):
-        """Apply each encoder to its query (and key/value) sequence; batched together when it pays."""
-        query_lengths = [q.shape[0] for q in queries]
-        key_lengths = query_lengths if keys is None else [k.shape[0] for k in keys]
-        if self.group_encoders and can_group(encoders, query_lengths, key_lengths):
-            return run_grouped(encoders, queries, keys)
-        if keys is None:
-            return [encoder(q) for encoder, q in zip(encoders, queries)]
-        return [encoder(q, k, k) for encoder, q, k in zip(encoders, queries, keys)]
 
     def aux_terms(self, extras: dict, target: torch.Tensor) -> dict:
         """Every unweighted term of the auxiliary loss, by name (scalars)."""

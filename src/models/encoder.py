@@ -532,3 +532,19 @@ def run_grouped(encoders, queries, keys=None):
 
     x = _grouped_layer_norm(x, [enc.layer_norm for enc in encoders])
     return [x[g, :, :length].transpose(0, 1) for g, length in enumerate(query_lengths)]
+
+
+def run_encoders(encoders, queries, keys=None, group: bool = True):
+    """Apply each encoder to its query (and key/value) sequence.
+
+    With similar lengths (aligned data) the encoders run as one batched computation, which on
+    small inputs is several times fewer operations; with very different lengths (unaligned data)
+    padding would cost more than it saves, so each runs on its own.
+    """
+    query_lengths = [q.shape[0] for q in queries]
+    key_lengths = query_lengths if keys is None else [k.shape[0] for k in keys]
+    if group and can_group(encoders, query_lengths, key_lengths):
+        return run_grouped(encoders, queries, keys)
+    if keys is None:
+        return [encoder(q) for encoder, q in zip(encoders, queries)]
+    return [encoder(q, k, k) for encoder, q, k in zip(encoders, queries, keys)]

@@ -13,10 +13,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.encoder import TransformerEncoder, can_group, dropout, run_grouped
+from src.models.encoder import TransformerEncoder, dropout, run_encoders
 
 # The reference builds every encoder with 10 heads whatever its config says.
 REFERENCE_NUM_HEADS = 10
+
+# MulT's crossmodal encoders (target <- source: trans_l_with_a is l <- a) and memory encoders, under
+# the reference's names so that its state_dicts load. DMD's heterogeneous branch reuses them.
+CROSSMODAL_NAMES = ("trans_l_with_a", "trans_l_with_v", "trans_a_with_l",
+                    "trans_a_with_v", "trans_v_with_l", "trans_v_with_a")
+MEMORY_NAMES = ("trans_l_mem", "trans_a_mem", "trans_v_mem")
+
+
+def add_crossmodal_encoders(module: nn.Module, make_encoder, d_model: int, layers: int,
+                            attn_dropout: float, attn_dropout_a: float, attn_dropout_v: float) -> None:
+    """Register the six crossmodal encoders (`layers` deep) and three memory encoders (width 2·d_model,
+    max(layers, 3) deep) on `module`. `make_encoder(embed_dim, attn_dropout, depth)` builds one.
+
+    Crossmodal attention dropout follows the *source* modality (l <- a uses the audio dropout);
+    memory encoders use `attn_dropout`.
+    """
+    by_source = {"l": attn_dropout, "a": attn_dropout_a, "v": attn_dropout_v}
+    for name in CROSSMODAL_NAMES:
+        module.add_module(name, make_encoder(d_model, by_source[name[-1]], layers))
+    for name in MEMORY_NAMES:
+        module.add_module(name, make_encoder(2 * d_model, attn_dropout, max(layers, 3)))
+
+
+def crossmodal_memories(module: nn.Module, x_l, x_a, x_v, group: bool = True):
+    """(T_m, B, d) projections -> the three memory encoders' outputs (T_m, B, 2d), order l, a, v.
+
+    Each target attends to the two other modalities; its two crossmodal outputs are concatenated
+    and read by its memory encoder.
+    """
+    crossmodal = [getattr(module, name) for name in CROSSMODAL_NAMES]
+    l_a, l_v, a_l, a_v, v_l, v_a = run_encoders(crossmodal, [x_l, x_l, x_a, x_a, x_v, x_v],
+                                                [x_a, x_v, x_l, x_v, x_l, x_a], group)
+    memories = [getattr(module, name) for name in MEMORY_NAMES]
+    return run_encoders(memories, [torch.cat([l_a, l_v], dim=2), torch.cat([a_l, a_v], dim=2),
+                                   torch.cat([v_l, v_a], dim=2)], group=group)
 
 
 class MulT(nn.Module):
@@ -50,19 +85,7 @@ class MulT(nn.Module):
                                       relu_dropout=relu_dropout, res_dropout=res_dropout,
                                       embed_dropout=embed_dropout, attn_mask=attn_mask)
 
-        # Crossmodal attention dropout follows the *source* modality (the reference's naming:
-        # trans_l_with_a is l <- a, so it uses the audio attention dropout).
-        self.trans_l_with_a = encoder(d_model, attn_dropout_a, layers)
-        self.trans_l_with_v = encoder(d_model, attn_dropout_v, layers)
-        self.trans_a_with_l = encoder(d_model, attn_dropout, layers)
-        self.trans_a_with_v = encoder(d_model, attn_dropout_v, layers)
-        self.trans_v_with_l = encoder(d_model, attn_dropout, layers)
-        self.trans_v_with_a = encoder(d_model, attn_dropout_a, layers)
-
-        memory_depth = max(layers, 3)
-        self.trans_l_mem = encoder(2 * d_model, attn_dropout, memory_depth)
-        self.trans_a_mem = encoder(2 * d_model, attn_dropout, memory_depth)
-        self.trans_v_mem = encoder(2 * d_model, attn_dropout, memory_depth)
+        add_crossmodal_encoders(self, encoder, d_model, layers, attn_dropout, attn_dropout_a, attn_dropout_v)
 
         combined_dim = 6 * d_model
         self.proj1 = nn.Linear(combined_dim, combined_dim)
@@ -77,28 +100,8 @@ class MulT(nn.Module):
         x_a = self.proj_a(audio.transpose(1, 2)).permute(2, 0, 1)
         x_v = self.proj_v(vision.transpose(1, 2)).permute(2, 0, 1)
 
-        crossmodal = [self.trans_l_with_a, self.trans_l_with_v, self.trans_a_with_l,
-                      self.trans_a_with_v, self.trans_v_with_l, self.trans_v_with_a]
-        l_a, l_v, a_l, a_v, v_l, v_a = self._run(crossmodal, [x_l, x_l, x_a, x_a, x_v, x_v],
-                                                 [x_a, x_v, x_l, x_v, x_l, x_a])
-        h_l, h_a, h_v = torch.cat([l_a, l_v], dim=2), torch.cat([a_l, a_v], dim=2), torch.cat([v_l, v_a], dim=2)
-        memories = self._run([self.trans_l_mem, self.trans_a_mem, self.trans_v_mem], [h_l, h_a, h_v])
+        memories = crossmodal_memories(self, x_l, x_a, x_v, self.group_encoders)
         last_hs = torch.cat([memory[-1] for memory in memories], dim=1)
         hidden = self.proj2(dropout(F.relu(self.proj1(last_hs)), self.out_dropout, self.training))
         logits = self.out_layer(hidden + last_hs)
         return logits, last_hs
-
-    def _run(self, encoders, queries, keys=None):
-        """Apply each encoder to its query (and key/value) sequence.
-
-        With similar lengths (aligned data) the encoders run as one batched computation, which on
-        small inputs is several times fewer operations; with very different lengths (unaligned
-        data) padding would cost more than it saves, so each runs on its own.
-        """
-        query_lengths = [q.shape[0] for q in queries]
-        key_lengths = query_lengths if keys is None else [k.shape[0] for k in keys]
-        if self.group_encoders and can_group(encoders, query_lengths, key_lengths):
-            return run_grouped(encoders, queries, keys)
-        if keys is None:
-            return [encoder(q) for encoder, q in zip(encoders, queries)]
-        return [encoder(q, k, k) for encoder, q, k in zip(encoders, queries, keys)]
