@@ -268,3 +268,51 @@ def test_main_sh_and_inference_sh_pass_their_arguments_through(data_dir, tmp_pat
                                 timeout=600)
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert "m (backbone)" in evaluation.stdout and (run_dir / "eval_best_loss_test.json").is_file()
+
+
+# ------------------------------------------------------------------------------- analysis and summaries
+def test_analyze_writes_contributions_json_and_pngs(trained, tmp_path):
+    out = tmp_path / "analysis"
+    result = cli("analyze", trained, "--device", "cpu", "--out", out)
+    assert "Shapley contribution" in result.stdout and "NDE share" in result.stdout
+    report = json.loads((out / "analysis.json").read_text())
+    (run,) = report.values()
+    assert run["prediction"] == "tie" and run["metric"] == "avg_acc"
+    shapley, subsets = run["shapley"], run["subset_scores"]
+    assert len(subsets) == 8
+    full, empty = subsets["audio+text+vision"], subsets["none"]
+    # Efficiency: the three contributions share out exactly the full-minus-empty difference.
+    assert sum(shapley[m] for m in ("text", "audio", "vision")) == pytest.approx(full - empty, abs=1e-9)
+    balance = run["shapley_balance"]
+    assert 0.0 <= balance <= 1.0 or (balance != balance and not any(shapley.values()))  # NaN iff all zero
+    assert run["robustness"]["full_score"] == pytest.approx(full)
+    assert set(run["nde_shares"]) == {"text", "audio", "vision"}
+    assert sum(run["nde_shares"].values()) == pytest.approx(1.0)
+    for png in ("contributions.png", "removal_drops.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inference_sh_analyze(trained):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", "inference.sh", "cpu", "tiny", "3", "iemocap", "--runs-dir",
+                             str(trained.parents[2]), "--analyze"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Shapley contribution" in result.stdout and (trained / "analysis.json").is_file()
+
+
+def test_compare_trains_both_models_per_seed_and_summarises(data_dir, tmp_path):
+    result = cli("compare", "--dataset", "iemocap", "--seeds", "1", "2", "--name", "cmp", "--runs-dir", tmp_path,
+                 "--data-dir", data_dir, "--device", "cpu", "--epochs", "1", *TINY)
+    for name in ("cmp_mult", "cmp_causalmer_mult"):
+        for seed in (1, 2):
+            assert (tmp_path / "iemocap" / name / f"seed{seed}" / "metrics.json").is_file()
+    csv = (tmp_path / "iemocap" / "cmp_mult_summary.csv").read_text()
+    assert "cmp_mult" in csv and "cmp_causalmer_mult" in csv
+    assert "±" in result.stdout
+    # Running it again finds the finished runs and only summarises.
+    again = cli("compare", "--dataset", "iemocap", "--seeds", "1", "2", "--name", "cmp", "--runs-dir", tmp_path,
+                "--data-dir", data_dir, "--device", "cpu", "--epochs", "1", *TINY)
+    assert "epoch 1 |" not in again.stdout
+    summary = cli("summarize", "--group", f"mult={tmp_path / 'iemocap' / 'cmp_mult'}", "--out", tmp_path / "s.csv")
+    assert "mult" in summary.stdout and (tmp_path / "s.csv").is_file()
