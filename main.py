@@ -276,6 +276,16 @@ def cmd_demo(args) -> None:
     print("\n=== missing-modality test of demo_causalmer ===")
     cmd_eval(eval_args)
 
+    runs = [Path(args.runs_dir) / "iemocap" / name / "seed1" for name in ("demo_causalmer", "demo_mult")]
+    print("\n=== modality contributions, CausalMER and the backbone alone ===")
+    cmd_analyze(parser.parse_args(["analyze", *map(str, runs), "--data-dir", args.data_dir, "--device", args.device]))
+
+    # The comparison the demo is for: the same backbone, data and seed, without and with the causal head.
+    causal, alone = (json.loads((run / "metrics.json").read_text())["best_acc"]["test"]["predictions"] for run in runs)
+    print("\n=== test avg_acc (%), checkpoints of the best validation avg_acc ===")
+    print(f"MulT alone {100 * alone['m']['avg_acc']:.1f} | CausalMER: debiased (tie) {100 * causal['tie']['avg_acc']:.1f}, "
+          f"fused (te) {100 * causal['te']['avg_acc']:.1f}, its backbone (m) {100 * causal['m']['avg_acc']:.1f}")
+
 
 COMMANDS = {"make-data": cmd_make_data, "train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze,
             "compare": cmd_compare, "summarize": cmd_summarize, "demo": cmd_demo}

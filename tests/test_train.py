@@ -316,3 +316,12 @@ def test_compare_trains_both_models_per_seed_and_summarises(data_dir, tmp_path):
     assert "epoch 1 |" not in again.stdout
     summary = cli("summarize", "--group", f"mult={tmp_path / 'iemocap' / 'cmp_mult'}", "--out", tmp_path / "s.csv")
     assert "mult" in summary.stdout and (tmp_path / "s.csv").is_file()
+
+
+def test_demo_trains_both_models_and_compares_them(tmp_path):
+    result = cli("demo", "--data-dir", tmp_path / "data", "--runs-dir", tmp_path / "runs", "--epochs", "1")
+    assert (tmp_path / "data" / "iemocap_data.pkl").is_file()
+    for name in ("demo_mult", "demo_causalmer"):
+        assert (tmp_path / "runs" / "iemocap" / name / "seed1" / "best_acc.pt").is_file()
+    assert "drop std" in result.stdout and "Shapley contribution" in result.stdout
+    assert "MulT alone" in result.stdout.splitlines()[-1] and "debiased (tie)" in result.stdout.splitlines()[-1]
