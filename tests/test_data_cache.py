@@ -138,3 +138,54 @@ def test_nothing_writable_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_module, "_writable_dir", lambda d: False)
     with pytest.raises(DataError, match="CAUSALMER_CACHE_DIR"):
         load_splits(tmp_path, "mosi")
+
+
+def test_processes_starting_together_on_a_new_file_share_one_build(tmp_path):
+    """DDP ranks or parallel runs that open a new pickle at once: one builds, the others wait and reuse."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    data_dir, marks = tmp_path / "data", tmp_path / "marks"
+    marks.mkdir()
+    write_synthetic(data_dir, "iemocap", aligned=True, scale=0.02, seed=0)
+    repo = Path(__file__).resolve().parents[1]
+    # Every process starts loading at the same moment; a build leaves a mark and records whether
+    # another build was running meanwhile.
+    script = """
+import os, sys, time
+from pathlib import Path
+import numpy as np
+import src.data.cache as cache
+from src.data import load_splits
+
+data_dir, marks, start = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
+build = cache._build
+
+def watched_build(*args, **kwargs):
+    mine = marks / f"building.{os.getpid()}"
+    mine.touch()
+    time.sleep(0.5)
+    overlap = [m.name for m in marks.glob("building.*") if m != mine]
+    result = build(*args, **kwargs)
+    (marks / f"built.{os.getpid()}").write_text(",".join(overlap))
+    mine.unlink()
+    return result
+
+cache._build = watched_build
+time.sleep(max(0.0, start - time.time()))
+splits = load_splits(data_dir, "iemocap")
+print(len(splits["train"]), float(np.asarray(splits["train"].get_batch(np.arange(4))["audio"]).sum()))
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    start = time.time() + 4.0
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(data_dir), str(marks), str(start)], cwd=repo,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [proc.communicate(timeout=300) + (proc.returncode,) for proc in procs]
+    for out, err, code in results:
+        assert code == 0, err[-2000:]
+    assert len({out for out, _, _ in results}) == 1  # every process read the same arrays
+    builds = list(marks.glob("built.*"))
+    assert len(builds) == 1, [b.read_text() for b in builds]  # one build; the others reused it
+    assert builds[0].read_text() == ""  # and nobody else was building at the same time

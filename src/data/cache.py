@@ -17,6 +17,7 @@ caller asked for `clean_nonfinite`, which replaces them with 0.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 from src.data.layout import ID_KEY, MODALITIES, REQUIRED_KEYS, SPLITS, DatasetSpec
 from src.data.safe_pickle import safe_load
 from src.errors import DataError
@@ -36,6 +42,7 @@ LOG = logging.getLogger("src.data")
 
 CACHE_FORMAT = 1
 MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".build.lock"
 FINGERPRINT_BLOCK = 1 << 20
 # Conversion works on row blocks of about this many bytes, so the temporaries it needs (a float32
 # copy and a few masks) stay small whatever the size of the file.
@@ -135,8 +142,30 @@ def prepare_cache(pickle_path: Path, spec: DatasetSpec, clean_nonfinite: bool = 
             f"cannot write the float32 cache for {pickle_path}: neither {locations[0]} nor "
             f"{locations[1]} is writable. Set {CACHE_DIR_ENV} to a writable folder."
         )
-    manifest = _build(pickle_path, spec, directory, fingerprint, clean_nonfinite)
+    # Several processes may start on a new file at once (DDP ranks, parallel runs): one builds the
+    # cache while the others wait for it, then find it valid instead of deleting it under the builder.
+    with _exclusive(directory / LOCK_NAME):
+        manifest = _valid_manifest(directory, spec, fingerprint)
+        if manifest is not None:
+            _apply_nonfinite_policy(manifest, pickle_path, clean_nonfinite)
+            _log_neg_inf(manifest, logging.DEBUG)
+        else:
+            manifest = _build(pickle_path, spec, directory, fingerprint, clean_nonfinite)
     return CachedData(directory, manifest)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive advisory lock on lock_path (released on exit, or by the OS if the process dies)."""
+    if fcntl is None:  # no advisory locks on this platform: concurrent first loads are then unsafe
+        yield
+        return
+    with open(lock_path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _valid_manifest(directory: Path, spec: DatasetSpec, fingerprint: dict) -> dict | None:
