@@ -1,0 +1,856 @@
+"""Training speed, evaluation throughput and peak memory of the models as they train, plus the data path.
+
+What one model row measures, on random inputs of a data layout's shape, for a model built from the
+project's configs by `src.train.build.build_model` (so what is measured is what trains):
+
+- training step: forward + loss + backward + gradient clipping (as the config sets it) + Adam step
+  with the trainer's parameter groups;
+- evaluation: samples per second of eval-mode, no-grad forward + loss;
+- peak memory: the subprocess's peak resident memory (ru_maxrss) after training and after evaluation,
+  and on a GPU also torch.cuda.max_memory_allocated for each phase.
+
+Every row runs in its own subprocess (in --quick mode one subprocess per group), so the peak memory of
+one row can't leak into another. Times are the median of the timed repeats after warm-up steps; a row
+stops repeating once it has its minimum count and has used its time budget, and records how many it did.
+
+Groups (`--only` picks some; the default runs all, in this order):
+
+    reference  MulT on IEMOCAP, aligned b32 and unaligned b8, against the reference implementation
+    published  the method's published configuration (ALBERT-base text, ResNet-18 audio and vision)
+               against the default CausalMER of configs/iemocap.yaml
+    layouts    each data layout (IEMOCAP, MOSEI, MOSI; aligned and unaligned): the MulT backbone alone
+               and CausalMER with pool, transformer and resnet18 branches
+    pmr        PMR alone and CausalMER-wrapped, MOSEI aligned and unaligned
+    data       a >= 2 GB synthetic pickle: conversion to the float32 cache (time, peak memory), and
+               training memory from the memory-mapped cache against the same on a small file
+    dmd        DMD alone and CausalMER-wrapped, MOSEI aligned and unaligned (a row whose model fails
+               to build is recorded with its error; the rest of the run goes on)
+
+    python benchmarks/speed.py --threads 2                  # full run (about 10 minutes on 2 cores)
+    python benchmarks/speed.py --quick                      # tiny sizes, a smoke run in seconds
+    python benchmarks/speed.py --only reference,published   # some groups
+    python benchmarks/speed.py --device cuda                # on a GPU (the data group stays on the CPU)
+
+Results go to benchmarks/results/speed.json (speed_quick.json with --quick), with machine info and the
+load average at the start of every group and row: on a machine shared with other jobs the timings are
+noisy, so compare medians and look at the load. `--markdown PATH` also writes the tables as markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+GROUPS = ("reference", "published", "layouts", "pmr", "data", "dmd")
+MODALITIES = ("text", "audio", "vision")
+LAYOUTS = {  # name -> (dataset, aligned); lengths and dims come from src.data.layout (SPEC §1)
+    "iemocap_aligned": ("iemocap", True),
+    "iemocap_unaligned": ("iemocap", False),
+    "mosei_aligned": ("mosei_senti", True),
+    "mosei_unaligned": ("mosei_senti", False),
+    "mosi_aligned": ("mosi", True),
+    "mosi_unaligned": ("mosi", False),
+}
+BRANCH_KINDS = ("pool", "transformer", "resnet18")
+
+# The reference implementation on this 2-core CPU class, the baselines to beat.
+REFERENCE = {
+    "mult_iemocap_aligned": {"step_s": 0.24, "batch": 32},
+    "mult_iemocap_unaligned": {"step_s": 7.1, "peak_rss_gb": 4.2, "batch": 8},
+    # The published CausalMER configuration (pretrained ALBERT-base text branch, ResNet-18 audio and
+    # vision branches, MulT backbone) on aligned IEMOCAP: about 2.6 s per batch of 32.
+    "published_iemocap_aligned": {"step_s": 2.6, "batch": 32},
+}
+
+# ALBERT-base (albert-base-v2's shape). Spelled out because transformers' AlbertConfig() defaults to
+# the xxlarge shape (hidden 4096, 64 heads), which is not what the reference trained.
+ALBERT_BASE = dict(embedding_size=128, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                   intermediate_size=3072)
+ALBERT_TINY = dict(embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                   intermediate_size=64)
+
+# Full-run measurement policy: warm-up steps, then timed repeats until at least `min` are done and
+# either `max` are done or `budget_s` seconds have been spent.
+FULL_POLICY = dict(warmup=1, min_repeats=3, max_repeats=7, budget_s=8.0,
+                   eval_warmup=1, eval_min_repeats=2, eval_max_repeats=5, eval_budget_s=4.0)
+QUICK_POLICY = dict(warmup=1, min_repeats=2, max_repeats=2, budget_s=0.0,
+                    eval_warmup=1, eval_min_repeats=2, eval_max_repeats=2, eval_budget_s=0.0)
+# Rows that cost many seconds per sample (PMR on unaligned MOSEI: its hub has 1050 steps and its
+# final encoder 2100) take fewer repeats.
+EXPENSIVE = dict(min_repeats=2, max_repeats=2, eval_min_repeats=2, eval_max_repeats=3)
+
+# Unaligned sequences cost about a second per training sample on 2 cores, so unaligned rows use a
+# smaller batch than the configs' (the batch used is recorded in each row; per-sample numbers compare).
+UNALIGNED_BATCH, UNALIGNED_EVAL_BATCH = 4, 8
+# PMR and DMD on MOSEI: (train batch, eval batch) for aligned and unaligned data. Aligned training
+# uses the configs' batch; evaluation a smaller batch than the configs' 128 (per-sample throughput
+# hardly depends on it on a CPU, and PMR forwards cost about a second per sample).
+HUB_BATCHES = {"pmr": {True: (None, 32), False: (1, 2)}, "dmd": {True: (None, 32), False: (UNALIGNED_BATCH, 8)}}
+
+# Data path: synthetic unaligned MOSEI. One sample is (50·300 + 500·74 + 500·35) float64 ≈ 0.56 MB, so
+# scale 0.18 (about 4100 samples over the three splits) writes a pickle of about 2.3 GB.
+DATA_DATASET = "mosei_senti"
+DATA_SCALES = {"large": 0.18, "small": 0.01}
+DATA_SCALES_QUICK = {"large": 0.002, "small": 0.0005}
+DATA_TRAIN_STEPS = 3
+DATA_TRAIN_BATCH = 4
+DATA_READ_BATCH = 16  # the config's batch, for a full pass over the training split without a model
+LARGE_FILE_MIN_BYTES = 2_000_000_000
+
+CHILD_TIMEOUT_S = 900
+GB = 1e9
+
+
+# ==================================================================================================
+# What to measure
+
+
+def model_row(name, layout, backbone="mult", model="causalmer", branches=None, batch=None, eval_batch=None,
+              expensive=False):
+    """A model row: `branches` is one kind for all three modalities, a per-modality dict, or None
+    (the dataset config's branches); `batch`/`eval_batch` None means the config's sizes."""
+    if isinstance(branches, str):
+        branches = {m: {"kind": branches} for m in MODALITIES}
+    dataset, aligned = LAYOUTS[layout]
+    return dict(name=name, layout=layout, dataset=dataset, aligned=aligned, backbone=backbone, model=model,
+                branches=branches, batch=batch, eval_batch=eval_batch, expensive=expensive)
+
+
+def layout_batches(layout):
+    """(train batch, eval batch) for a layout: the configs' for aligned data, smaller for unaligned."""
+    return (None, None) if LAYOUTS[layout][1] else (UNALIGNED_BATCH, UNALIGNED_EVAL_BATCH)
+
+
+def group_rows(group: str) -> list[dict]:
+    if group == "reference":
+        return [model_row("mult_iemocap_aligned", "iemocap_aligned", model="backbone", batch=32),
+                model_row("mult_iemocap_unaligned", "iemocap_unaligned", model="backbone", batch=8, eval_batch=8)]
+    if group == "layouts":
+        rows = []
+        for layout in LAYOUTS:
+            batch, eval_batch = layout_batches(layout)
+            rows.append(model_row(f"{layout}/mult", layout, model="backbone", batch=batch, eval_batch=eval_batch))
+            for kind in BRANCH_KINDS:
+                rows.append(model_row(f"{layout}/causalmer+{kind}", layout, branches=kind, batch=batch,
+                                      eval_batch=eval_batch))
+        return rows
+    if group == "published":
+        published = {"text": {"kind": "albert", "config": ALBERT_BASE},
+                     "audio": {"kind": "resnet18"}, "vision": {"kind": "resnet18"}}
+        return [model_row("published_iemocap_aligned", "iemocap_aligned", branches=published, batch=32),
+                model_row("default_iemocap_aligned", "iemocap_aligned", branches=None, batch=32)]
+    if group in ("pmr", "dmd"):
+        rows = []
+        for layout in ("mosei_aligned", "mosei_unaligned"):
+            aligned = LAYOUTS[layout][1]
+            batch, eval_batch = HUB_BATCHES[group][aligned]
+            for model in ("backbone", "causalmer"):
+                label = group if model == "backbone" else f"causalmer+{group}"
+                rows.append(model_row(f"{layout}/{label}", layout, backbone=group, model=model, batch=batch,
+                                      eval_batch=eval_batch, expensive=group == "pmr" and not aligned))
+        return rows
+    raise ValueError(f"group {group} has no model rows")
+
+
+def shrink_for_quick(row: dict) -> dict:
+    """Tiny lengths, batches and depths: every code path of the full run, in a fraction of a second."""
+    aligned = row["aligned"]
+    branches = row["branches"]
+    if branches is not None:
+        branches = {m: dict(options) for m, options in branches.items()}
+        for options in branches.values():
+            if options["kind"] == "resnet18":
+                options["width"] = 8
+            if options["kind"] == "albert":
+                options["config"] = ALBERT_TINY
+    return dict(row, branches=branches, lengths=(8, 8, 8) if aligned else (8, 16, 20), batch=2, eval_batch=4,
+                shrink=True)
+
+
+# ==================================================================================================
+# The child: measurements inside one subprocess
+
+
+def peak_rss_gb() -> float:
+    # ru_maxrss is in KiB on Linux, bytes on macOS
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / GB
+
+
+def proc_status_gb() -> dict:
+    """Current anonymous and file-backed resident memory (Linux): memory-mapped data pages count as
+    file-backed, which the kernel can drop at any time, unlike the anonymous memory a process owns."""
+    fields = {"RssAnon": "rss_anon_gb", "RssFile": "rss_file_gb"}
+    out = {}
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                key = line.split(":")[0]
+                if key in fields:
+                    out[fields[key]] = int(line.split()[1]) * 1024 / GB
+    except OSError:
+        pass
+    return out
+
+
+class Device:
+    """Timing and memory accounting for the chosen device (CUDA work is asynchronous: synchronise)."""
+
+    def __init__(self, name: str):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(name)
+        self.cuda = self.device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+    def reset_peak(self):
+        if self.cuda:
+            self.sync()
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_gb(self):
+        return self.torch.cuda.max_memory_allocated(self.device) / GB if self.cuda else None
+
+
+def timed(step, device: Device, warmup: int, min_repeats: int, max_repeats: int, budget_s: float) -> list[float]:
+    for _ in range(warmup):
+        step()
+    device.sync()
+    times, started = [], time.perf_counter()
+    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - started < budget_s):
+        begin = time.perf_counter()
+        step()
+        device.sync()
+        times.append(time.perf_counter() - begin)
+    return times
+
+
+def build_cfg(row: dict) -> dict:
+    """The run config the trainer would use for this row (dataset yaml + backbone yaml), adapted."""
+    from src.models import backbone_class
+    from src.train.config import load_config
+
+    cfg = load_config(row["dataset"], backbone=row["backbone"], model_name=row["model"])
+    cfg["data"]["aligned"] = row["aligned"]
+    if row["branches"] is not None:
+        cfg["model"]["branches"] = row["branches"]
+    if row.get("shrink"):
+        # One layer of whatever the backbone calls its depth.
+        import inspect
+
+        accepted = inspect.signature(backbone_class(row["backbone"])).parameters
+        for depth in ("layers", "nlevels"):
+            if depth in accepted:
+                cfg["model"]["backbone_params"][depth] = 1
+        for options in cfg["model"]["branches"].values():
+            if options["kind"] == "resnet18":
+                options.setdefault("width", 8)
+    return cfg
+
+
+def make_optimizer(torch, model, cfg: dict, kind: str):
+    from src.train.build import param_groups
+
+    options = {"weight_decay": cfg["train"].get("weight_decay", 0.0)}
+    if kind == "fused":
+        options["fused"] = True
+    elif kind == "foreach":
+        options["foreach"] = True
+    elif kind == "loop":
+        options["foreach"] = False
+    return torch.optim.Adam(param_groups(model, cfg["train"]["lr"]), **options)
+
+
+def random_batch(torch, batch: int, lengths, dims, task: str, device):
+    inputs = [torch.randn(batch, length, dim, device=device) for length, dim in zip(lengths, dims)]
+    if task == "binary":
+        target = torch.randint(0, 2, (batch, 4), device=device)
+    elif task == "cls":
+        target = torch.randint(0, 7, (batch,), device=device)
+    else:
+        target = torch.randn(batch, device=device)
+    return inputs, target
+
+
+def measure_model_row(row: dict, settings: dict) -> dict:
+    import torch
+
+    from src.data.layout import get_spec, output_dim
+    from src.train.build import build_model
+
+    device = Device(settings["device"])
+    policy = dict(settings["policy"], **(EXPENSIVE if row.get("expensive") and not row.get("shrink") else {}))
+    result = {"loadavg": list(os.getloadavg()), "dataset": row["dataset"], "aligned": row["aligned"],
+              "backbone": row["backbone"], "model": row["model"]}
+    cfg = build_cfg(row)
+    spec = get_spec(row["dataset"])
+    lengths = tuple(row.get("lengths") or spec.seq_lens(row["aligned"]))
+    task = cfg["data"]["task"]
+    batch = row["batch"] or cfg["train"]["batch_size"]
+    eval_batch = row["eval_batch"] or cfg["train"]["eval_batch_size"]
+    result.update(lengths=list(lengths), dims=list(spec.dims), task=task, batch=batch, eval_batch=eval_batch,
+                  config_batch=cfg["train"]["batch_size"], config_eval_batch=cfg["train"]["eval_batch_size"],
+                  # With accumulation the trainer steps Adam every N batches; every timed step here does.
+                  config_accumulate=cfg["train"].get("accumulate", 1))
+    if row["model"] == "causalmer":
+        result["branches"] = {m: cfg["model"]["branches"][m]["kind"] for m in MODALITIES}
+
+    torch.manual_seed(0)
+    model = build_model(cfg, spec.dims, lengths, output_dim(task)).to(device.device)
+    optimizer = make_optimizer(torch, model, cfg, settings["optimizer"])
+    clip_value, clip_norm = cfg["train"].get("grad_clip_value"), cfg["train"].get("grad_clip_norm")
+    inputs, target = random_batch(torch, batch, lengths, spec.dims, task, device.device)
+    result["parameters"] = sum(p.numel() for p in model.parameters())
+    result["rss_after_build_gb"] = peak_rss_gb()
+
+    def train_step():
+        out = model(*inputs)
+        loss = model.loss(out, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_value:
+            torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
+        if clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        optimizer.step()
+
+    model.train()
+    device.reset_peak()
+    times = timed(train_step, device, policy["warmup"], policy["min_repeats"], policy["max_repeats"],
+                  policy["budget_s"])
+    result.update(train_step_s=statistics.median(times), train_step_s_min=min(times), train_repeats=len(times),
+                  train_ms_per_sample=1e3 * statistics.median(times) / batch,
+                  train_peak_rss_gb=peak_rss_gb(), train_cuda_peak_gb=device.peak_gb())
+
+    # The training batch's inputs, gradients and optimizer state stay alive, as they would between a
+    # training epoch and its validation pass.
+    eval_inputs, eval_target = random_batch(torch, eval_batch, lengths, spec.dims, task, device.device)
+    model.eval()
+
+    def eval_step():
+        with torch.no_grad():
+            model.loss(model(*eval_inputs), eval_target)
+
+    device.reset_peak()
+    times = timed(eval_step, device, policy["eval_warmup"], policy["eval_min_repeats"],
+                  policy["eval_max_repeats"], policy["eval_budget_s"])
+    result.update(eval_batch_s=statistics.median(times), eval_repeats=len(times),
+                  eval_samples_per_s=eval_batch / statistics.median(times),
+                  peak_rss_gb=peak_rss_gb(), eval_cuda_peak_gb=device.peak_gb())
+    return result
+
+
+def child_rows(payload: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(payload["settings"]["threads"])
+    results = {}
+    for row in payload["rows"]:
+        try:
+            results[row["name"]] = measure_model_row(row, payload["settings"])
+        except Exception as error:  # a row that can't build or run is recorded, the others still run
+            results[row["name"]] = {"error": f"{type(error).__name__}: {error}",
+                                    "traceback": traceback.format_exc(limit=6)}
+    return results
+
+
+def child_data_write(payload: dict) -> dict:
+    from src.data.synthetic import write_synthetic
+
+    started = time.perf_counter()
+    path = write_synthetic(payload["dir"], DATA_DATASET, aligned=False, scale=payload["scale"])
+    return {"seconds": time.perf_counter() - started, "file": path.name, "file_gb": path.stat().st_size / GB,
+            "peak_rss_gb": peak_rss_gb()}
+
+
+def child_data_convert(payload: dict) -> dict:
+    from src.data import data_file, load_splits
+    from src.data.cache import MANIFEST_NAME, cache_locations
+
+    started = time.perf_counter()
+    splits = load_splits(payload["dir"], DATA_DATASET, aligned=False)  # no cache yet: converts the pickle
+    seconds = time.perf_counter() - started
+    written = [d for d in cache_locations(data_file(payload["dir"], DATA_DATASET, aligned=False))
+               if (d / MANIFEST_NAME).is_file()]
+    cache_gb = sum(p.stat().st_size for p in written[0].iterdir()) / GB if written else None
+    return {"seconds": seconds, "peak_rss_gb": peak_rss_gb(), "cache_gb": cache_gb,
+            "cache_beside_pickle": bool(written) and written[0].parent == Path(payload["dir"]),
+            "samples": sum(len(split) for split in splits.values())}
+
+
+def child_data_train(payload: dict) -> dict:
+    """A few training steps reading batches from the memory-mapped cache, then one pass over the
+    whole training split without a model (what an epoch reads)."""
+    import torch
+
+    from src.data import load_splits
+    from src.train.build import build_model
+    from src.train.config import load_config
+
+    torch.set_num_threads(payload["threads"])
+    started = time.perf_counter()
+    splits = load_splits(payload["dir"], DATA_DATASET, aligned=False)  # the cache exists: memory-maps it
+    open_s = time.perf_counter() - started
+    train = splits["train"]
+    cfg = load_config(DATA_DATASET)
+    cfg["data"]["aligned"] = False
+    if payload["quick"]:
+        cfg["model"]["backbone_params"]["layers"] = 1
+    torch.manual_seed(0)
+    model = build_model(cfg, train.dims, train.seq_lens, train.output_dim).train()
+    optimizer = make_optimizer(torch, model, cfg, "trainer")
+    clip = cfg["train"].get("grad_clip_norm")
+    rss_before = peak_rss_gb()
+
+    times = []
+    batches = train.iter_batches(payload["batch"], shuffle=True, generator=torch.Generator().manual_seed(0))
+    for _, batch in zip(range(payload["steps"]), batches):
+        begin = time.perf_counter()
+        loss = model.loss(model(batch["text"], batch["audio"], batch["vision"]), batch["target"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        times.append(time.perf_counter() - begin)
+    result = {"open_cache_s": open_s, "train_samples": len(train), "batch": payload["batch"], "steps": len(times),
+              "step_s": statistics.median(times), "rss_after_build_gb": rss_before,
+              "train_peak_rss_gb": peak_rss_gb(), **proc_status_gb()}
+
+    # One full pass: every page of the training arrays is read. Mapped pages show up as file-backed
+    # resident memory (page cache the kernel can reclaim); what the process itself holds stays small.
+    max_anon, count = 0.0, 0
+    begin = time.perf_counter()
+    for batch in train.iter_batches(DATA_READ_BATCH, shuffle=True, generator=torch.Generator().manual_seed(1)):
+        count += len(batch["target"])
+        max_anon = max(max_anon, proc_status_gb().get("rss_anon_gb", 0.0))
+    read_s = time.perf_counter() - begin
+    after = proc_status_gb()
+    result.update(epoch_read_s=read_s, epoch_read_samples_per_s=count / read_s, epoch_read_max_rss_anon_gb=max_anon,
+                  epoch_read_rss_file_gb=after.get("rss_file_gb"), peak_rss_gb_after_epoch_read=peak_rss_gb())
+    return result
+
+
+def run_child(args) -> None:
+    handlers = {"rows": child_rows, "data-write": child_data_write, "data-convert": child_data_convert,
+                "data-train": child_data_train}
+    payload = json.loads(args.child)
+    if payload["task"] == "sequence":
+        print(json.dumps([handlers[stage["task"]](stage) for stage in payload["stages"]]))
+    else:
+        print(json.dumps(handlers[payload["task"]](payload)))
+
+
+# ==================================================================================================
+# The parent: subprocesses, tables, JSON
+
+
+def spawn(payload: dict, args) -> dict:
+    """Run one child; a crash, a kill (e.g. out of memory) or a timeout comes back as {"error": ...}."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(payload)]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS=str(args.threads))
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {CHILD_TIMEOUT_S} s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = done.stderr.strip().splitlines()[-8:]
+        return {"error": f"exit status {done.returncode}: " + " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def settings_for(args) -> dict:
+    return {"device": args.device, "threads": args.threads, "optimizer": args.optimizer,
+            "policy": dict(QUICK_POLICY if args.quick else FULL_POLICY, **policy_overrides(args))}
+
+
+def policy_overrides(args) -> dict:
+    out = {}
+    if args.warmup is not None:
+        out.update(warmup=args.warmup, eval_warmup=args.warmup)
+    if args.repeats is not None:
+        out.update(min_repeats=min(args.repeats, 3), max_repeats=args.repeats,
+                   eval_min_repeats=min(args.repeats, 3), eval_max_repeats=args.repeats)
+    return out
+
+
+def run_model_group(group: str, args) -> dict:
+    rows = group_rows(group)
+    if args.quick:
+        rows = [shrink_for_quick(row) for row in rows]
+    settings = settings_for(args)
+    results = {}
+    # A full run gives every row its own process (its own peak memory); --quick shares one per group.
+    chunks = [rows] if args.quick else [[row] for row in rows]
+    for chunk in chunks:
+        measured = spawn({"task": "rows", "rows": chunk, "settings": settings}, args)
+        for row in chunk:
+            result = measured.get(row["name"], {"error": measured.get("error", "no result")})
+            if args.quick:
+                result["shared_process"] = True
+            results[row["name"]] = result
+            print_model_row(group, row["name"], result)
+    return results
+
+
+def run_data_group(args) -> dict:
+    scales = DATA_SCALES_QUICK if args.quick else DATA_SCALES
+    root = Path(tempfile.mkdtemp(prefix="causalmer-speed-data-", dir=args.tmp_dir))
+    out = {"dataset": DATA_DATASET, "aligned": False, "tmp_dir": str(root)}
+    try:
+        for label, scale in scales.items():
+            folder = str(root / label)
+            stages = {"write": {"task": "data-write", "dir": folder, "scale": scale},
+                      "convert": {"task": "data-convert", "dir": folder},
+                      "train": {"task": "data-train", "dir": folder, "threads": args.threads, "quick": args.quick,
+                                "steps": 2 if args.quick else DATA_TRAIN_STEPS,
+                                "batch": 1 if args.quick else DATA_TRAIN_BATCH}}
+            if args.quick:
+                # One process for the three stages: a smoke run needs the code paths, not the peaks.
+                done = spawn({"task": "sequence", "stages": list(stages.values())}, args)
+                measured = dict(zip(stages, done)) if isinstance(done, list) else dict.fromkeys(stages, done)
+                for stage in measured.values():
+                    stage["shared_process"] = True
+            else:
+                measured = {name: spawn(stage, args) for name, stage in stages.items()}
+            out[label] = {"scale": scale, **measured}
+            print_data_entry(label, out[label])
+    finally:
+        # The files are large; never leave them behind, even on an interrupted run.
+        shutil.rmtree(root, ignore_errors=True)
+    out["deleted"] = not root.exists()
+    return out
+
+
+def summarize(groups: dict, quick: bool) -> dict:
+    """Comparisons against the reference figures and between rows."""
+    summary = {}
+    reference = groups.get("reference", {}).get("rows", {})
+    for name in ("mult_iemocap_aligned", "mult_iemocap_unaligned"):
+        row = reference.get(name)
+        if not ok(row) or quick:
+            continue
+        ref = REFERENCE[name]
+        entry = {"batch": row["batch"], "step_s": row["train_step_s"], "reference_step_s": ref["step_s"],
+                 "speedup": ref["step_s"] / row["train_step_s"]}
+        if "peak_rss_gb" in ref:
+            entry.update(peak_rss_gb=row["train_peak_rss_gb"], reference_peak_rss_gb=ref["peak_rss_gb"],
+                         memory_ratio=row["train_peak_rss_gb"] / ref["peak_rss_gb"])
+        summary[name] = entry
+
+    published = groups.get("published", {}).get("rows", {})
+    pub, default = published.get("published_iemocap_aligned"), published.get("default_iemocap_aligned")
+    if ok(pub) and ok(default):
+        per_sample = default["train_step_s"] / default["batch"]
+        entry = {"published_s_per_sample": pub["train_step_s"] / pub["batch"], "default_s_per_sample": per_sample,
+                 "speedup_vs_published_measured": pub["train_step_s"] / pub["batch"] / per_sample,
+                 "eval_speedup_vs_published_measured": default["eval_samples_per_s"] / pub["eval_samples_per_s"],
+                 "target_speedup": 5.0}
+        if not quick:
+            ref = REFERENCE["published_iemocap_aligned"]
+            entry["reference_s_per_sample"] = ref["step_s"] / ref["batch"]
+            entry["speedup_vs_published_reference"] = entry["reference_s_per_sample"] / per_sample
+            entry["published_measured_vs_reference"] = pub["train_step_s"] / ref["step_s"]
+        summary["published_vs_default"] = entry
+
+    data = groups.get("data", {}).get("rows", {})
+    large, small = data.get("large", {}), data.get("small", {})
+    if all(ok(part.get(key)) for part in (large, small) for key in ("write", "convert", "train")):
+        summary["data_path"] = {
+            "large_file_gb": large["write"]["file_gb"], "small_file_gb": small["write"]["file_gb"],
+            "large_file_at_least_2gb": large["write"]["file_gb"] * GB >= LARGE_FILE_MIN_BYTES,
+            "convert_s": large["convert"]["seconds"], "convert_peak_rss_gb": large["convert"]["peak_rss_gb"],
+            "train_peak_rss_gb_large": large["train"]["train_peak_rss_gb"],
+            "train_peak_rss_gb_small": small["train"]["train_peak_rss_gb"],
+            "train_peak_ratio_large_over_small": large["train"]["train_peak_rss_gb"] / small["train"]["train_peak_rss_gb"],
+        }
+    return summary
+
+
+def ok(entry) -> bool:
+    return isinstance(entry, dict) and "error" not in entry
+
+
+# --- printing -------------------------------------------------------------------------------------
+
+HEADER = (f"{'row':44s} {'batch':>5s} {'lengths':>11s} {'step s':>8s} {'ms/smp':>8s} {'eval/s':>8s} "
+          f"{'peak GB':>8s} {'params':>10s}")
+
+
+def print_model_row(group: str, name: str, row: dict) -> None:
+    label = f"{group}/{name}" if group != "layouts" else name
+    if not ok(row):
+        print(f"{label:44s} failed: {row['error'][:200]}", flush=True)
+        return
+    lengths = "/".join(map(str, row["lengths"]))
+    print(f"{label:44s} {row['batch']:5d} {lengths:>11s} {row['train_step_s']:8.3f} {row['train_ms_per_sample']:8.1f} "
+          f"{row['eval_samples_per_s']:8.1f} {row['peak_rss_gb']:8.2f} {row['parameters']:10d}", flush=True)
+
+
+def print_data_entry(label: str, entry: dict) -> None:
+    parts = [entry.get(key, {}) for key in ("write", "convert", "train")]
+    if not all(ok(part) for part in parts):
+        errors = "; ".join(part["error"][:200] for part in parts if not ok(part))
+        print(f"data/{label}: failed: {errors}", flush=True)
+        return
+    write, convert, train = parts
+    print(f"data/{label}: {write['file_gb']:.2f} GB pickle written in {write['seconds']:.1f} s | converted in "
+          f"{convert['seconds']:.1f} s, peak {convert['peak_rss_gb']:.2f} GB | training from the cache: peak "
+          f"{train['train_peak_rss_gb']:.2f} GB (anon {train.get('rss_anon_gb', float('nan')):.2f} GB) | one epoch read "
+          f"{train['epoch_read_s']:.1f} s, max anon {train['epoch_read_max_rss_anon_gb']:.2f} GB", flush=True)
+
+
+def print_summary(summary: dict) -> None:
+    if not summary:
+        return
+    print("\nsummary")
+    for name in ("mult_iemocap_aligned", "mult_iemocap_unaligned"):
+        if name in summary:
+            entry = summary[name]
+            line = (f"  {name} b{entry['batch']}: {entry['step_s']:.3f} s/step vs reference {entry['reference_step_s']} s "
+                    f"-> {entry['speedup']:.2f}x")
+            if "memory_ratio" in entry:
+                line += (f"; peak {entry['peak_rss_gb']:.2f} GB vs {entry['reference_peak_rss_gb']} GB "
+                         f"-> {entry['memory_ratio']:.2f}x the memory")
+            print(line)
+    if "published_vs_default" in summary:
+        entry = summary["published_vs_default"]
+        line = (f"  default CausalMER vs published configuration, per training sample: "
+                f"{entry['speedup_vs_published_measured']:.1f}x (measured here)")
+        if "speedup_vs_published_reference" in entry:
+            line += f", {entry['speedup_vs_published_reference']:.1f}x (vs the reference's 2.6 s per 32)"
+        print(line)
+    if "data_path" in summary:
+        entry = summary["data_path"]
+        print(f"  data: {entry['large_file_gb']:.2f} GB pickle -> cache in {entry['convert_s']:.1f} s "
+              f"(peak {entry['convert_peak_rss_gb']:.2f} GB); training peak {entry['train_peak_rss_gb_large']:.2f} GB "
+              f"vs {entry['train_peak_rss_gb_small']:.2f} GB on a {entry['small_file_gb']:.2f} GB file")
+
+
+# --- markdown -------------------------------------------------------------------------------------
+
+
+def fmt(value, digits=2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def cell(row) -> str:
+    """One model row in a markdown cell: training ms per sample · eval samples/s · peak RSS."""
+    if row is None:
+        return "-"
+    if not ok(row):
+        return "failed"
+    rate = row["eval_samples_per_s"]
+    return (f"{fmt(row['train_ms_per_sample'], 1)} ms · {fmt(rate, 1 if rate < 10 else 0)}/s · "
+            f"{fmt(row['peak_rss_gb'])} GB")
+
+
+def batch_note(row) -> str:
+    if not ok(row):
+        return "-"
+    note = f"b{row['batch']}"
+    if row["batch"] != row["config_batch"]:
+        note += f" (config {row['config_batch']})"
+    return note + f", eval b{row['eval_batch']}"
+
+
+def pivot_table(rows: dict, layouts, columns) -> list[str]:
+    """Layouts down, models across; `columns` maps a heading to the row-name suffix after 'layout/'."""
+    lines = ["| layout | lengths | batch | " + " | ".join(columns) + " |", "|---" * (3 + len(columns)) + "|"]
+    for layout in layouts:
+        found = [rows.get(f"{layout}/{suffix}") for suffix in columns.values()]
+        first = next((row for row in found if ok(row)), None)
+        if first is None and all(row is None for row in found):
+            continue
+        lengths = "/".join(map(str, first["lengths"])) if first else "-"
+        lines.append(f"| {layout} | {lengths} | {batch_note(first) if first else '-'} | "
+                     + " | ".join(cell(row) for row in found) + " |")
+    return lines
+
+
+def render_markdown(results: dict) -> str:
+    machine = results["machine"]
+    groups = results["groups"]
+    summary = results.get("summary", {})
+    lines = [f"Machine: {machine['cpu_count']} CPUs ({machine['processor']}), {machine['threads']} torch threads, "
+             f"torch {machine['torch']}, {machine['platform']}, device {machine['device']}.  ",
+             f"Command: `{results['command']}` ({results['started_utc']} to {results['finished_utc']}).  ",
+             "Load average (1 min) at the start of each group: "
+             + ", ".join(f"{g} {fmt(v['loadavg_start'][0])}" for g, v in groups.items()) + ".", ""]
+    if any(k in summary for k in ("mult_iemocap_aligned", "mult_iemocap_unaligned")):
+        lines += ["| MulT alone, IEMOCAP | batch | s/step | reference s/step | speed-up | peak GB | reference GB | memory ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name in ("mult_iemocap_aligned", "mult_iemocap_unaligned"):
+            if name in summary:
+                e = summary[name]
+                ratio = f"{fmt(e['memory_ratio'])}x" if "memory_ratio" in e else "-"
+                lines.append(f"| {name.split('_')[-1]} | {e['batch']} | {fmt(e['step_s'], 3)} | {e['reference_step_s']} | "
+                             f"{fmt(e['speedup'])}x | {fmt(e.get('peak_rss_gb'))} | {e.get('reference_peak_rss_gb', '-')} | "
+                             f"{ratio} |")
+        lines.append("")
+    if "published_vs_default" in summary:
+        e = summary["published_vs_default"]
+        lines += ["| CausalMER, IEMOCAP aligned, batch 32 | train s/sample | default's per-sample speed-up |",
+                  "|---|---|---|",
+                  f"| published configuration, measured here (ALBERT-base text, ResNet-18 audio and vision) | "
+                  f"{fmt(e['published_s_per_sample'], 4)} | {fmt(e['speedup_vs_published_measured'], 1)}x |"]
+        if "reference_s_per_sample" in e:
+            lines.append(f"| published configuration, reference figure (2.6 s per batch of 32) | "
+                         f"{fmt(e['reference_s_per_sample'], 4)} | {fmt(e['speedup_vs_published_reference'], 1)}x |")
+        lines += [f"| default (configs/iemocap.yaml: transformer branches) | {fmt(e['default_s_per_sample'], 4)} | - |", ""]
+    lines += ["Cells: training ms per sample (forward, backward, clipping, Adam) · evaluation samples/s (eval mode, "
+              "no grad) · peak RSS of the row's process.", ""]
+    if "layouts" in groups:
+        columns = {"MulT alone": "mult", **{f"CausalMER, {kind} branches": f"causalmer+{kind}" for kind in BRANCH_KINDS}}
+        lines += pivot_table(groups["layouts"]["rows"], LAYOUTS, columns) + [""]
+    for backbone in ("pmr", "dmd"):
+        if backbone in groups:
+            columns = {f"{backbone.upper()} alone": backbone, f"CausalMER + {backbone.upper()}": f"causalmer+{backbone}"}
+            lines += pivot_table(groups[backbone]["rows"], ("mosei_aligned", "mosei_unaligned"), columns) + [""]
+    if "data_path" in summary:
+        e = summary["data_path"]
+        data = groups["data"]["rows"]
+        large, small = data["large"], data["small"]
+        lines += ["| data path (synthetic unaligned MOSEI) | large file | small file |", "|---|---|---|",
+                  f"| pickle size | {fmt(e['large_file_gb'])} GB | {fmt(e['small_file_gb'])} GB |",
+                  f"| conversion to the float32 cache: time, peak RSS | {fmt(large['convert']['seconds'], 1)} s, "
+                  f"{fmt(large['convert']['peak_rss_gb'])} GB | {fmt(small['convert']['seconds'], 1)} s, "
+                  f"{fmt(small['convert']['peak_rss_gb'])} GB |",
+                  f"| training from the memory-mapped cache ({large['train']['steps']} steps, batch "
+                  f"{large['train']['batch']}): peak RSS | {fmt(e['train_peak_rss_gb_large'])} GB | "
+                  f"{fmt(e['train_peak_rss_gb_small'])} GB |",
+                  f"| reading the whole training split: max anonymous RSS, samples/s | "
+                  f"{fmt(large['train']['epoch_read_max_rss_anon_gb'])} GB, {fmt(large['train']['epoch_read_samples_per_s'], 0)} | "
+                  f"{fmt(small['train']['epoch_read_max_rss_anon_gb'])} GB, {fmt(small['train']['epoch_read_samples_per_s'], 0)} |",
+                  ""]
+    return "\n".join(lines) + "\n"
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def machine_info(args) -> dict:
+    import torch
+
+    info = {"cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "processor": cpu_name() or platform.processor() or platform.machine(), "device": args.device,
+            "loadavg_start": list(os.getloadavg())}
+    if args.device.startswith("cuda"):
+        info["cuda_device"] = torch.cuda.get_device_name(torch.device(args.device))
+    try:
+        info["memory_gb"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+    except (ValueError, OSError, AttributeError):
+        pass
+    return info
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def parse_groups(text):
+    if text is None:
+        return list(GROUPS)
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in GROUPS]
+    if unknown or not chosen:
+        raise SystemExit(f"--only: unknown group(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(GROUPS)}")
+    return [name for name in GROUPS if name in chosen]  # always in the documented order (dmd last)
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (seconds)")
+    parser.add_argument("--only", help=f"comma-separated groups to run, of: {', '.join(GROUPS)}")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default 2; 1 with --quick, where tiny steps on a busy "
+                             "machine lose more to waiting for a descheduled second thread than they gain)")
+    parser.add_argument("--repeats", type=int, default=None, help="at most this many timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first")
+    parser.add_argument("--optimizer", choices=("trainer", "fused", "foreach", "loop"), default="trainer",
+                        help="Adam implementation (default: the trainer's, torch's default choice)")
+    parser.add_argument("--tmp-dir", default=None, help="where the data group writes its temporary files")
+    parser.add_argument("--output", type=Path, default=None, help="results JSON path")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the tables as markdown here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return run_child(args)
+    if args.threads is None:
+        args.threads = 1 if args.quick else 2
+    groups_to_run = parse_groups(args.only)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is available")
+
+    started = time.time()
+    command = " ".join(["python", "benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])
+    results = {"machine": machine_info(args), "command": command, "quick": args.quick, "device": args.device,
+               "optimizer": args.optimizer, "started_utc": utc_now(), "reference": REFERENCE,
+               "policy": settings_for(args)["policy"], "groups": {}}
+    print(f"{'quick run' if args.quick else 'full run'} on {args.device}, {args.threads} threads; "
+          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n{HEADER}", flush=True)
+    for group in groups_to_run:
+        entry = {"loadavg_start": list(os.getloadavg()), "started_utc": utc_now()}
+        begin = time.time()
+        entry["rows"] = run_data_group(args) if group == "data" else run_model_group(group, args)
+        entry["seconds"] = time.time() - begin
+        entry["loadavg_end"] = list(os.getloadavg())
+        results["groups"][group] = entry
+
+    results["summary"] = summarize(results["groups"], args.quick)
+    results["finished_utc"] = utc_now()
+    results["wall_s"] = time.time() - started
+    print_summary(results["summary"])
+    output = args.output or RESULTS / ("speed_quick.json" if args.quick else "speed.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten {output} ({results['wall_s']:.0f} s)")
+    if args.markdown:
+        args.markdown.write_text(render_markdown(results))
+        print(f"written {args.markdown}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""benchmarks/speed.py --quick end to end: every group runs at tiny sizes and writes a well-formed JSON.
+
+Only structure and sanity are checked (numbers present, finite, positive); timings on a shared machine
+are too noisy for thresholds.
+"""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GROUPS = ("reference", "published", "layouts", "pmr", "data", "dmd")
+LAYOUTS = ("iemocap_aligned", "iemocap_unaligned", "mosei_aligned", "mosei_unaligned", "mosi_aligned",
+           "mosi_unaligned")
+MODEL_ROW_NUMBERS = ("train_step_s", "train_ms_per_sample", "eval_samples_per_s", "train_peak_rss_gb",
+                     "peak_rss_gb", "parameters", "batch", "eval_batch")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    output = tmp_path_factory.mktemp("speed") / "x.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed.py"), "--quick", "--output", str(output)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(output.read_text())
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def test_machine_info_and_groups(results):
+    machine = results["machine"]
+    for key in ("cpu_count", "threads", "torch", "platform", "loadavg_start"):
+        assert key in machine
+    assert results["quick"] is True
+    assert list(results["groups"]) == list(GROUPS)
+    for group in results["groups"].values():
+        assert len(group["loadavg_start"]) == 3
+        assert all(math.isfinite(v) and v >= 0 for v in group["loadavg_start"])
+        assert group["rows"]
+
+
+def test_model_rows_cover_every_layout_and_kind(results):
+    layouts = results["groups"]["layouts"]["rows"]
+    for layout in LAYOUTS:
+        for label in ("mult", "causalmer+pool", "causalmer+transformer", "causalmer+resnet18"):
+            assert f"{layout}/{label}" in layouts
+    assert set(results["groups"]["reference"]["rows"]) == {"mult_iemocap_aligned", "mult_iemocap_unaligned"}
+    assert set(results["groups"]["published"]["rows"]) == {"published_iemocap_aligned", "default_iemocap_aligned"}
+    assert results["groups"]["published"]["rows"]["published_iemocap_aligned"]["branches"] == {
+        "text": "albert", "audio": "resnet18", "vision": "resnet18"}
+    assert len(results["groups"]["pmr"]["rows"]) == 4
+
+
+def test_model_numbers_are_finite_and_positive(results):
+    for name in ("reference", "layouts", "published", "pmr", "dmd"):
+        for row_name, row in results["groups"][name]["rows"].items():
+            assert "error" not in row, f"{name}/{row_name}: {row.get('error')}"
+            for key in MODEL_ROW_NUMBERS:
+                assert positive(row[key]), f"{name}/{row_name}: {key} = {row.get(key)}"
+            assert len(row["lengths"]) == 3 and all(positive(v) for v in row["lengths"])
+            assert row["train_repeats"] >= 1 and row["eval_repeats"] >= 1
+
+
+def test_data_path_numbers(results):
+    data = results["groups"]["data"]["rows"]
+    assert data["deleted"] is True
+    assert not Path(data["tmp_dir"]).exists()
+    for label in ("large", "small"):
+        assert positive(data[label]["write"]["file_gb"])
+        assert positive(data[label]["convert"]["seconds"]) and positive(data[label]["convert"]["peak_rss_gb"])
+        assert positive(data[label]["train"]["train_peak_rss_gb"]) and positive(data[label]["train"]["step_s"])
+    assert data["large"]["write"]["file_gb"] > data["small"]["write"]["file_gb"]
+    summary = results["summary"]["data_path"]
+    assert positive(summary["train_peak_ratio_large_over_small"])
+
+
+def test_summary_compares_published_and_default(results):
+    entry = results["summary"]["published_vs_default"]
+    assert positive(entry["speedup_vs_published_measured"])
+    assert positive(entry["default_s_per_sample"]) and positive(entry["published_s_per_sample"])
+
+
+def test_only_rejects_unknown_groups_and_keeps_dmd_last():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import speed
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert speed.parse_groups("dmd,reference") == ["reference", "dmd"]
+    with pytest.raises(SystemExit, match="unknown group"):
+        speed.parse_groups("reference,nonsense")
