@@ -270,8 +270,11 @@ def build_cfg(row: dict) -> dict:
 
 
 def make_optimizer(torch, model, cfg: dict, kind: str):
-    from src.train.build import param_groups
+    """The trainer's own optimiser ("trainer"), or Adam with another implementation for comparison."""
+    from src.train import build
 
+    if kind == "trainer":
+        return build.make_optimizer(model, cfg["train"])
     options = {"weight_decay": cfg["train"].get("weight_decay", 0.0)}
     if kind == "fused":
         options["fused"] = True
@@ -279,7 +282,7 @@ def make_optimizer(torch, model, cfg: dict, kind: str):
         options["foreach"] = True
     elif kind == "loop":
         options["foreach"] = False
-    return torch.optim.Adam(param_groups(model, cfg["train"]["lr"]), **options)
+    return torch.optim.Adam(build.param_groups(model, cfg["train"]["lr"]), **options)
 
 
 def random_batch(torch, batch: int, lengths, dims, task: str, device):
@@ -722,7 +725,9 @@ def render_markdown(results: dict) -> str:
         if "reference_s_per_sample" in e:
             lines.append(f"| published configuration, reference figure (2.6 s per batch of 32) | "
                          f"{fmt(e['reference_s_per_sample'], 4)} | {fmt(e['speedup_vs_published_reference'], 1)}x |")
-        lines += [f"| default (configs/iemocap.yaml: transformer branches) | {fmt(e['default_s_per_sample'], 4)} | - |", ""]
+        kinds = sorted(set(groups["published"]["rows"]["default_iemocap_aligned"]["branches"].values()))
+        lines += [f"| default (configs/iemocap.yaml: {'/'.join(kinds)} branches) | {fmt(e['default_s_per_sample'], 4)} | - |",
+                  ""]
     lines += ["Cells: training ms per sample (forward, backward, clipping, Adam) · evaluation samples/s (eval mode, "
               "no grad) · peak RSS of the row's process.", ""]
     if "layouts" in groups:

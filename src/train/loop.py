@@ -21,7 +21,7 @@ from src import metrics
 from src.causal import warn_if_constants_cannot_learn
 from src.data import load_splits
 from src.train import checkpoint as ckpt_io
-from src.train.build import build_model, param_groups
+from src.train.build import build_model, make_optimizer
 from src.train.config import dump_config, model_signature
 from src.train.distributed import Context, barrier
 from src.train.evaluate import autocast, evaluate, iterate_batches, main_prediction, to_device, unwrap
@@ -58,7 +58,7 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
     model = make_model(cfg, splits["train"], ctx.device)
     if cfg["model"]["name"] == "causalmer" and ctx.is_main:
         warn_if_constants_cannot_learn(splits["train"].output_dim, log)
-    optimizer = torch.optim.Adam(param_groups(model, tcfg["lr"]), weight_decay=tcfg.get("weight_decay", 0.0))
+    optimizer = make_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=tcfg["plateau"]["factor"], patience=tcfg["plateau"]["patience"])
     state = {"epoch": 0, "best_loss": math.inf, "best_score": -math.inf, "since_best": 0, "history": []}
