@@ -111,3 +111,12 @@ def test_albert_loads_a_local_pretrained_directory(tmp_path):
                        source.embeddings.position_embeddings.weight)
     with pytest.raises(ConfigError, match="can't load ALBERT"):
         build_branch("albert", in_dim=12, seq_len=6, output_dim=2, pretrained_path=tmp_path / "missing")
+
+
+def test_albert_default_is_the_base_size():
+    pytest.importorskip("transformers")
+    branch = build_branch("albert", in_dim=300, seq_len=20, output_dim=8)
+    config = branch.albert.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.embedding_size) == \
+        (768, 12, 12, 128)
+    assert branch.embed.out_features == 128 and branch.out.in_features == 768

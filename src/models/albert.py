@@ -11,6 +11,11 @@ from torch import nn
 
 from src.errors import ConfigError
 
+# ALBERT-base, the size the reference used. Spelled out because AlbertConfig()'s own defaults are the
+# xxlarge model (hidden size 4096) in the transformers releases this project installs.
+ALBERT_BASE = dict(embedding_size=128, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                   intermediate_size=3072)
+
 
 def _import_transformers():
     try:
@@ -39,7 +44,7 @@ class AlbertBranch(nn.Module):
             except OSError as error:
                 raise ConfigError(f"can't load ALBERT weights from {pretrained_path}: {error}") from error
         else:
-            options = {"embedding_size": 128, **(config or {})}
+            options = {**ALBERT_BASE, **(config or {})}
             self.albert = transformers.AlbertModel(transformers.AlbertConfig(**options))
         albert_config = self.albert.config
         if seq_len is not None and seq_len > albert_config.max_position_embeddings:
