@@ -1,4 +1,5 @@
 """Shared test setup: tiny tensors, one thread, and the reference fixtures beside the checkout."""
+import os
 from pathlib import Path
 
 import pytest
@@ -7,13 +8,16 @@ import torch
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+# The reference fixtures live beside the checkout (../shared/fixtures); CAUSALMER_FIXTURES points
+# elsewhere, e.g. for a clone made in another folder.
+FIXTURES = Path(os.environ.get("CAUSALMER_FIXTURES") or REPO.parent / "shared" / "fixtures")
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
-        pytest.fail(f"reference fixtures not found at {FIXTURES} (expected ../shared/fixtures beside the checkout)")
+        pytest.fail(f"reference fixtures not found at {FIXTURES} (expected ../shared/fixtures beside the "
+                    "checkout, or a folder named by CAUSALMER_FIXTURES)")
     return FIXTURES
 
 
