@@ -177,6 +177,9 @@ def cmd_train(args) -> dict:
         elif run_dir.exists() and any(run_dir.iterdir()):
             raise UserError(f"run directory {run_dir} already holds a run; continue it with --resume, or choose "
                             "another --name or --seed (nothing was overwritten)")
+        # Every rank has looked at the run directory before rank 0 writes into it; otherwise a slower
+        # rank could find rank 0's config.yaml and refuse the run as an existing one.
+        distributed.barrier(ctx)
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             ckpt_io.atomic_write_text(dump_config(cfg), run_dir / "config.yaml")
