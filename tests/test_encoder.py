@@ -223,3 +223,104 @@ def test_can_group_refuses_mismatched_shapes_and_wasteful_padding():
     c = TransformerEncoder(20, 5, 2)
     assert enc.can_group([a, c], [18, 16], [16, 18])
     assert not enc.can_group([a, c], [18, 400], [400, 18])  # unaligned lengths
+
+
+def test_dropout_large_path_keeping_lanes_equals_small_path(monkeypatch):
+    x = torch.randn(30, 40, requires_grad=True)
+
+    def run():
+        torch.manual_seed(5)
+        y = dropout(x, 0.3, training=True)
+        return y, torch.autograd.grad(y.square().sum(), x)[0]
+
+    small = run()
+    monkeypatch.setattr(enc, "_KEEP_MULTIPLIER_ELEMENTS", 0)  # every tensor takes the int16-lanes path
+    large = run()
+    for a, b in zip(small, large):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_add_dropout_is_residual_plus_dropout():
+    x, branch = torch.randn(50, 40), torch.randn(50, 40, requires_grad=True)
+    torch.manual_seed(3)
+    fused = enc.add_dropout(x, branch, 0.2, training=True)
+    torch.manual_seed(3)
+    separate = x + dropout(branch, 0.2, training=True)
+    assert torch.allclose(fused, separate, atol=1e-6)
+    dropped = (fused - x) == 0
+    assert 0.15 < dropped.float().mean().item() < 0.25
+    fused.sum().backward()
+    assert torch.equal(branch.grad == 0, dropped)
+    assert enc.add_dropout(x, branch, 0.2, training=False).equal(x + branch)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_attention_function_without_dropout_matches_autograd(chunked, monkeypatch):
+    if chunked:
+        monkeypatch.setattr(enc, "_SCORE_BLOCK_ELEMENTS", 40)  # recompute in chunks of query rows
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(6, 5, 4, requires_grad=True) for _ in range(3))
+    mask = future_mask(5, 7, q.device)[:, 2:]  # a (5, 5) mask that blocks some keys
+    out = enc._DropoutAttention.apply(q, k, v, mask, 0.0, 0.5)
+    expected = torch.softmax(q @ k.transpose(1, 2) * 0.5 + mask, -1) @ v
+    assert torch.allclose(out, expected, atol=1e-6)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(expected, (q, k, v), grad)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("crossmodal", [True, False])
+def test_last_step_equals_the_last_row_of_the_full_output(crossmodal):
+    torch.manual_seed(0)
+    encoder = TransformerEncoder(20, 5, 3, attn_mask=True).eval()
+    x = torch.randn(7, 2, 20, requires_grad=True)
+    kv = torch.randn(9, 2, 20) if crossmodal else None
+    full = encoder(x, kv, kv)[-1] if crossmodal else encoder(x)[-1]
+    last = encoder(x, kv, kv, last_step=True) if crossmodal else encoder(x, last_step=True)
+    assert last.shape == (2, 20) and torch.allclose(last, full, atol=1e-5)
+    params = [x, *encoder.parameters()]
+    for a, b in zip(torch.autograd.grad(full.square().sum(), params), torch.autograd.grad(last.square().sum(), params)):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_grouped_last_step_with_different_lengths_equals_separate():
+    torch.manual_seed(0)
+    encoders = [TransformerEncoder(20, 5, 2, attn_mask=True).eval() for _ in range(3)]
+    queries = [torch.randn(t, 2, 20, requires_grad=True) for t in (6, 4, 5)]
+    grouped = enc.run_grouped(encoders, queries, last_step=True)
+    separate = [e(q)[-1] for e, q in zip(encoders, queries)]
+    params = [p for e in encoders for p in e.parameters()] + queries
+    for a, b in zip(grouped, separate):
+        assert a.shape == (2, 20) and torch.allclose(a, b, atol=1e-5)
+    grads = torch.autograd.grad(sum(o.square().sum() for o in grouped), params)
+    expected = torch.autograd.grad(sum(o.square().sum() for o in separate), params)
+    for a, b in zip(grads, expected):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_grouped_training_runs_each_attention_dropout_on_its_own_encoders():
+    """Training with only attention dropout: an encoder whose probability is 0 must come out exactly
+    as in eval mode even when grouped with (and, sorted by probability, placed after) one that drops."""
+    torch.manual_seed(0)
+    encoders = [TransformerEncoder(20, 5, 2, attn_dropout=p, attn_mask=True) for p in (0.5, 0.0, 0.3)]
+    queries = [torch.randn(5, 3, 20) for _ in encoders]
+    keys = [torch.randn(6, 3, 20) for _ in encoders]
+    for e in encoders:
+        e.eval()
+    expected = [e(q, k, k) for e, q, k in zip(encoders, queries, keys)]
+    for e in encoders:
+        e.train()
+    outputs = enc.run_grouped(encoders, queries, keys)
+    assert torch.allclose(outputs[1], expected[1], atol=1e-5)  # no dropout anywhere in this one
+    assert not torch.allclose(outputs[0], expected[0], atol=1e-3)  # these drop attention weights
+    assert not torch.allclose(outputs[2], expected[2], atol=1e-3)
+    params = [p for e in encoders for p in e.parameters()]
+    grads = torch.autograd.grad(outputs[1].square().sum(), params, allow_unused=True)
+    reference = torch.autograd.grad(expected[1].square().sum(), params, allow_unused=True)
+    for a, b in zip(grads, reference):
+        if b is None:
+            assert a is None or torch.count_nonzero(a) == 0
+        else:
+            assert torch.allclose(a, b, atol=1e-4)

@@ -312,14 +312,15 @@ class DMD(nn.Module):
 
         # Common fusion: self-attention over each c_m, last time step, concatenated l, v, a.
         common_seq = [common[m].permute(2, 0, 1) for m in ORDER]
-        attended = run_encoders([self.common_encoders[m] for m in ORDER], common_seq, group=self.group_encoders)
-        common_fused = torch.cat([x[-1] for x in attended], dim=1)  # c_f (B, 3d)
+        attended = run_encoders([self.common_encoders[m] for m in ORDER], common_seq, group=self.group_encoders,
+                                last_step=True)
+        common_fused = torch.cat(attended, dim=1)  # c_f (B, 3d)
         logits_c, _ = self.common_head(common_fused)
 
         # Heterogeneous branch over the specific features, as MulT does over its projections.
         x_l, x_a, x_v = (specific[m].permute(2, 0, 1) for m in ("l", "a", "v"))
         memories = crossmodal_memories(self, x_l, x_a, x_v, self.group_encoders)
-        last = {m: memory[-1] for m, memory in zip(("l", "a", "v"), memories)}  # h_m (B, 2d)
+        last = dict(zip(("l", "a", "v"), memories))  # h_m (B, 2d)
         hetero = {m: self.hetero_heads[m](last[m]) for m in ORDER}  # (logits, repr)
 
         gated = [torch.sigmoid(self.gates[m](last[m])) for m in ORDER]

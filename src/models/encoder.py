@@ -10,10 +10,14 @@ Numerically it is the reference encoder (SPEC §2); structurally it is rebuilt f
 - crossmodal key and value are one tensor in every MulT use, so they are normalised and projected
   once per layer instead of twice;
 - on CPU, dropout draws 16 random bits per element from 64-bit words instead of calling
-  `bernoulli_` (which dominated a training step), and attention with dropout — which SDPA can only
-  run on its unfused math path, keeping several (B, H, T_q, T_k) tensors for backward — runs
-  through a chunked function that keeps only the random bits of its dropout mask and recomputes the softmax in
-  backward.
+  `bernoulli_` (which dominated a training step); a residual connection adds its dropped-out branch
+  in one multiply-add; and attention in training — which SDPA can only run with dropout on its
+  unfused math path, keeping several (B, H, T_q, T_k) tensors for backward — runs through a function
+  with a hand-written backward that, for long sequences, keeps only the random bits of its dropout
+  mask and recomputes the softmax chunk by chunk;
+- encoders of one shape (MulT's six crossmodal ones, its three memory ones) can run as one batched
+  computation (`run_encoders`), and when only the last time step is read (`last_step`), the last
+  layer computes only that query row.
 
 Tensors are sequence-first (T, B, E) as in the reference, so reference state_dicts load unchanged.
 """
@@ -94,19 +98,20 @@ def _random_lanes(shape, device) -> torch.Tensor:
     return words.view(torch.int16)[:numel].view(shape)
 
 
-def _keep_scale(lanes: torch.Tensor, p) -> torch.Tensor:
-    """float32 dropout multiplier from random lanes: 0 with probability p (rounded to 2^-16), else 1/(1-p).
+def _keep_mask(lanes: torch.Tensor, p: float) -> torch.Tensor:
+    """float32 0/1 mask from random lanes: 0 with probability p (rounded to 2^-16), else 1.
 
     Computed with float arithmetic rather than a boolean compare: for integer lanes,
     clamp(lane - threshold + 1, 0, 1) is exactly 1 when lane >= threshold and 0 otherwise, and
     vectorised float ops are several times faster on CPU than boolean masks.
     """
-    if isinstance(p, torch.Tensor):  # one probability per leading row, shaped to broadcast
-        threshold = torch.round(p * 65536) - 32768
-        return lanes.to(torch.float32).sub_(threshold - 1).clamp_(0.0, 1.0).mul_(1.0 / (1.0 - p))
     threshold = -32768 + round(p * 65536)
-    keep = lanes.to(torch.float32).sub_(threshold - 1).clamp_(0.0, 1.0)
-    return keep.mul_(1.0 / (1.0 - p))
+    return lanes.to(torch.float32).sub_(threshold - 1).clamp_(0.0, 1.0)
+
+
+def _keep_scale(lanes: torch.Tensor, p: float) -> torch.Tensor:
+    """The dropout multiplier: `_keep_mask` times 1/(1-p)."""
+    return _keep_mask(lanes, p).mul_(1.0 / (1.0 - p))
 
 
 class _Dropout(torch.autograd.Function):
@@ -124,13 +129,32 @@ class _Dropout(torch.autograd.Function):
         return grad * _keep_scale(lanes, ctx.p).to(grad.dtype), None, None
 
 
+# Up to this many elements, dropout is a plain multiply whose float multiplier autograd keeps for
+# backward (4 bytes per element, one multiply in backward, no Python in the backward pass); larger
+# tensors keep only the int16 lanes (2 bytes) and recompute the multiplier in backward.
+_KEEP_MULTIPLIER_ELEMENTS = 1 << 20
+
+
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Same distribution as `F.dropout` (up to p's rounding to 2^-16 on CPU), faster on CPU."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p=p, training=True)
-    return _Dropout.apply(x, _random_lanes(x.shape, x.device), p)
+    lanes = _random_lanes(x.shape, x.device)
+    if x.numel() <= _KEEP_MULTIPLIER_ELEMENTS:
+        return x * _keep_scale(lanes, p).to(x.dtype)
+    return _Dropout.apply(x, lanes, p)
+
+
+def add_dropout(x: torch.Tensor, branch: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`x + dropout(branch)`, a residual connection; on a CPU one multiply-add instead of two passes."""
+    if not training or p == 0.0:
+        return x + branch
+    if branch.device.type != "cpu" or p >= 1.0 or branch.numel() > _KEEP_MULTIPLIER_ELEMENTS:
+        return x + dropout(branch, p, training)
+    keep = _keep_mask(_random_lanes(branch.shape, branch.device), p).to(branch.dtype)
+    return torch.addcmul(x, branch, keep, value=1.0 / (1.0 - p))
 
 
 # --- attention with dropout on CPU ----------------------------------------------------------------
@@ -144,12 +168,12 @@ def _query_chunks(batch_heads: int, t_q: int, t_k: int):
     return [(start, min(start + rows, t_q)) for start in range(0, t_q, rows)]
 
 
-def _attention_probs(q_scaled, k, mask):
-    """softmax(q_scaled @ k^T + mask) in float32 for one chunk of queries."""
+def _attention_probs(q, k, mask, scale):
+    """softmax(q @ k^T · scale + mask) in float32 for one chunk of queries."""
     if mask is None:
-        scores = torch.bmm(q_scaled, k.transpose(1, 2))
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
     else:
-        scores = torch.baddbmm(mask, q_scaled, k.transpose(1, 2))
+        scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scale)
     return torch.softmax(scores.float(), dim=-1)
 
 
@@ -161,70 +185,82 @@ def _mask_rows(mask, start, stop):
 
 
 class _DropoutAttention(torch.autograd.Function):
-    """softmax(q k^T · scale + mask) with dropout on the weights, times v; (N, T, d) tensors.
+    """softmax(q k^T · scale + mask) with dropout p on the weights, times v; (N, T, d) tensors.
 
-    `p` is one dropout probability, or an (N, 1, 1) tensor of them (one per batch row: grouped
-    encoders with different attention dropouts); `mask` is (T_q, T_k) or (N, T_q, T_k).
+    `mask` is (T_q, T_k) or (N, T_q, T_k); p may be 0 (plain attention: on a CPU this function with
+    its hand-written backward trains faster than SDPA for MulT's small heads).
 
-    Small problems keep the probabilities and the dropout multiplier for backward. Large ones save
-    only q, k, v, the output and the int16 random lanes of the dropout mask; the softmax is then
-    recomputed chunk by chunk in backward, so no float (N, T_q, T_k) tensor outlives a chunk.
+    Small problems keep the probabilities (and the dropped-out weights) for backward. Large ones
+    save only q, k, v, the output and the int16 random lanes of the dropout mask; the softmax is
+    then recomputed chunk by chunk in backward, so no float (N, T_q, T_k) tensor outlives a chunk.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, mask, p, scale):
         batch_heads, t_q, _ = q.shape
         t_k = k.shape[1]
-        lanes = _random_lanes((batch_heads, t_q, t_k), q.device)
-        q_scaled = q * scale
-        if batch_heads * t_q * t_k <= _SCORE_BLOCK_ELEMENTS:
+        lanes = _random_lanes((batch_heads, t_q, t_k), q.device) if p > 0 else None
+        ctx.scale, ctx.p = scale, p
+        ctx.kept_probs = batch_heads * t_q * t_k <= _SCORE_BLOCK_ELEMENTS
+        if ctx.kept_probs:
             # Small enough to keep: backward then needn't recompute scores and softmax.
-            probs = _attention_probs(q_scaled, k, mask)
+            probs = _attention_probs(q, k, mask, scale)
+            if lanes is None:
+                out = torch.bmm(probs.to(v.dtype), v)
+                ctx.save_for_backward(q, k, v, out, probs)
+                return out
             keep = _keep_scale(lanes, p)
-            out = torch.bmm((probs * keep).to(v.dtype), v)
-            ctx.save_for_backward(q, k, v, out, probs, keep)
-            ctx.scale, ctx.kept_probs = scale, True
+            dropped = probs * keep
+            out = torch.bmm(dropped.to(v.dtype), v)
+            ctx.save_for_backward(q, k, v, out, probs, keep, dropped)
             return out
         out = torch.empty_like(q)
         for start, stop in _query_chunks(batch_heads, t_q, t_k):
-            probs = _attention_probs(q_scaled[:, start:stop], k, _mask_rows(mask, start, stop))
-            probs.mul_(_keep_scale(lanes[:, start:stop], p))
+            probs = _attention_probs(q[:, start:stop], k, _mask_rows(mask, start, stop), scale)
+            if lanes is not None:
+                probs.mul_(_keep_scale(lanes[:, start:stop], p))
             out[:, start:stop] = torch.bmm(probs.to(v.dtype), v)
-        ctx.save_for_backward(q, k, v, out, lanes, mask)
-        ctx.scale, ctx.p, ctx.kept_probs = scale, p, False
+        ctx.save_for_backward(q, k, v, out, mask, lanes)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, *rest = ctx.saved_tensors
-        batch_heads, t_q, _ = q.shape
-        t_k = k.shape[1]
         grad_out = grad_out.contiguous()
         # Row sums of dP ∘ P equal those of dO ∘ O: the usual softmax-backward shortcut.
         row_dot = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+        if ctx.kept_probs:
+            probs, keep, dropped = rest if len(rest) == 3 else (rest[0], None, rest[0])
+            return (*_attention_grads(q, k, v, grad_out, row_dot, probs, keep, dropped, ctx.scale),
+                    None, None, None)
+        mask, lanes = rest
+        batch_heads, t_q, _ = q.shape
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        if ctx.kept_probs:
-            chunks, (saved_probs, saved_keep) = [(0, t_q)], rest
-        else:
-            chunks, (lanes, mask) = _query_chunks(batch_heads, t_q, t_k), rest
-            q_scaled = q * ctx.scale
-        scale = ctx.scale
-        for start, stop in chunks:
+        for start, stop in _query_chunks(batch_heads, t_q, k.shape[1]):
             rows = slice(start, stop)
-            if ctx.kept_probs:
-                probs, keep = saved_probs, saved_keep
-            else:
-                probs = _attention_probs(q_scaled[:, rows], k, _mask_rows(mask, start, stop))
-                keep = _keep_scale(lanes[:, rows], ctx.p)
-            grad_v += torch.bmm((probs * keep).to(v.dtype).transpose(1, 2), grad_out[:, rows]).float()
-            grad_scores = torch.bmm(grad_out[:, rows], v.transpose(1, 2)).float()
-            grad_scores.mul_(keep).sub_(row_dot[:, rows]).mul_(probs)
-            grad_scores = grad_scores.to(q.dtype)
-            grad_q[:, rows] = torch.bmm(grad_scores, k).mul_(scale)
-            grad_k += torch.bmm(grad_scores.transpose(1, 2), q[:, rows]).float().mul_(scale)
+            probs = _attention_probs(q[:, rows], k, _mask_rows(mask, start, stop), ctx.scale)
+            keep = None if lanes is None else _keep_scale(lanes[:, rows], ctx.p)
+            dropped = probs if keep is None else probs * keep
+            chunk_q, chunk_k, chunk_v = _attention_grads(q[:, rows], k, v, grad_out[:, rows], row_dot[:, rows],
+                                                         probs, keep, dropped, ctx.scale)
+            grad_q[:, rows] = chunk_q
+            grad_k += chunk_k.float()
+            grad_v += chunk_v.float()
         return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
+
+
+def _attention_grads(q, k, v, grad_out, row_dot, probs, keep, dropped, scale):
+    """Gradients of q, k, v for one chunk of query rows; `dropped` = probs ∘ keep (probs when no dropout)."""
+    grad_v = torch.bmm(dropped.to(v.dtype).transpose(1, 2), grad_out)
+    grad_scores = torch.bmm(grad_out, v.transpose(1, 2)).float()
+    if keep is not None:
+        grad_scores.mul_(keep)
+    grad_scores = grad_scores.sub_(row_dot).mul_(probs).to(q.dtype)
+    grad_q = torch.bmm(grad_scores, k).mul_(scale)
+    grad_k = torch.bmm(grad_scores.transpose(1, 2), q).mul_(scale)
+    return grad_q, grad_k, grad_v
 
 
 class MultiheadAttention(nn.Module):
@@ -313,11 +349,11 @@ class TransformerEncoderLayer(nn.Module):
             k = norm(x_k)
             v = k if x_v is x_k else norm(x_v)
         attended = self.self_attn(q, k, v, attn_mask=mask)
-        x = x + dropout(attended, self.res_dropout, self.training)
+        x = add_dropout(x, attended, self.res_dropout, self.training)
 
         hidden = F.relu(self.fc1(self.layer_norms[1](x)))
         hidden = dropout(hidden, self.relu_dropout, self.training)
-        return x + dropout(self.fc2(hidden), self.res_dropout, self.training)
+        return add_dropout(x, self.fc2(hidden), self.res_dropout, self.training)
 
 
 class TransformerEncoder(nn.Module):
@@ -345,7 +381,12 @@ class TransformerEncoder(nn.Module):
         x = self.embed_scale * x_in + sinusoidal_positions(x_in)
         return dropout(x, self.embed_dropout, self.training)
 
-    def forward(self, x_in, x_in_k=None, x_in_v=None):
+    def forward(self, x_in, x_in_k=None, x_in_v=None, last_step: bool = False):
+        """(T, B, E) -> (T, B, E); with `last_step`, only the output's last time step, (B, E).
+
+        The last layer's other query rows feed nothing then, so only the last one is computed: it
+        still attends to every key of that layer, which is all its own output depends on.
+        """
         x = self._embed(x_in)
         x_k = x_v = None
         if x_in_k is not None:
@@ -363,9 +404,16 @@ class TransformerEncoder(nn.Module):
         if self.attn_mask:
             t_k = x.shape[0] if x_k is None else x_k.shape[0]
             mask = future_mask(x.shape[0], t_k, x.device, x.dtype)
-        for layer in self.layers:
-            x = layer(x, x_k, x_v, mask=mask)
-        return self.layer_norm(x)
+        for depth, layer in enumerate(self.layers):
+            if last_step and depth == len(self.layers) - 1:
+                last_mask = None if mask is None else mask[-1:]
+                if x_k is None:  # self-attention: the last query against all of this layer's steps
+                    x = layer(x[-1:], x, x, mask=last_mask)
+                else:
+                    x = layer(x[-1:], x_k, x_v, mask=last_mask)
+            else:
+                x = layer(x, x_k, x_v, mask=mask)
+        return self.layer_norm(x[-1]) if last_step else self.layer_norm(x)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The reference keeps a version counter and a dtype-tracking dummy for its position table;
@@ -407,17 +455,49 @@ def _pad_and_stack(sequences, length):
     return torch.stack([F.pad(x.transpose(0, 1), (0, 0, 0, length - x.shape[0])) for x in sequences])
 
 
-def _grouped_layer_norm(x, norms):
-    weight = torch.stack([norm.weight for norm in norms]).view(len(norms), 1, 1, -1)
-    bias = torch.stack([norm.bias for norm in norms]).view(len(norms), 1, 1, -1)
-    return torch.addcmul(bias, F.layer_norm(x, x.shape[-1:], eps=norms[0].eps), weight)
+def _grouped_embed(x, encoder):
+    """The encoders' `_embed` on padded (G, B, T, E) inputs at once.
+
+    Padded steps are zero in every channel, so the zero-as-padding rule gives them no position
+    either: their embedding stays zero, as when each sequence is embedded and then padded.
+    """
+    table = _position_table(x.shape[2], x.shape[3], x.device, x.dtype)  # (T, E)
+    not_padding = (x[..., :1] != 0).to(x.dtype)  # (G, B, T, 1)
+    x = torch.addcmul(x * encoder.embed_scale, table, not_padding)
+    return dropout(x, encoder.embed_dropout, encoder.training)
 
 
-def _grouped_linear(x, weights, biases):
-    """x (G, B, T, in) through G different Linear maps: one batched matmul."""
-    weight = torch.stack(weights).transpose(1, 2)  # (G, in, out)
-    bias = torch.stack(biases).unsqueeze(1)  # (G, 1, out)
-    out = torch.baddbmm(bias, x.reshape(x.shape[0], -1, x.shape[-1]), weight)
+def _stack_layers(encoders, get) -> torch.Tensor:
+    """`get(layer)` of every layer of every encoder in one tensor, (depth, G, ...).
+
+    One stack for all depths (instead of one per depth) keeps a forward's operation count low; the
+    backward splits the gradient back onto each encoder's own parameter.
+    """
+    depth = len(encoders[0].layers)
+    stacked = torch.stack([get(encoder.layers[d]) for d in range(depth) for encoder in encoders])
+    return stacked.unflatten(0, (depth, len(encoders)))
+
+
+def _fold_layer_norm(norm_weight, norm_bias, weight, bias):
+    """The affine part of a LayerNorm folded into the Linear it feeds, for stacked (depth, G) weights.
+
+    (x̂∘γ + β)·W + b = x̂·(γ∘W) + (β·W + b), with W (..., in, out) in input-major layout: the
+    normalised activations then need no extra elementwise pass forward or backward, only the
+    (small) weights do.
+    """
+    folded_bias = bias + (norm_bias.unsqueeze(-2) @ weight).squeeze(-2)
+    return weight * norm_weight.unsqueeze(-1), folded_bias
+
+
+def _grouped_layer_norm(x, weight, bias, eps):
+    """LayerNorm with one (weight, bias) per encoder: weight/bias (G, E), x (G, B, T, E)."""
+    shape = (weight.shape[0], 1, 1, weight.shape[-1])
+    return torch.addcmul(bias.view(shape), F.layer_norm(x, x.shape[-1:], eps=eps), weight.view(shape))
+
+
+def _grouped_linear(x, weight, bias):
+    """x (G, B, T, in) through G Linear maps at once: weight (G, in, out), bias (G, out)."""
+    out = torch.baddbmm(bias.unsqueeze(1), x.reshape(x.shape[0], -1, x.shape[-1]), weight)
     return out.view(*x.shape[:-1], -1)
 
 
@@ -443,9 +523,9 @@ def can_group(encoders, query_lengths, key_lengths, max_padding=0.25) -> bool:
     return same_shape and padded <= (1 + max_padding) * real
 
 
-def run_grouped(encoders, queries, keys=None):
-    """Equivalent to `[enc(x, k, k) for enc, x, k in zip(encoders, queries, keys)]` (or self-attention
-    when `keys` is None), computed as one batch over the encoders.
+def run_grouped(encoders, queries, keys=None, last_step: bool = False):
+    """Equivalent to `[enc(x, k, k, last_step) for enc, x, k in zip(encoders, queries, keys)]` (or
+    self-attention when `keys` is None), computed as one batch over the encoders.
 
     Small sequences leave a CPU step dominated by per-operation overhead, not arithmetic; stacking
     G encoders' weights and padding their sequences to a common length turns G·(ops per layer) into
@@ -453,14 +533,26 @@ def run_grouped(encoders, queries, keys=None):
     real output equals the encoder's own (eval mode: to float rounding; training: the same
     distribution). Check `can_group` first.
     """
+    attn_ps = [enc.layers[0].self_attn.attn_dropout for enc in encoders]
+    on_cpu = queries[0].device.type == "cpu"
+    if encoders[0].training and len(set(attn_ps)) > 1 and not on_cpu:
+        # SDPA takes one dropout probability; only the CPU path handles one per encoder
+        return [enc(q, k, k, last_step=last_step) if keys is not None else enc(q, last_step=last_step)
+                for enc, q, k in zip(encoders, queries, keys or queries)]
+    # Encoders in order of attention dropout: each probability's rows are then one contiguous slice.
+    order = sorted(range(len(encoders)), key=attn_ps.__getitem__)
+    outputs = _run_sorted([encoders[g] for g in order], [queries[g] for g in order],
+                          None if keys is None else [keys[g] for g in order], last_step)
+    result = [None] * len(encoders)
+    for position, g in enumerate(order):
+        result[g] = outputs[position]
+    return result
+
+
+def _run_sorted(encoders, queries, keys, last_step):
     groups = len(encoders)
     first = encoders[0]
     training = first.training
-    attn_ps = [enc.layers[0].self_attn.attn_dropout for enc in encoders]
-    if training and len(set(attn_ps)) > 1 and queries[0].device.type != "cpu":
-        # SDPA takes one dropout probability; only the CPU path below handles one per encoder
-        return [enc(q, k, k) if keys is not None else enc(q)
-                for enc, q, k in zip(encoders, queries, keys or queries)]
     crossmodal = keys is not None
     query_lengths = tuple(x.shape[0] for x in queries)
     key_lengths = tuple(k.shape[0] for k in keys) if crossmodal else query_lengths
@@ -468,74 +560,115 @@ def run_grouped(encoders, queries, keys=None):
     batch, embed_dim = queries[0].shape[1], first.embed_dim
     heads = first.layers[0].self_attn.num_heads
     head_dim = embed_dim // heads
+    eps = first.layer_norm.eps
 
-    x = _pad_and_stack([enc._embed(q) for enc, q in zip(encoders, queries)], t_max)
-    kv = None
+    x = _grouped_embed(_pad_and_stack(queries, t_max), first)
     if crossmodal:
-        kv = _pad_and_stack([enc._embed(k) for enc, k in zip(encoders, keys)], s_max)
+        raw_keys = _pad_and_stack(keys, s_max)
+        kv = _grouped_embed(raw_keys, first)
         # the reference embeds key and value separately: under embedding dropout they differ
         separate_value = training and first.embed_dropout > 0
-        value = _pad_and_stack([enc._embed(k) for enc, k in zip(encoders, keys)], s_max) if separate_value else kv
+        value = _grouped_embed(raw_keys, first) if separate_value else kv
 
     mask = _grouped_mask(query_lengths, key_lengths, batch, heads, first.attn_mask, x.device, x.dtype)
-    use_dropout_attention = training and max(attn_ps) > 0 and x.device.type == "cpu"
-    if use_dropout_attention:
-        per_row_p = torch.tensor(attn_ps, dtype=torch.float32, device=x.device)
-        per_row_p = per_row_p.repeat_interleave(batch * heads).view(-1, 1, 1)
+    mask = mask.to(x.dtype)
+    # Training on a CPU: the attention runs through `_DropoutAttention`, once per distinct dropout
+    # probability over that probability's (contiguous) encoders.
+    attention_runs = []
+    if training and x.device.type == "cpu":
+        attn_ps = [enc.layers[0].self_attn.attn_dropout for enc in encoders]
+        for p in sorted(set(attn_ps)):
+            rows = [g for g, q in enumerate(attn_ps) if q == p]
+            attention_runs.append((p, rows[0] * batch, (rows[-1] + 1) * batch))
+
+    def stacked(get, linear_weight=False):  # linear weights in input-major (in, out) layout
+        tensor = _stack_layers(encoders, get)
+        return tensor.transpose(-1, -2) if linear_weight else tensor
+
+    # Both pre-LayerNorms feed a Linear (LN0 the in-projection, LN1 fc1), so their affine parts
+    # are folded into those weights and the activations are only normalised.
+    in_w, in_b = _fold_layer_norm(stacked(lambda layer: layer.layer_norms[0].weight),
+                                  stacked(lambda layer: layer.layer_norms[0].bias),
+                                  stacked(lambda layer: layer.self_attn.in_proj_weight, True),
+                                  stacked(lambda layer: layer.self_attn.in_proj_bias))
+    fc1_w, fc1_b = _fold_layer_norm(stacked(lambda layer: layer.layer_norms[1].weight),
+                                    stacked(lambda layer: layer.layer_norms[1].bias),
+                                    stacked(lambda layer: layer.fc1.weight, True),
+                                    stacked(lambda layer: layer.fc1.bias))
+    in_w, in_b, fc1_w, fc1_b = in_w.unbind(0), in_b.unbind(0), fc1_w.unbind(0), fc1_b.unbind(0)
+    out_w = stacked(lambda layer: layer.self_attn.out_proj.weight, True).unbind(0)
+    out_b = stacked(lambda layer: layer.self_attn.out_proj.bias).unbind(0)
+    fc2_w = stacked(lambda layer: layer.fc2.weight, True).unbind(0)
+    fc2_b = stacked(lambda layer: layer.fc2.bias).unbind(0)
+
+    def normalize(t):
+        return F.layer_norm(t, t.shape[-1:], eps=eps)
+
+    res_p, relu_p = first.layers[0].res_dropout, first.layers[0].relu_dropout
+    scale = head_dim ** -0.5
 
     def split_heads(t):  # (G, B, L, E) -> (G·B, H, L, head_dim), a view
         return t.view(groups * batch, t.shape[2], heads, head_dim).transpose(1, 2)
 
-    for depth in range(len(first.layers)):
-        layers = [enc.layers[depth] for enc in encoders]
-        attns = [layer.self_attn for layer in layers]
-        norms0 = [layer.layer_norms[0] for layer in layers]
-        q_in = _grouped_layer_norm(x, norms0)
-        if crossmodal:
-            k_in = _grouped_layer_norm(kv, norms0)
-            v_in = k_in if value is kv else _grouped_layer_norm(value, norms0)
-            q = _grouped_linear(q_in, [a.in_proj_weight[:embed_dim] for a in attns],
-                                [a.in_proj_bias[:embed_dim] for a in attns])
-            if v_in is k_in:
-                k, v = _grouped_linear(k_in, [a.in_proj_weight[embed_dim:] for a in attns],
-                                       [a.in_proj_bias[embed_dim:] for a in attns]).chunk(2, dim=-1)
-            else:
-                k = _grouped_linear(k_in, [a.in_proj_weight[embed_dim:2 * embed_dim] for a in attns],
-                                    [a.in_proj_bias[embed_dim:2 * embed_dim] for a in attns])
-                v = _grouped_linear(v_in, [a.in_proj_weight[2 * embed_dim:] for a in attns],
-                                    [a.in_proj_bias[2 * embed_dim:] for a in attns])
+    if last_step:  # each encoder's last real query step, and its mask row
+        group_index = torch.arange(groups, device=x.device)
+        last_index = torch.tensor([length - 1 for length in query_lengths], device=x.device)
+        last_mask = mask.view(groups, batch * heads, t_max, s_max)[group_index, :, last_index]
+        last_mask = last_mask.reshape(groups * batch * heads, 1, s_max)
+
+    depth_count = len(first.layers)
+    for depth in range(depth_count):
+        w, b = in_w[depth], in_b[depth]  # (G, E, 3E), (G, 3E): query, key, value columns
+        if last_step and depth == depth_count - 1:
+            # Only the last step is read: its query row alone, against every key of this layer.
+            query, layer_mask = x[group_index, :, last_index].unsqueeze(2), last_mask
         else:
-            q, k, v = _grouped_linear(q_in, [a.in_proj_weight for a in attns],
-                                      [a.in_proj_bias for a in attns]).chunk(3, dim=-1)
+            query, layer_mask = x, mask
+        t_q = query.shape[2]
+        q_in = normalize(query)
+        if crossmodal or query is not x:
+            k_source, v_source = (kv, value) if crossmodal else (x, x)
+            k_in = normalize(k_source)
+            q = _grouped_linear(q_in, w[..., :embed_dim], b[:, :embed_dim])
+            if v_source is k_source:
+                k, v = _grouped_linear(k_in, w[..., embed_dim:], b[:, embed_dim:]).chunk(2, dim=-1)
+            else:
+                v_in = normalize(v_source)
+                k = _grouped_linear(k_in, w[..., embed_dim:2 * embed_dim], b[:, embed_dim:2 * embed_dim])
+                v = _grouped_linear(v_in, w[..., 2 * embed_dim:], b[:, 2 * embed_dim:])
+        else:
+            q, k, v = _grouped_linear(q_in, w, b).chunk(3, dim=-1)
         q, k, v = split_heads(q), split_heads(k), split_heads(v)
-        layer_mask = mask.to(q.dtype)
-        if use_dropout_attention:
-            attended = _DropoutAttention.apply(
-                q.reshape(-1, t_max, head_dim), k.reshape(-1, s_max, head_dim), v.reshape(-1, s_max, head_dim),
-                layer_mask, per_row_p, head_dim ** -0.5,
-            ).view(groups * batch, heads, t_max, head_dim)
+        if attention_runs:
+            parts = []
+            for p, start, stop in attention_runs:
+                part = _DropoutAttention.apply(
+                    q[start:stop].reshape(-1, t_q, head_dim), k[start:stop].reshape(-1, s_max, head_dim),
+                    v[start:stop].reshape(-1, s_max, head_dim), layer_mask[start * heads:stop * heads], p, scale)
+                parts.append(part)
+            attended = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(groups * batch, heads, t_q, head_dim)
         else:
             attended = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=layer_mask.view(groups * batch, heads, t_max, s_max),
-                dropout_p=attn_ps[0] if training else 0.0,  # equal across the group here
+                q, k, v, attn_mask=layer_mask.view(groups * batch, heads, t_q, s_max),
+                dropout_p=first.layers[0].self_attn.attn_dropout if training else 0.0,  # equal across the group here
             )
-        attended = attended.transpose(1, 2).reshape(groups, batch, t_max, embed_dim)
-        attended = _grouped_linear(attended, [a.out_proj.weight for a in attns], [a.out_proj.bias for a in attns])
-        x = x + dropout(attended, first.layers[0].res_dropout, training)
+        attended = attended.transpose(1, 2).reshape(groups, batch, t_q, embed_dim)
+        x = add_dropout(query, _grouped_linear(attended, out_w[depth], out_b[depth]), res_p, training)
 
-        hidden = _grouped_layer_norm(x, [layer.layer_norms[1] for layer in layers])
-        hidden = F.relu(_grouped_linear(hidden, [layer.fc1.weight for layer in layers],
-                                        [layer.fc1.bias for layer in layers]))
-        hidden = dropout(hidden, first.layers[0].relu_dropout, training)
-        hidden = _grouped_linear(hidden, [layer.fc2.weight for layer in layers], [layer.fc2.bias for layer in layers])
-        x = x + dropout(hidden, first.layers[0].res_dropout, training)
+        hidden = normalize(x)
+        hidden = dropout(F.relu(_grouped_linear(hidden, fc1_w[depth], fc1_b[depth])), relu_p, training)
+        x = add_dropout(x, _grouped_linear(hidden, fc2_w[depth], fc2_b[depth]), res_p, training)
 
-    x = _grouped_layer_norm(x, [enc.layer_norm for enc in encoders])
+    final_w = torch.stack([enc.layer_norm.weight for enc in encoders])
+    final_b = torch.stack([enc.layer_norm.bias for enc in encoders])
+    x = _grouped_layer_norm(x, final_w, final_b, eps)
+    if last_step:
+        return list(x[:, :, -1].unbind(0))
     return [x[g, :, :length].transpose(0, 1) for g, length in enumerate(query_lengths)]
 
 
-def run_encoders(encoders, queries, keys=None, group: bool = True):
-    """Apply each encoder to its query (and key/value) sequence.
+def run_encoders(encoders, queries, keys=None, group: bool = True, last_step: bool = False):
+    """Apply each encoder to its query (and key/value) sequence; `last_step` as in `TransformerEncoder`.
 
     With similar lengths (aligned data) the encoders run as one batched computation, which on
     small inputs is several times fewer operations; with very different lengths (unaligned data)
@@ -544,7 +677,7 @@ def run_encoders(encoders, queries, keys=None, group: bool = True):
     query_lengths = [q.shape[0] for q in queries]
     key_lengths = query_lengths if keys is None else [k.shape[0] for k in keys]
     if group and can_group(encoders, query_lengths, key_lengths):
-        return run_grouped(encoders, queries, keys)
+        return run_grouped(encoders, queries, keys, last_step)
     if keys is None:
-        return [encoder(q) for encoder, q in zip(encoders, queries)]
-    return [encoder(q, k, k) for encoder, q, k in zip(encoders, queries, keys)]
+        return [encoder(q, last_step=last_step) for encoder, q in zip(encoders, queries)]
+    return [encoder(q, k, k, last_step=last_step) for encoder, q, k in zip(encoders, queries, keys)]

@@ -41,7 +41,8 @@ def add_crossmodal_encoders(module: nn.Module, make_encoder, d_model: int, layer
 
 
 def crossmodal_memories(module: nn.Module, x_l, x_a, x_v, group: bool = True):
-    """(T_m, B, d) projections -> the three memory encoders' outputs (T_m, B, 2d), order l, a, v.
+    """(T_m, B, d) projections -> the last time step of the three memory encoders, (B, 2d) each,
+    order l, a, v: all that MulT (and DMD) read of them.
 
     Each target attends to the two other modalities; its two crossmodal outputs are concatenated
     and read by its memory encoder.
@@ -51,7 +52,7 @@ def crossmodal_memories(module: nn.Module, x_l, x_a, x_v, group: bool = True):
                                                 [x_a, x_v, x_l, x_v, x_l, x_a], group)
     memories = [getattr(module, name) for name in MEMORY_NAMES]
     return run_encoders(memories, [torch.cat([l_a, l_v], dim=2), torch.cat([a_l, a_v], dim=2),
-                                   torch.cat([v_l, v_a], dim=2)], group=group)
+                                   torch.cat([v_l, v_a], dim=2)], group=group, last_step=True)
 
 
 class MulT(nn.Module):
@@ -101,7 +102,7 @@ class MulT(nn.Module):
         x_v = self.proj_v(vision.transpose(1, 2)).permute(2, 0, 1)
 
         memories = crossmodal_memories(self, x_l, x_a, x_v, self.group_encoders)
-        last_hs = torch.cat([memory[-1] for memory in memories], dim=1)
+        last_hs = torch.cat(memories, dim=1)
         hidden = self.proj2(dropout(F.relu(self.proj1(last_hs)), self.out_dropout, self.training))
         logits = self.out_layer(hidden + last_hs)
         return logits, last_hs
