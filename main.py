@@ -295,8 +295,11 @@ COMMANDS = {"make-data": cmd_make_data, "train": cmd_train, "eval": cmd_eval, "a
 
 
 def main(argv=None) -> int:
+    from src.train.runtime import keep_freed_memory
+
     args = build_parser().parse_args(argv)
     setup_logging()
+    keep_freed_memory()  # malloc reuses freed blocks: see src/train/runtime.py
     try:
         COMMANDS[args.command](args)
     except UserError as err:

@@ -206,7 +206,10 @@ def run_job(job: dict, work_dir: str) -> dict:
 
     import torch
 
+    from src.train.runtime import keep_freed_memory
+
     torch.set_num_threads(1)
+    keep_freed_memory()  # as main.py does before training
     logging.getLogger("causalmer").setLevel(logging.WARNING)  # per-epoch lines of parallel jobs would interleave
     from src.train import distributed
     from src.train.checkpoint import atomic_write_text

@@ -452,6 +452,9 @@ def child_data_train(payload: dict) -> dict:
 
 
 def run_child(args) -> None:
+    from src.train.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as main.py does before training: measure what trains
     handlers = {"rows": child_rows, "data-write": child_data_write, "data-convert": child_data_convert,
                 "data-train": child_data_train}
     payload = json.loads(args.child)
