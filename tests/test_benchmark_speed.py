@@ -94,3 +94,19 @@ def test_only_rejects_unknown_groups_and_keeps_dmd_last():
     assert speed.parse_groups("dmd,reference") == ["reference", "dmd"]
     with pytest.raises(SystemExit, match="unknown group"):
         speed.parse_groups("reference,nonsense")
+
+
+def test_a_row_measured_in_several_processes_keeps_the_median_one():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import speed
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    runs = [{"train_step_s": 0.3, "tag": "slow"}, {"error": "crashed"}, {"train_step_s": 0.1, "tag": "fast"},
+            {"train_step_s": 0.2, "tag": "middle"}]
+    chosen = speed.median_process(runs)
+    assert chosen["tag"] == "middle"
+    assert chosen["train_step_s_per_process"] == [0.3, None, 0.1, 0.2]
+    assert speed.median_process([{"train_step_s": 0.1, "tag": "a"}, {"train_step_s": 0.2, "tag": "b"}])["tag"] == "a"
+    assert speed.median_process([{"error": "x"}]) == {"error": "x"}
+    assert "train_step_s_per_process" not in speed.median_process([{"train_step_s": 0.1}])
