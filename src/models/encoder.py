@@ -207,7 +207,7 @@ class _DropoutAttention(torch.autograd.Function):
             probs = _attention_probs(q, k, mask, scale)
             if lanes is None:
                 out = torch.bmm(probs.to(v.dtype), v)
-                ctx.save_for_backward(q, k, v, out, probs)
+                ctx.save_for_backward(q, k, v, out, probs, None, probs)  # no dropout: the weights are probs
                 return out
             keep = _keep_scale(lanes, p)
             dropped = probs * keep
@@ -230,7 +230,7 @@ class _DropoutAttention(torch.autograd.Function):
         # Row sums of dP ∘ P equal those of dO ∘ O: the usual softmax-backward shortcut.
         row_dot = (grad_out.float() * out.float()).sum(-1, keepdim=True)
         if ctx.kept_probs:
-            probs, keep, dropped = rest if len(rest) == 3 else (rest[0], None, rest[0])
+            probs, keep, dropped = rest
             return (*_attention_grads(q, k, v, grad_out, row_dot, probs, keep, dropped, ctx.scale),
                     None, None, None)
         mask, lanes = rest
