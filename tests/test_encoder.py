@@ -186,45 +186,6 @@ def test_encoder_runs_under_bf16_autocast_on_cpu():
     assert torch.isfinite(encoder.layers[0].self_attn.in_proj_weight.grad).all()
 
 
-@pytest.mark.parametrize("attn_mask", [True, False])
-@pytest.mark.parametrize("crossmodal", [True, False])
-def test_grouped_encoders_equal_separate_ones_values_and_gradients(attn_mask, crossmodal):
-    torch.manual_seed(0)
-    encoders = [TransformerEncoder(20, 5, 2, attn_mask=attn_mask).eval() for _ in range(3)]
-    queries = [torch.randn(t, 2, 20, requires_grad=True) for t in (5, 4, 6)]
-    keys = [torch.randn(s, 2, 20) for s in (6, 5, 3)] if crossmodal else None
-    grouped = enc.run_grouped(encoders, queries, keys)
-    separate = [e(q, k, k) if crossmodal else e(q) for e, q, k in zip(encoders, queries, keys or queries)]
-    for a, b in zip(grouped, separate):
-        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
-    params = [p for e in encoders for p in e.parameters()] + queries
-    grads_grouped = torch.autograd.grad(sum(o.square().sum() for o in grouped), params)
-    grads_separate = torch.autograd.grad(sum(o.square().sum() for o in separate), params)
-    for a, b in zip(grads_grouped, grads_separate):
-        assert torch.allclose(a, b, atol=1e-4)
-
-
-def test_grouped_training_with_mixed_attention_dropouts_runs():
-    torch.manual_seed(0)
-    encoders = [TransformerEncoder(20, 5, 1, attn_dropout=p, relu_dropout=0.1, res_dropout=0.1,
-                                   embed_dropout=0.2, attn_mask=True).train() for p in (0.0, 0.3)]
-    queries = [torch.randn(5, 2, 20), torch.randn(4, 2, 20)]
-    keys = [torch.randn(6, 2, 20), torch.randn(5, 2, 20)]
-    outputs = enc.run_grouped(encoders, queries, keys)
-    assert [o.shape for o in outputs] == [(5, 2, 20), (4, 2, 20)]
-    sum(o.sum() for o in outputs).backward()
-    for e in encoders:
-        assert all(torch.isfinite(p.grad).all() for p in e.parameters())
-
-
-def test_can_group_refuses_mismatched_shapes_and_wasteful_padding():
-    a, b = TransformerEncoder(20, 5, 2), TransformerEncoder(20, 5, 3)
-    assert not enc.can_group([a, b], [5, 5], [5, 5])  # different depths
-    c = TransformerEncoder(20, 5, 2)
-    assert enc.can_group([a, c], [18, 16], [16, 18])
-    assert not enc.can_group([a, c], [18, 400], [400, 18])  # unaligned lengths
-
-
 def test_dropout_large_path_keeping_lanes_equals_small_path(monkeypatch):
     x = torch.randn(30, 40, requires_grad=True)
 
@@ -285,42 +246,18 @@ def test_last_step_equals_the_last_row_of_the_full_output(crossmodal):
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_grouped_last_step_with_different_lengths_equals_separate():
-    torch.manual_seed(0)
-    encoders = [TransformerEncoder(20, 5, 2, attn_mask=True).eval() for _ in range(3)]
-    queries = [torch.randn(t, 2, 20, requires_grad=True) for t in (6, 4, 5)]
-    grouped = enc.run_grouped(encoders, queries, last_step=True)
-    separate = [e(q)[-1] for e, q in zip(encoders, queries)]
-    params = [p for e in encoders for p in e.parameters()] + queries
-    for a, b in zip(grouped, separate):
-        assert a.shape == (2, 20) and torch.allclose(a, b, atol=1e-5)
-    grads = torch.autograd.grad(sum(o.square().sum() for o in grouped), params)
-    expected = torch.autograd.grad(sum(o.square().sum() for o in separate), params)
-    for a, b in zip(grads, expected):
-        assert torch.allclose(a, b, atol=1e-4)
-
-
-def test_grouped_training_runs_each_attention_dropout_on_its_own_encoders():
-    """Training with only attention dropout: an encoder whose probability is 0 must come out exactly
-    as in eval mode even when grouped with (and, sorted by probability, placed after) one that drops."""
-    torch.manual_seed(0)
-    encoders = [TransformerEncoder(20, 5, 2, attn_dropout=p, attn_mask=True) for p in (0.5, 0.0, 0.3)]
-    queries = [torch.randn(5, 3, 20) for _ in encoders]
-    keys = [torch.randn(6, 3, 20) for _ in encoders]
-    for e in encoders:
-        e.eval()
-    expected = [e(q, k, k) for e, q, k in zip(encoders, queries, keys)]
-    for e in encoders:
-        e.train()
-    outputs = enc.run_grouped(encoders, queries, keys)
-    assert torch.allclose(outputs[1], expected[1], atol=1e-5)  # no dropout anywhere in this one
-    assert not torch.allclose(outputs[0], expected[0], atol=1e-3)  # these drop attention weights
-    assert not torch.allclose(outputs[2], expected[2], atol=1e-3)
-    params = [p for e in encoders for p in e.parameters()]
-    grads = torch.autograd.grad(outputs[1].square().sum(), params, allow_unused=True)
-    reference = torch.autograd.grad(expected[1].square().sum(), params, allow_unused=True)
-    for a, b in zip(grads, reference):
-        if b is None:
-            assert a is None or torch.count_nonzero(a) == 0
-        else:
-            assert torch.allclose(a, b, atol=1e-4)
+def test_relu_dropout_unscaled_is_relu_then_dropout_without_the_rescale():
+    x = torch.randn(60, 40, requires_grad=True)
+    torch.manual_seed(4)
+    unscaled = enc.relu_dropout_unscaled(x, 0.25, training=True)
+    torch.manual_seed(4)
+    reference = dropout(torch.relu(x), 0.25, training=True)
+    assert torch.allclose(unscaled / 0.75, reference, atol=1e-6)
+    kept = (reference != 0).float()
+    assert 0.3 < kept.mean().item() < 0.45  # about half the units are positive, a quarter of those dropped
+    grad = torch.randn_like(unscaled)
+    (got,) = torch.autograd.grad(unscaled, x, grad)
+    assert torch.equal(got, grad * kept)
+    assert torch.equal(enc.relu_dropout_unscaled(x, 0.25, training=False), torch.relu(x))
+    assert enc._dropout_rescale(0.25, True) == pytest.approx(1 / 0.75)
+    assert enc._dropout_rescale(0.25, False) == 1.0 and enc._dropout_rescale(1.0, True) == 1.0

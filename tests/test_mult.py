@@ -82,21 +82,22 @@ def test_shapes_and_eval_determinism(dims, kernels, lengths, layers, attn_mask, 
 def test_structure_follows_the_spec():
     model = MulT(**tiny_config(layers=2))
     source_dropout = {"l": 0.2, "a": 0.1, "v": 0.05}
+    assert model.crossmodal.names == ("trans_l_with_a", "trans_l_with_v", "trans_a_with_l",
+                                      "trans_a_with_v", "trans_v_with_l", "trans_v_with_a")
+    assert model.crossmodal.depth == 2 and model.crossmodal.embed_dim == 20
     for target, source in [("l", "a"), ("l", "v"), ("a", "l"), ("a", "v"), ("v", "l"), ("v", "a")]:
-        encoder = getattr(model, f"trans_{target}_with_{source}")
-        assert len(encoder.layers) == 2
-        assert encoder.layers[0].self_attn.attn_dropout == source_dropout[source]
-    for m in "lav":
-        memory = getattr(model, f"trans_{m}_mem")
-        assert len(memory.layers) == 3  # max(layers, 3)
-        assert memory.embed_dim == 40 and memory.layers[0].self_attn.attn_dropout == 0.2
+        assert model.crossmodal.attn_dropout(f"trans_{target}_with_{source}") == source_dropout[source]
+    assert model.memory.names == ("trans_l_mem", "trans_a_mem", "trans_v_mem")
+    assert model.memory.depth == 3  # max(layers, 3)
+    assert model.memory.embed_dim == 40
+    assert all(model.memory.attn_dropout(f"trans_{m}_mem") == 0.2 for m in "lav")
     assert model.proj_l.bias is None and model.proj_a.kernel_size == (5,)
 
 
 def test_num_heads_is_ten_unless_configured_heads_are_asked_for():
-    assert MulT(**tiny_config(num_heads=4)).trans_l_with_a.layers[0].self_attn.num_heads == 10
+    assert MulT(**tiny_config(num_heads=4)).crossmodal.num_heads == 10
     honoured = MulT(**tiny_config(num_heads=4), use_configured_heads=True)
-    assert honoured.trans_l_with_a.layers[0].self_attn.num_heads == 4
+    assert honoured.crossmodal.num_heads == 4 and honoured.memory.num_heads == 4
 
 
 def test_train_mode_dropout_changes_output_and_gradients_reach_every_parameter():
@@ -152,13 +153,13 @@ def test_grouped_and_separate_encoders_agree_in_values_and_gradients():
 
 
 def test_aligned_lengths_use_the_grouped_path(monkeypatch):
-    import src.models.encoder as encoder_module
+    import src.models.encoder_stack as stack_module
 
     calls = []
-    original = encoder_module.run_grouped
-    monkeypatch.setattr(encoder_module, "run_grouped", lambda *a, **k: calls.append(len(a[0])) or original(*a, **k))
+    original = stack_module._run
+    monkeypatch.setattr(stack_module, "_run", lambda *a, **k: calls.append(len(a[3])) or original(*a, **k))
     MulT(**tiny_config()).eval()(*inputs(2, (10, 10, 10), (300, 74, 35)))
     assert calls == [6, 3]
     calls.clear()
-    MulT(**tiny_config()).eval()(*inputs(2, (8, 60, 80), (300, 74, 35)))  # unaligned: separate
-    assert calls == []
+    MulT(**tiny_config()).eval()(*inputs(2, (8, 60, 80), (300, 74, 35)))  # unaligned: each alone
+    assert calls == [1] * 9

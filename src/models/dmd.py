@@ -40,7 +40,8 @@ from torch import nn
 
 from src.errors import ConfigError
 from src.losses import target_kind, task_loss
-from src.models.encoder import TransformerEncoder, dropout, run_encoders
+from src.models.encoder import dropout
+from src.models.encoder_stack import EncoderStack, register_member_names
 from src.models.mult import add_crossmodal_encoders, crossmodal_memories
 
 # DMD's modality order for its branches, graphs and concatenations.
@@ -265,17 +266,18 @@ class DMD(nn.Module):
         self.homo_heads = nn.ModuleDict({m: HomogeneousHead(d_model, self.conv_lens[m], output_dim, out_dropout)
                                          for m in ORDER})
 
-        def encoder(embed_dim, attn_dropout_here, depth):
-            return TransformerEncoder(embed_dim, num_heads, depth, attn_dropout=attn_dropout_here,
-                                      relu_dropout=relu_dropout, res_dropout=res_dropout,
-                                      embed_dropout=embed_dropout, attn_mask=attn_mask)
-
+        shared = dict(relu_dropout=relu_dropout, res_dropout=res_dropout, embed_dropout=embed_dropout,
+                      attn_mask=attn_mask)
         own_attn_dropout = {"l": attn_dropout, "a": attn_dropout_a, "v": attn_dropout_v}
-        self.common_encoders = nn.ModuleDict({m: encoder(d_model, own_attn_dropout[m], nlevels) for m in ORDER})
+        # One self-attention encoder per modality, saved as `common_encoders.<m>.layers...`.
+        self.common_encoders = EncoderStack([f"common_encoders.{m}" for m in ORDER], d_model, num_heads, nlevels,
+                                            [own_attn_dropout[m] for m in ORDER], **shared)
+        register_member_names(self)
         self.common_head = ResidualHead(3 * d_model, output_dim, out_dropout)
 
         # Heterogeneous branch: MulT's structure (and names); crossmodal attention dropout follows the source.
-        add_crossmodal_encoders(self, encoder, d_model, nlevels, attn_dropout, attn_dropout_a, attn_dropout_v)
+        add_crossmodal_encoders(self, d_model, num_heads, nlevels, attn_dropout, attn_dropout_a, attn_dropout_v,
+                                **shared)
         self.hetero_heads = nn.ModuleDict({m: ResidualHead(2 * d_model, output_dim, out_dropout) for m in ORDER})
 
         self.gates = nn.ModuleDict({m: nn.Linear(2 * d_model, 2 * d_model) for m in ORDER})
@@ -312,8 +314,7 @@ class DMD(nn.Module):
 
         # Common fusion: self-attention over each c_m, last time step, concatenated l, v, a.
         common_seq = [common[m].permute(2, 0, 1) for m in ORDER]
-        attended = run_encoders([self.common_encoders[m] for m in ORDER], common_seq, group=self.group_encoders,
-                                last_step=True)
+        attended = self.common_encoders(common_seq, group=self.group_encoders, last_step=True)
         common_fused = torch.cat(attended, dim=1)  # c_f (B, 3d)
         logits_c, _ = self.common_head(common_fused)
 

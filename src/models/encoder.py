@@ -15,9 +15,10 @@ Numerically it is the reference encoder (SPEC §2); structurally it is rebuilt f
   unfused math path, keeping several (B, H, T_q, T_k) tensors for backward — runs through a function
   with a hand-written backward that, for long sequences, keeps only the random bits of its dropout
   mask and recomputes the softmax chunk by chunk;
-- encoders of one shape (MulT's six crossmodal ones, its three memory ones) can run as one batched
-  computation (`run_encoders`), and when only the last time step is read (`last_step`), the last
-  layer computes only that query row.
+- when only the last time step is read (`last_step`), the last layer computes only that query row.
+
+Groups of same-shaped encoders (MulT's six crossmodal ones, its three memory ones) are held and run
+as one stacked computation by `src/models/encoder_stack.py`, built on the pieces here.
 
 Tensors are sequence-first (T, B, E) as in the reference, so reference state_dicts load unchanged.
 """
@@ -155,6 +156,44 @@ def add_dropout(x: torch.Tensor, branch: torch.Tensor, p: float, training: bool)
         return x + dropout(branch, p, training)
     keep = _keep_mask(_random_lanes(branch.shape, branch.device), p).to(branch.dtype)
     return torch.addcmul(x, branch, keep, value=1.0 / (1.0 - p))
+
+
+def _dropout_rescale(p: float, training: bool) -> float:
+    """The 1/(1-p) by which dropout scales what it keeps (1 when nothing is kept or dropped)."""
+    return 1.0 / (1.0 - p) if training and 0.0 < p < 1.0 else 1.0
+
+
+class _ReluKeep(torch.autograd.Function):
+    """relu(x) ∘ keep, keep a 0/1 mask: saves only its output, which the next Linear keeps anyway.
+
+    Where the output is positive, x was positive and kept, so the gradient passes exactly there.
+    """
+
+    @staticmethod
+    def forward(ctx, x, keep):
+        out = torch.relu(x).mul_(keep)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad, out, 0.0), None
+
+
+def relu_dropout_unscaled(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`dropout(relu(x))` without the rescale: the caller multiplies the next Linear's weight by
+    `_dropout_rescale(p, training)` instead, (h∘s)·W = h·(s·W), which touches the small weight and
+    not the large hidden activations. In training this keeps one activation tensor for backward
+    where relu plus dropout keep three.
+    """
+    if not training or p == 0.0:
+        return F.relu(x)
+    if x.device.type == "cpu":
+        keep = _keep_mask(_random_lanes(x.shape, x.device), p).to(x.dtype)
+    else:
+        keep = torch.empty_like(x).bernoulli_(1.0 - min(p, 1.0))
+    return _ReluKeep.apply(x, keep)
 
 
 # --- attention with dropout on CPU ----------------------------------------------------------------
@@ -435,262 +474,3 @@ class TransformerEncoder(nn.Module):
         for name in _WEIGHTLESS_REFERENCE_BUFFERS:
             state_dict.pop(prefix + name, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-# --- several encoders of one shape run as one batched computation --------------------------------
-
-@lru_cache(maxsize=32)
-def _grouped_mask(query_lengths, key_lengths, batch, heads, attn_mask, device, dtype):
-    """(G·B·H, T, S) additive mask for grouped encoders padded to T = max T_g, S = max S_g.
-
-    Encoder g's padded keys (j >= S_g) are blocked for every query, and with `attn_mask` its own
-    shifted future mask (j > i + |S_g - T_g|) applies. Every row keeps key 0, so none is empty.
-    """
-    with torch.inference_mode(False):
-        t_max, s_max = max(query_lengths), max(key_lengths)
-        rows = torch.arange(t_max, device=device).view(1, t_max, 1)
-        cols = torch.arange(s_max, device=device).view(1, 1, s_max)
-        t_real = torch.tensor(query_lengths, device=device).view(-1, 1, 1)
-        s_real = torch.tensor(key_lengths, device=device).view(-1, 1, 1)
-        blocked = cols >= s_real
-        if attn_mask:
-            blocked = blocked | (cols > rows + (s_real - t_real).abs())
-        mask = torch.zeros(blocked.shape, device=device, dtype=dtype).masked_fill(blocked, float("-inf"))
-        groups = len(query_lengths)
-        return mask.unsqueeze(1).expand(groups, batch * heads, t_max, s_max).reshape(-1, t_max, s_max)
-
-
-def _pad_and_stack(sequences, length):
-    """List of (T_g, B, E) -> (G, B, length, E): batch-first, zero-padded at the end of time.
-
-    Batch-first lets the attention heads be split and merged as views (no copies) around SDPA.
-    """
-    return torch.stack([F.pad(x.transpose(0, 1), (0, 0, 0, length - x.shape[0])) for x in sequences])
-
-
-def _grouped_embed(x, encoder):
-    """The encoders' `_embed` on padded (G, B, T, E) inputs at once.
-
-    Padded steps are zero in every channel, so the zero-as-padding rule gives them no position
-    either: their embedding stays zero, as when each sequence is embedded and then padded.
-    """
-    table = _position_table(x.shape[2], x.shape[3], x.device, x.dtype)  # (T, E)
-    not_padding = (x[..., :1] != 0).to(x.dtype)  # (G, B, T, 1)
-    x = torch.addcmul(x * encoder.embed_scale, table, not_padding)
-    return dropout(x, encoder.embed_dropout, encoder.training)
-
-
-def _stack_layers(encoders, get) -> torch.Tensor:
-    """`get(layer)` of every layer of every encoder in one tensor, (depth, G, ...).
-
-    One stack for all depths (instead of one per depth) keeps a forward's operation count low; the
-    backward splits the gradient back onto each encoder's own parameter.
-    """
-    depth = len(encoders[0].layers)
-    stacked = torch.stack([get(encoder.layers[d]) for d in range(depth) for encoder in encoders])
-    return stacked.unflatten(0, (depth, len(encoders)))
-
-
-def _fold_layer_norm(norm_weight, norm_bias, weight, bias):
-    """The affine part of a LayerNorm folded into the Linear it feeds, for stacked (depth, G) weights.
-
-    (x̂∘γ + β)·W + b = x̂·(γ∘W) + (β·W + b), with W (..., in, out) in input-major layout: the
-    normalised activations then need no extra elementwise pass forward or backward, only the
-    (small) weights do.
-    """
-    folded_bias = bias + (norm_bias.unsqueeze(-2) @ weight).squeeze(-2)
-    return weight * norm_weight.unsqueeze(-1), folded_bias
-
-
-def _grouped_layer_norm(x, weight, bias, eps):
-    """LayerNorm with one (weight, bias) per encoder: weight/bias (G, E), x (G, B, T, E)."""
-    shape = (weight.shape[0], 1, 1, weight.shape[-1])
-    return torch.addcmul(bias.view(shape), F.layer_norm(x, x.shape[-1:], eps=eps), weight.view(shape))
-
-
-def _grouped_linear(x, weight, bias):
-    """x (G, B, T, in) through G Linear maps at once: weight (G, in, out), bias (G, out)."""
-    out = torch.baddbmm(bias.unsqueeze(1), x.reshape(x.shape[0], -1, x.shape[-1]), weight)
-    return out.view(*x.shape[:-1], -1)
-
-
-def can_group(encoders, query_lengths, key_lengths, max_padding=0.25) -> bool:
-    """Whether running `encoders` as one batch is exact and not wasteful.
-
-    Exact when they share width, heads, depth, mask flag and the per-token dropouts (attention
-    dropout may differ); worthwhile when padding every sequence to the longest adds at most
-    `max_padding` to the attention and feed-forward work.
-    """
-    first = encoders[0]
-    same_shape = all(
-        e.embed_dim == first.embed_dim and len(e.layers) == len(first.layers) and e.attn_mask == first.attn_mask
-        and e.embed_dropout == first.embed_dropout
-        and e.layers[0].self_attn.num_heads == first.layers[0].self_attn.num_heads
-        and e.layers[0].relu_dropout == first.layers[0].relu_dropout
-        and e.layers[0].res_dropout == first.layers[0].res_dropout
-        for e in encoders
-    )
-    t_max, s_max = max(query_lengths), max(key_lengths)
-    real = sum(t * s + t for t, s in zip(query_lengths, key_lengths))
-    padded = len(encoders) * (t_max * s_max + t_max)
-    return same_shape and padded <= (1 + max_padding) * real
-
-
-def run_grouped(encoders, queries, keys=None, last_step: bool = False):
-    """Equivalent to `[enc(x, k, k, last_step) for enc, x, k in zip(encoders, queries, keys)]` (or
-    self-attention when `keys` is None), computed as one batch over the encoders.
-
-    Small sequences leave a CPU step dominated by per-operation overhead, not arithmetic; stacking
-    G encoders' weights and padding their sequences to a common length turns G·(ops per layer) into
-    ops per layer. Padded keys are masked out and padded query rows dropped at the end, so every
-    real output equals the encoder's own (eval mode: to float rounding; training: the same
-    distribution). Check `can_group` first.
-    """
-    attn_ps = [enc.layers[0].self_attn.attn_dropout for enc in encoders]
-    on_cpu = queries[0].device.type == "cpu"
-    if encoders[0].training and len(set(attn_ps)) > 1 and not on_cpu:
-        # SDPA takes one dropout probability; only the CPU path handles one per encoder
-        return [enc(q, k, k, last_step=last_step) if keys is not None else enc(q, last_step=last_step)
-                for enc, q, k in zip(encoders, queries, keys or queries)]
-    # Encoders in order of attention dropout: each probability's rows are then one contiguous slice.
-    order = sorted(range(len(encoders)), key=attn_ps.__getitem__)
-    outputs = _run_sorted([encoders[g] for g in order], [queries[g] for g in order],
-                          None if keys is None else [keys[g] for g in order], last_step)
-    result = [None] * len(encoders)
-    for position, g in enumerate(order):
-        result[g] = outputs[position]
-    return result
-
-
-def _run_sorted(encoders, queries, keys, last_step):
-    groups = len(encoders)
-    first = encoders[0]
-    training = first.training
-    crossmodal = keys is not None
-    query_lengths = tuple(x.shape[0] for x in queries)
-    key_lengths = tuple(k.shape[0] for k in keys) if crossmodal else query_lengths
-    t_max, s_max = max(query_lengths), max(key_lengths)
-    batch, embed_dim = queries[0].shape[1], first.embed_dim
-    heads = first.layers[0].self_attn.num_heads
-    head_dim = embed_dim // heads
-    eps = first.layer_norm.eps
-
-    x = _grouped_embed(_pad_and_stack(queries, t_max), first)
-    if crossmodal:
-        raw_keys = _pad_and_stack(keys, s_max)
-        kv = _grouped_embed(raw_keys, first)
-        # the reference embeds key and value separately: under embedding dropout they differ
-        separate_value = training and first.embed_dropout > 0
-        value = _grouped_embed(raw_keys, first) if separate_value else kv
-
-    mask = _grouped_mask(query_lengths, key_lengths, batch, heads, first.attn_mask, x.device, x.dtype)
-    mask = mask.to(x.dtype)
-    # Training on a CPU: the attention runs through `_DropoutAttention`, once per distinct dropout
-    # probability over that probability's (contiguous) encoders.
-    attention_runs = []
-    if training and x.device.type == "cpu":
-        attn_ps = [enc.layers[0].self_attn.attn_dropout for enc in encoders]
-        for p in sorted(set(attn_ps)):
-            rows = [g for g, q in enumerate(attn_ps) if q == p]
-            attention_runs.append((p, rows[0] * batch, (rows[-1] + 1) * batch))
-
-    def stacked(get, linear_weight=False):  # linear weights in input-major (in, out) layout
-        tensor = _stack_layers(encoders, get)
-        return tensor.transpose(-1, -2) if linear_weight else tensor
-
-    # Both pre-LayerNorms feed a Linear (LN0 the in-projection, LN1 fc1), so their affine parts
-    # are folded into those weights and the activations are only normalised.
-    in_w, in_b = _fold_layer_norm(stacked(lambda layer: layer.layer_norms[0].weight),
-                                  stacked(lambda layer: layer.layer_norms[0].bias),
-                                  stacked(lambda layer: layer.self_attn.in_proj_weight, True),
-                                  stacked(lambda layer: layer.self_attn.in_proj_bias))
-    fc1_w, fc1_b = _fold_layer_norm(stacked(lambda layer: layer.layer_norms[1].weight),
-                                    stacked(lambda layer: layer.layer_norms[1].bias),
-                                    stacked(lambda layer: layer.fc1.weight, True),
-                                    stacked(lambda layer: layer.fc1.bias))
-    in_w, in_b, fc1_w, fc1_b = in_w.unbind(0), in_b.unbind(0), fc1_w.unbind(0), fc1_b.unbind(0)
-    out_w = stacked(lambda layer: layer.self_attn.out_proj.weight, True).unbind(0)
-    out_b = stacked(lambda layer: layer.self_attn.out_proj.bias).unbind(0)
-    fc2_w = stacked(lambda layer: layer.fc2.weight, True).unbind(0)
-    fc2_b = stacked(lambda layer: layer.fc2.bias).unbind(0)
-
-    def normalize(t):
-        return F.layer_norm(t, t.shape[-1:], eps=eps)
-
-    res_p, relu_p = first.layers[0].res_dropout, first.layers[0].relu_dropout
-    scale = head_dim ** -0.5
-
-    def split_heads(t):  # (G, B, L, E) -> (G·B, H, L, head_dim), a view
-        return t.view(groups * batch, t.shape[2], heads, head_dim).transpose(1, 2)
-
-    if last_step:  # each encoder's last real query step, and its mask row
-        group_index = torch.arange(groups, device=x.device)
-        last_index = torch.tensor([length - 1 for length in query_lengths], device=x.device)
-        last_mask = mask.view(groups, batch * heads, t_max, s_max)[group_index, :, last_index]
-        last_mask = last_mask.reshape(groups * batch * heads, 1, s_max)
-
-    depth_count = len(first.layers)
-    for depth in range(depth_count):
-        w, b = in_w[depth], in_b[depth]  # (G, E, 3E), (G, 3E): query, key, value columns
-        if last_step and depth == depth_count - 1:
-            # Only the last step is read: its query row alone, against every key of this layer.
-            query, layer_mask = x[group_index, :, last_index].unsqueeze(2), last_mask
-        else:
-            query, layer_mask = x, mask
-        t_q = query.shape[2]
-        q_in = normalize(query)
-        if crossmodal or query is not x:
-            k_source, v_source = (kv, value) if crossmodal else (x, x)
-            k_in = normalize(k_source)
-            q = _grouped_linear(q_in, w[..., :embed_dim], b[:, :embed_dim])
-            if v_source is k_source:
-                k, v = _grouped_linear(k_in, w[..., embed_dim:], b[:, embed_dim:]).chunk(2, dim=-1)
-            else:
-                v_in = normalize(v_source)
-                k = _grouped_linear(k_in, w[..., embed_dim:2 * embed_dim], b[:, embed_dim:2 * embed_dim])
-                v = _grouped_linear(v_in, w[..., 2 * embed_dim:], b[:, 2 * embed_dim:])
-        else:
-            q, k, v = _grouped_linear(q_in, w, b).chunk(3, dim=-1)
-        q, k, v = split_heads(q), split_heads(k), split_heads(v)
-        if attention_runs:
-            parts = []
-            for p, start, stop in attention_runs:
-                part = _DropoutAttention.apply(
-                    q[start:stop].reshape(-1, t_q, head_dim), k[start:stop].reshape(-1, s_max, head_dim),
-                    v[start:stop].reshape(-1, s_max, head_dim), layer_mask[start * heads:stop * heads], p, scale)
-                parts.append(part)
-            attended = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(groups * batch, heads, t_q, head_dim)
-        else:
-            attended = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=layer_mask.view(groups * batch, heads, t_q, s_max),
-                dropout_p=first.layers[0].self_attn.attn_dropout if training else 0.0,  # equal across the group here
-            )
-        attended = attended.transpose(1, 2).reshape(groups, batch, t_q, embed_dim)
-        x = add_dropout(query, _grouped_linear(attended, out_w[depth], out_b[depth]), res_p, training)
-
-        hidden = normalize(x)
-        hidden = dropout(F.relu(_grouped_linear(hidden, fc1_w[depth], fc1_b[depth])), relu_p, training)
-        x = add_dropout(x, _grouped_linear(hidden, fc2_w[depth], fc2_b[depth]), res_p, training)
-
-    final_w = torch.stack([enc.layer_norm.weight for enc in encoders])
-    final_b = torch.stack([enc.layer_norm.bias for enc in encoders])
-    x = _grouped_layer_norm(x, final_w, final_b, eps)
-    if last_step:
-        return list(x[:, :, -1].unbind(0))
-    return [x[g, :, :length].transpose(0, 1) for g, length in enumerate(query_lengths)]
-
-
-def run_encoders(encoders, queries, keys=None, group: bool = True, last_step: bool = False):
-    """Apply each encoder to its query (and key/value) sequence; `last_step` as in `TransformerEncoder`.
-
-    With similar lengths (aligned data) the encoders run as one batched computation, which on
-    small inputs is several times fewer operations; with very different lengths (unaligned data)
-    padding would cost more than it saves, so each runs on its own.
-    """
-    query_lengths = [q.shape[0] for q in queries]
-    key_lengths = query_lengths if keys is None else [k.shape[0] for k in keys]
-    if group and can_group(encoders, query_lengths, key_lengths):
-        return run_grouped(encoders, queries, keys, last_step)
-    if keys is None:
-        return [encoder(q, last_step=last_step) for encoder, q in zip(encoders, queries)]
-    return [encoder(q, k, k, last_step=last_step) for encoder, q, k in zip(encoders, queries, keys)]

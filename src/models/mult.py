@@ -7,13 +7,15 @@ text/audio/vision (B, L_m, d_m)
   -> last time step of each memory encoder, concatenated l, a, v   = last_hs (B, 6·d_model)
   -> residual head proj1/proj2 -> out_layer                         = logits (B, output_dim)
 
-Parameter names are the reference's, so its state_dicts load with `load_state_dict` (strict).
+state_dict keys are the reference's, so its state_dicts load with `load_state_dict` (strict). The
+encoders' weights are held stacked, per group of same-shaped encoders (src/models/encoder_stack.py).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.encoder import TransformerEncoder, dropout, run_encoders
+from src.models.encoder import dropout
+from src.models.encoder_stack import EncoderStack, register_member_names
 
 # The reference builds every encoder with 10 heads whatever its config says.
 REFERENCE_NUM_HEADS = 10
@@ -25,19 +27,21 @@ CROSSMODAL_NAMES = ("trans_l_with_a", "trans_l_with_v", "trans_a_with_l",
 MEMORY_NAMES = ("trans_l_mem", "trans_a_mem", "trans_v_mem")
 
 
-def add_crossmodal_encoders(module: nn.Module, make_encoder, d_model: int, layers: int,
-                            attn_dropout: float, attn_dropout_a: float, attn_dropout_v: float) -> None:
-    """Register the six crossmodal encoders (`layers` deep) and three memory encoders (width 2·d_model,
-    max(layers, 3) deep) on `module`. `make_encoder(embed_dim, attn_dropout, depth)` builds one.
+def add_crossmodal_encoders(module: nn.Module, d_model: int, num_heads: int, layers: int, attn_dropout: float,
+                            attn_dropout_a: float, attn_dropout_v: float, **shared) -> None:
+    """Give `module` the six crossmodal encoders (`layers` deep) as the stack `module.crossmodal`,
+    and the three memory encoders (width 2·d_model, max(layers, 3) deep) as `module.memory`.
+    `shared` holds the other `EncoderStack` options (relu/res/embed dropout, attn_mask).
 
     Crossmodal attention dropout follows the *source* modality (l <- a uses the audio dropout);
-    memory encoders use `attn_dropout`.
+    memory encoders use `attn_dropout`. state_dicts name every encoder as the reference does.
     """
     by_source = {"l": attn_dropout, "a": attn_dropout_a, "v": attn_dropout_v}
-    for name in CROSSMODAL_NAMES:
-        module.add_module(name, make_encoder(d_model, by_source[name[-1]], layers))
-    for name in MEMORY_NAMES:
-        module.add_module(name, make_encoder(2 * d_model, attn_dropout, max(layers, 3)))
+    module.crossmodal = EncoderStack(CROSSMODAL_NAMES, d_model, num_heads, layers,
+                                     [by_source[name[-1]] for name in CROSSMODAL_NAMES], **shared)
+    module.memory = EncoderStack(MEMORY_NAMES, 2 * d_model, num_heads, max(layers, 3),
+                                 [attn_dropout] * len(MEMORY_NAMES), **shared)
+    register_member_names(module)
 
 
 def crossmodal_memories(module: nn.Module, x_l, x_a, x_v, group: bool = True):
@@ -47,12 +51,10 @@ def crossmodal_memories(module: nn.Module, x_l, x_a, x_v, group: bool = True):
     Each target attends to the two other modalities; its two crossmodal outputs are concatenated
     and read by its memory encoder.
     """
-    crossmodal = [getattr(module, name) for name in CROSSMODAL_NAMES]
-    l_a, l_v, a_l, a_v, v_l, v_a = run_encoders(crossmodal, [x_l, x_l, x_a, x_a, x_v, x_v],
-                                                [x_a, x_v, x_l, x_v, x_l, x_a], group)
-    memories = [getattr(module, name) for name in MEMORY_NAMES]
-    return run_encoders(memories, [torch.cat([l_a, l_v], dim=2), torch.cat([a_l, a_v], dim=2),
-                                   torch.cat([v_l, v_a], dim=2)], group=group, last_step=True)
+    l_a, l_v, a_l, a_v, v_l, v_a = module.crossmodal([x_l, x_l, x_a, x_a, x_v, x_v],
+                                                     [x_a, x_v, x_l, x_v, x_l, x_a], group=group)
+    return module.memory([torch.cat([l_a, l_v], dim=2), torch.cat([a_l, a_v], dim=2),
+                          torch.cat([v_l, v_a], dim=2)], group=group, last_step=True)
 
 
 class MulT(nn.Module):
@@ -60,8 +62,9 @@ class MulT(nn.Module):
 
     `num_heads` is accepted for config compatibility but, as in the reference, ignored (10 heads)
     unless `use_configured_heads=True`. `seq_lens` is accepted and ignored (the backbone contract):
-    MulT works at any length. `group_encoders` runs encoders of one shape as a single batched
-    computation when their lengths are similar (same results; a speed option).
+    MulT works at any length. The encoders live in two `EncoderStack`s (`crossmodal`, `memory`);
+    `group_encoders` runs each stack as a single batched computation when its members' lengths are
+    similar (same results; a speed option).
     """
 
     def __init__(self, orig_dims, kernel_sizes=(3, 5, 3), d_model=40, num_heads=10, layers=5,
@@ -81,12 +84,9 @@ class MulT(nn.Module):
         self.proj_a = nn.Conv1d(d_audio, d_model, kernel_size=k_audio, padding=0, bias=False)
         self.proj_v = nn.Conv1d(d_vision, d_model, kernel_size=k_vision, padding=0, bias=False)
 
-        def encoder(embed_dim, attn_dropout_for_source, depth):
-            return TransformerEncoder(embed_dim, heads, depth, attn_dropout=attn_dropout_for_source,
-                                      relu_dropout=relu_dropout, res_dropout=res_dropout,
-                                      embed_dropout=embed_dropout, attn_mask=attn_mask)
-
-        add_crossmodal_encoders(self, encoder, d_model, layers, attn_dropout, attn_dropout_a, attn_dropout_v)
+        add_crossmodal_encoders(self, d_model, heads, layers, attn_dropout, attn_dropout_a, attn_dropout_v,
+                                relu_dropout=relu_dropout, res_dropout=res_dropout, embed_dropout=embed_dropout,
+                                attn_mask=attn_mask)
 
         combined_dim = 6 * d_model
         self.proj1 = nn.Linear(combined_dim, combined_dim)
