@@ -325,3 +325,16 @@ def test_demo_trains_both_models_and_compares_them(tmp_path):
         assert (tmp_path / "runs" / "iemocap" / name / "seed1" / "best_acc.pt").is_file()
     assert "drop std" in result.stdout and "Shapley contribution" in result.stdout
     assert "MulT alone" in result.stdout.splitlines()[-1] and "debiased (tie)" in result.stdout.splitlines()[-1]
+
+
+def test_optimizer_state_of_another_parameter_layout_is_a_clear_error(tmp_path):
+    from src.errors import CheckpointError
+    from src.train.checkpoint import load_optimizer_state
+
+    old_layout = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)]
+    new_layout = [torch.nn.Parameter(torch.zeros(9))]
+    saved = torch.optim.Adam(old_layout).state_dict()
+    with pytest.raises(CheckpointError, match="last.pt holds optimizer state for another parameter layout"):
+        load_optimizer_state(torch.optim.Adam(new_layout), saved, tmp_path / "last.pt")
+    same = torch.optim.Adam([torch.nn.Parameter(torch.zeros(3)) for _ in range(3)])
+    load_optimizer_state(same, saved, tmp_path / "last.pt")  # the same layout loads

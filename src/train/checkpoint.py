@@ -120,6 +120,17 @@ def load_model_state(model: torch.nn.Module, state: dict, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {str(err).splitlines()[0]}") from None
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, path: Path) -> None:
+    """Adam's state for a resumed run. It is stored per parameter tensor, so a checkpoint written
+    with another parameter layout (an earlier version of a model) cannot continue the run."""
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {path} holds optimizer state for another parameter layout (written by "
+                              f"an earlier version of this model?), so the run cannot resume: {err}; its weights "
+                              f"still load for evaluation") from None
+
+
 def read_config_file(path: Path) -> dict:
     if not Path(path).is_file():
         raise CheckpointError(f"{path} not found: this directory does not hold a run of this tool")

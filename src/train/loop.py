@@ -68,7 +68,7 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
         last = ckpt_io.load_checkpoint(run_dir / ckpt_io.CHECKPOINT_NAMES["last"])
         ckpt_io.check_compatible(last, run_dir / "last.pt", signature, model_signature)
         ckpt_io.load_model_state(model, last["model"], run_dir / "last.pt")
-        optimizer.load_state_dict(last["optimizer"])
+        ckpt_io.load_optimizer_state(optimizer, last["optimizer"], run_dir / "last.pt")
         scheduler.load_state_dict(last["scheduler"])
         state = last["state"]
         ckpt_io.set_rng_state(last["rng"])
