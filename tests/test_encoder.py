@@ -261,3 +261,28 @@ def test_relu_dropout_unscaled_is_relu_then_dropout_without_the_rescale():
     assert torch.equal(enc.relu_dropout_unscaled(x, 0.25, training=False), torch.relu(x))
     assert enc._dropout_rescale(0.25, True) == pytest.approx(1 / 0.75)
     assert enc._dropout_rescale(0.25, False) == 1.0 and enc._dropout_rescale(1.0, True) == 1.0
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_attention_function_drops_only_within_its_runs(chunked, monkeypatch):
+    if chunked:
+        monkeypatch.setattr(enc, "_SCORE_BLOCK_ELEMENTS", 40)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(6, 5, 4, requires_grad=True) for _ in range(3))
+    plain = torch.softmax(q @ k.transpose(1, 2) * 0.5, -1) @ v
+    torch.manual_seed(1)
+    out = enc._DropoutAttention.apply(q, k, v, None, ((0.0, 0, 2), (0.6, 2, 4)), 0.5)
+    assert torch.allclose(out[:2], plain[:2], atol=1e-6) and torch.allclose(out[4:], plain[4:], atol=1e-6)
+    assert not torch.allclose(out[2:4], plain[2:4], atol=1e-3)
+    # the same rows with one probability for all of them draw the same mask
+    torch.manual_seed(1)
+    alone = enc._DropoutAttention.apply(q[2:4], k[2:4], v[2:4], None, 0.6, 0.5)
+    assert torch.allclose(out[2:4], alone, atol=1e-6)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want_plain = torch.autograd.grad(plain, (q, k, v), grad)
+    for a, b in zip(got, want_plain):  # rows outside the run get plain attention's gradients
+        assert torch.allclose(a[:2], b[:2], atol=1e-5) and torch.allclose(a[4:], b[4:], atol=1e-5)
+    want_alone = torch.autograd.grad(alone, (q, k, v), grad[2:4])
+    for a, b in zip(got, want_alone):
+        assert torch.allclose(a[2:4], b[2:4], atol=1e-5)

@@ -223,14 +223,37 @@ def _mask_rows(mask, start, stop):
     return mask[start:stop] if mask.dim() == 2 else mask[:, start:stop]
 
 
-class _DropoutAttention(torch.autograd.Function):
-    """softmax(q k^T · scale + mask) with dropout p on the weights, times v; (N, T, d) tensors.
+def _dropout_runs(p, rows: int):
+    """A dropout probability for all `rows` rows, or ((p, start, stop), ...) row runs -> the runs with p > 0."""
+    if isinstance(p, (int, float)):
+        return ((float(p), 0, rows),) if p > 0 else ()
+    return tuple((float(q), start, stop) for q, start, stop in p if q > 0)
 
-    `mask` is (T_q, T_k) or (N, T_q, T_k); p may be 0 (plain attention: on a CPU this function with
-    its hand-written backward trains faster than SDPA for MulT's small heads).
+
+def _drop_runs(weights, runs, keeps, in_place=False):
+    """`weights` (N, T, S) with each run's rows times its dropout multiplier; other rows unchanged."""
+    if not runs:
+        return weights
+    if not in_place:
+        if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == weights.shape[0]:
+            return weights * keeps[0]
+        weights = weights.clone()
+    for (_, start, stop), keep in zip(runs, keeps):
+        weights[start:stop].mul_(keep)
+    return weights
+
+
+class _DropoutAttention(torch.autograd.Function):
+    """softmax(q k^T · scale + mask) with dropout on the weights, times v; (N, T, d) tensors.
+
+    `mask` is (T_q, T_k) or (N, T_q, T_k). `p` is one dropout probability for every row, or
+    ((p, start, stop), ...) giving runs of rows their own (encoders of a stack differ in attention
+    dropout); rows outside every run, or with p = 0, are plain attention (on a CPU this function with
+    its hand-written backward trains faster than SDPA for MulT's small heads). Random lanes are drawn
+    per run, in order, only for runs that drop.
 
     Small problems keep the probabilities (and the dropped-out weights) for backward. Large ones
-    save only q, k, v, the output and the int16 random lanes of the dropout mask; the softmax is
+    save only q, k, v, the output and the int16 random lanes of the dropout masks; the softmax is
     then recomputed chunk by chunk in backward, so no float (N, T_q, T_k) tensor outlives a chunk.
     """
 
@@ -238,41 +261,38 @@ class _DropoutAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, p, scale):
         batch_heads, t_q, _ = q.shape
         t_k = k.shape[1]
-        lanes = _random_lanes((batch_heads, t_q, t_k), q.device) if p > 0 else None
-        ctx.scale, ctx.p = scale, p
+        runs = _dropout_runs(p, batch_heads)
+        lanes = [_random_lanes((stop - start, t_q, t_k), q.device) for _, start, stop in runs]
+        ctx.scale, ctx.runs = scale, runs
         ctx.kept_probs = batch_heads * t_q * t_k <= _SCORE_BLOCK_ELEMENTS
         if ctx.kept_probs:
             # Small enough to keep: backward then needn't recompute scores and softmax.
             probs = _attention_probs(q, k, mask, scale)
-            if lanes is None:
-                out = _times_values(probs.to(v.dtype), v)
-                ctx.save_for_backward(q, k, v, out, probs, None, probs)  # no dropout: the weights are probs
-                return out
-            keep = _keep_scale(lanes, p)
-            dropped = probs * keep
+            keeps = [_keep_scale(run_lanes, run[0]) for run_lanes, run in zip(lanes, runs)]
+            dropped = _drop_runs(probs, runs, keeps)  # probs itself when nothing drops
             out = _times_values(dropped.to(v.dtype), v)
-            ctx.save_for_backward(q, k, v, out, probs, keep, dropped)
+            ctx.save_for_backward(q, k, v, out, probs, dropped, *keeps)
             return out
         out = torch.empty_like(q)
         for start, stop in _query_chunks(batch_heads, t_q, t_k):
             probs = _attention_probs(q[:, start:stop], k, _mask_rows(mask, start, stop), scale)
-            if lanes is not None:
-                probs.mul_(_keep_scale(lanes[:, start:stop], p))
-            out[:, start:stop] = _times_values(probs.to(v.dtype), v)
-        ctx.save_for_backward(q, k, v, out, mask, lanes)
+            keeps = [_keep_scale(run_lanes[:, start:stop], run[0]) for run_lanes, run in zip(lanes, runs)]
+            out[:, start:stop] = _times_values(_drop_runs(probs, runs, keeps, in_place=True).to(v.dtype), v)
+        ctx.save_for_backward(q, k, v, out, mask, *lanes)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, *rest = ctx.saved_tensors
         grad_out = grad_out.contiguous()
+        runs = ctx.runs
         # Row sums of dP ∘ P equal those of dO ∘ O: the usual softmax-backward shortcut.
         row_dot = (grad_out.float() * out.float()).sum(-1, keepdim=True)
         if ctx.kept_probs:
-            probs, keep, dropped = rest
-            return (*_attention_grads(q, k, v, grad_out, row_dot, probs, keep, dropped, ctx.scale),
+            probs, dropped, *keeps = rest
+            return (*_attention_grads(q, k, v, grad_out, row_dot, probs, runs, keeps, dropped, ctx.scale),
                     None, None, None)
-        mask, lanes = rest
+        mask, *lanes = rest
         batch_heads, t_q, _ = q.shape
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
@@ -280,10 +300,10 @@ class _DropoutAttention(torch.autograd.Function):
         for start, stop in _query_chunks(batch_heads, t_q, k.shape[1]):
             rows = slice(start, stop)
             probs = _attention_probs(q[:, rows], k, _mask_rows(mask, start, stop), ctx.scale)
-            keep = None if lanes is None else _keep_scale(lanes[:, rows], ctx.p)
-            dropped = probs if keep is None else probs * keep
+            keeps = [_keep_scale(run_lanes[:, rows], run[0]) for run_lanes, run in zip(lanes, runs)]
+            dropped = _drop_runs(probs, runs, keeps)
             chunk_q, chunk_k, chunk_v = _attention_grads(q[:, rows], k, v, grad_out[:, rows], row_dot[:, rows],
-                                                         probs, keep, dropped, ctx.scale)
+                                                         probs, runs, keeps, dropped, ctx.scale)
             grad_q[:, rows] = chunk_q
             grad_k += chunk_k.float()
             grad_v += chunk_v.float()
@@ -300,15 +320,14 @@ def _times_values(weights, values):
     return torch.bmm(values.transpose(1, 2), weights.transpose(1, 2)).transpose(1, 2)
 
 
-def _attention_grads(q, k, v, grad_out, row_dot, probs, keep, dropped, scale):
-    """Gradients of q, k, v for one chunk of query rows; `dropped` = probs ∘ keep (probs when no dropout).
+def _attention_grads(q, k, v, grad_out, row_dot, probs, runs, keeps, dropped, scale):
+    """Gradients of q, k, v for one chunk of query rows; `dropped` = probs with each run's dropout
+    multiplier `keeps` applied (probs when nothing drops).
 
     The three products with a head-wide (d) output are computed transposed, as in `_times_values`.
     """
     grad_v = torch.bmm(grad_out.transpose(1, 2), dropped.to(v.dtype)).transpose(1, 2)
-    grad_scores = torch.bmm(grad_out, v.transpose(1, 2)).float()
-    if keep is not None:
-        grad_scores.mul_(keep)
+    grad_scores = _drop_runs(torch.bmm(grad_out, v.transpose(1, 2)).float(), runs, keeps, in_place=True)
     grad_scores = grad_scores.sub_(row_dot).mul_(probs).to(q.dtype)
     grad_q = _times_values(grad_scores, k).mul_(scale)
     grad_k = torch.bmm(q.transpose(1, 2), grad_scores).transpose(1, 2).mul_(scale)

@@ -247,10 +247,15 @@ def _attend(q, k, v, mask, runs, heads, on_cpu_training):
     """Attention over (G·B, H, T, d) q and (G·B, H, S, d) k, v; `mask` None, (T, S) or (G·B·H, T, S).
 
     Each run of rows has its own dropout probability. Training on a CPU uses `_DropoutAttention`
-    (a hand-written backward, faster than SDPA's math path for these small heads, and it handles
-    p = 0 too); elsewhere SDPA.
+    (a hand-written backward, faster than SDPA's math path for these small heads) once for all
+    runs; elsewhere SDPA, once per run.
     """
-    _, _, t_q, head_dim = q.shape
+    rows, _, t_q, head_dim = q.shape
+    if on_cpu_training:
+        return _DropoutAttention.apply(
+            q.reshape(-1, t_q, head_dim), k.reshape(-1, k.shape[2], head_dim), v.reshape(-1, v.shape[2], head_dim),
+            mask, tuple((p, start * heads, stop * heads) for p, start, stop in runs), head_dim ** -0.5,
+        ).view(rows, heads, t_q, head_dim)
     sizes = [stop - start for _, start, stop in runs]
     if len(runs) > 1:  # `split`, not slices: its backward is one cat, not a zero-filled tensor per slice
         q, k, v = q.split(sizes), k.split(sizes), v.split(sizes)
@@ -258,17 +263,10 @@ def _attend(q, k, v, mask, runs, heads, on_cpu_training):
         q, k, v = [q], [k], [v]
     parts = []
     for (p, start, stop), q_run, k_run, v_run in zip(runs, q, k, v):
-        run_mask = mask if mask is None or mask.dim() == 2 else mask[start * heads:stop * heads]
-        if on_cpu_training:
-            part = _DropoutAttention.apply(
-                q_run.reshape(-1, t_q, head_dim), k_run.reshape(-1, k_run.shape[2], head_dim),
-                v_run.reshape(-1, v_run.shape[2], head_dim), run_mask, p, head_dim ** -0.5,
-            ).view(stop - start, heads, t_q, head_dim)
-        else:
-            if run_mask is not None and run_mask.dim() == 3:
-                run_mask = run_mask.view(stop - start, heads, t_q, -1)
-            part = F.scaled_dot_product_attention(q_run, k_run, v_run, attn_mask=run_mask, dropout_p=p)
-        parts.append(part)
+        run_mask = mask
+        if mask is not None and mask.dim() == 3:
+            run_mask = mask[start * heads:stop * heads].view(stop - start, heads, t_q, -1)
+        parts.append(F.scaled_dot_product_attention(q_run, k_run, v_run, attn_mask=run_mask, dropout_p=p))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
