@@ -174,3 +174,21 @@ def test_sdpa_attention_runs_keep_each_rows_dropout():
     assert attended.shape == plain.shape
     assert torch.allclose(attended[:2], plain[:2], atol=1e-6)
     assert not torch.allclose(attended[2:], plain[2:], atol=1e-3)
+
+
+def test_cpu_training_takes_sdpa_for_long_attention_without_dropout(monkeypatch):
+    """Chunk-recomputing attention only pays when it drops; without dropout SDPA keeps less memory."""
+    from src.models import encoder
+
+    calls = []
+    original = encoder._DropoutAttention.apply
+    monkeypatch.setattr(stack_module._DropoutAttention, "apply", lambda *a: calls.append(1) or original(*a))
+    q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    small = stack_module._attend(q, k, v, None, [(0.0, 0, 2)], heads=2, on_cpu_training=True)
+    assert calls == [1] and torch.allclose(small, plain, atol=1e-6)
+    monkeypatch.setattr(encoder, "_SCORE_BLOCK_ELEMENTS", 10)  # every problem counts as long now
+    long = stack_module._attend(q, k, v, None, [(0.0, 0, 2)], heads=2, on_cpu_training=True)
+    assert calls == [1] and torch.allclose(long, plain, atol=1e-6)
+    stack_module._attend(q, k, v, None, [(0.0, 0, 1), (0.5, 1, 2)], heads=2, on_cpu_training=True)
+    assert calls == [1, 1]  # a run that drops goes through the attention function

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from src.models import encoder
 from src.models.encoder import (
     _WEIGHTLESS_REFERENCE_BUFFERS,
     TransformerEncoder,
@@ -251,7 +252,10 @@ def _attend(q, k, v, mask, runs, heads, on_cpu_training):
     runs; elsewhere SDPA, once per run.
     """
     rows, _, t_q, head_dim = q.shape
-    if on_cpu_training:
+    drops = any(p > 0 for p, _, _ in runs)
+    small = rows * heads * t_q * k.shape[2] <= encoder._SCORE_BLOCK_ELEMENTS
+    # Long sequences without dropout: SDPA's fused kernel keeps less memory than recomputing chunks.
+    if on_cpu_training and (drops or small):
         return _DropoutAttention.apply(
             q.reshape(-1, t_q, head_dim), k.reshape(-1, k.shape[2], head_dim), v.reshape(-1, v.shape[2], head_dim),
             mask, tuple((p, start * heads, stop * heads) for p, start, stop in runs), head_dim ** -0.5,
