@@ -69,20 +69,18 @@ class EncoderStack(nn.Module):
         if len(names) != len(attn_dropouts) or not names:
             raise ValueError(f"an encoder stack needs one attention dropout per member: {len(names)} names, "
                              f"{len(attn_dropouts)} dropouts")
+        self.embed_dim, self.num_heads, self.depth = embed_dim, num_heads, layers
+        self.relu_dropout, self.res_dropout = relu_dropout, res_dropout
+        self.embed_dropout, self.attn_mask = embed_dropout, attn_mask
         # Built as separate encoders, in `names` order, so the initial weights are exactly those of
         # separately built encoders: the same random draws in the same order.
-        members = [TransformerEncoder(embed_dim, num_heads, layers, attn_dropout=p, relu_dropout=relu_dropout,
-                                      res_dropout=res_dropout, embed_dropout=embed_dropout, attn_mask=attn_mask)
-                   for p in attn_dropouts]
+        members = [self._encoder(p) for p in attn_dropouts]
         # Stack order: by attention dropout (stable), so each probability's members form one
         # contiguous block that the attention can run on at once.
         self.names = tuple(names)
         self.order = tuple(sorted(range(len(names)), key=lambda g: attn_dropouts[g]))  # stack index -> member
         self.position = {self.names[g]: index for index, g in enumerate(self.order)}  # member -> stack index
         self.attn_dropouts = tuple(float(attn_dropouts[g]) for g in self.order)  # in stack order
-        self.embed_dim, self.num_heads, self.depth = embed_dim, members[0].layers[0].self_attn.num_heads, layers
-        self.relu_dropout, self.res_dropout = relu_dropout, res_dropout
-        self.embed_dropout, self.attn_mask = embed_dropout, attn_mask
         self.embed_scale = members[0].embed_scale
         self.eps = members[0].layer_norm.eps
         with torch.no_grad():
@@ -93,6 +91,11 @@ class EncoderStack(nn.Module):
             for stacked, inner in FINAL_PARAMETERS.items():
                 tensor = torch.stack([members[g].get_parameter(inner) for g in self.order])
                 self.register_parameter(stacked, nn.Parameter(tensor))
+
+    def _encoder(self, attn_dropout) -> TransformerEncoder:
+        return TransformerEncoder(self.embed_dim, self.num_heads, self.depth, attn_dropout=attn_dropout,
+                                  relu_dropout=self.relu_dropout, res_dropout=self.res_dropout,
+                                  embed_dropout=self.embed_dropout, attn_mask=self.attn_mask)
 
     def attn_dropout(self, name: str) -> float:
         return self.attn_dropouts[self.position[name]]
@@ -115,9 +118,7 @@ class EncoderStack(nn.Module):
 
     def member(self, name: str) -> TransformerEncoder:
         """A standalone `TransformerEncoder` holding a copy of member `name`'s weights."""
-        encoder = TransformerEncoder(self.embed_dim, self.num_heads, self.depth, attn_dropout=self.attn_dropout(name),
-                                     relu_dropout=self.relu_dropout, res_dropout=self.res_dropout,
-                                     embed_dropout=self.embed_dropout, attn_mask=self.attn_mask)
+        encoder = self._encoder(self.attn_dropout(name))
         state = {key[len(name) + 1:]: getattr(self, stacked)[index]
                  for stacked, index, key in self.member_entries() if key.startswith(name + ".")}
         encoder.load_state_dict(state)
