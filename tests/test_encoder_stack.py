@@ -192,3 +192,17 @@ def test_cpu_training_takes_sdpa_for_long_attention_without_dropout(monkeypatch)
     assert calls == [1] and torch.allclose(long, plain, atol=1e-6)
     stack_module._attend(q, k, v, None, [(0.0, 0, 1), (0.5, 1, 2)], heads=2, on_cpu_training=True)
     assert calls == [1, 1]  # a run that drops goes through the attention function
+
+
+def test_index_and_mask_caches_filled_in_inference_mode_still_train():
+    """The last-step indices and masks are cached per shape; made under inference_mode they must still
+    be usable by a later training step (an inference tensor cannot be saved for backward)."""
+    stack = make_stack(attn_dropouts=(0.1, 0.0, 0.0))
+    lengths = (7, 5, 6)  # unequal: the padded mask and per-member last steps are needed
+    with torch.inference_mode():
+        stack.eval()([torch.randn(t, 2, 20) for t in lengths], last_step=True)
+    assert stack_module._last_steps(lengths, torch.device("cpu")) is stack_module._last_steps(lengths, torch.device("cpu"))
+    assert stack_module._last_steps(lengths, torch.device("cpu"))[1].tolist() == [6, 4, 5]
+    outputs = stack.train()([torch.randn(t, 2, 20) for t in lengths], last_step=True)
+    sum(o.sum() for o in outputs).backward()
+    assert torch.isfinite(stack.in_proj_weight.grad).all()

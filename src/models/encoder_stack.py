@@ -187,6 +187,15 @@ def _padded_mask(query_lengths, key_lengths, batch, heads, attn_mask, device, dt
         return mask.unsqueeze(1).expand(groups, batch * heads, t_max, s_max).reshape(-1, t_max, s_max)
 
 
+@lru_cache(maxsize=32)
+def _last_steps(query_lengths, device):
+    """(member index, index of its last real step) tensors for picking each member's last query step;
+    cached, so no per-forward host-to-device copy."""
+    with torch.inference_mode(False):
+        return (torch.arange(len(query_lengths), device=device),
+                torch.tensor([length - 1 for length in query_lengths], device=device))
+
+
 def _attention_mask(query_lengths, key_lengths, batch, heads, attn_mask, device, dtype):
     """None, a (T, S) mask shared by every member and batch row (equal lengths: no padding), or a
     (G·B·H, T, S) one for padded members."""
@@ -340,8 +349,7 @@ def _run(stack, weights, indices, queries, keys, last_step):
         return t.view(groups * batch, t.shape[2], heads, head_dim).transpose(1, 2)
 
     if last_step:  # each member's last real query step, and its mask row
-        group_index = torch.arange(groups, device=x.device)
-        last_index = torch.tensor([length - 1 for length in query_lengths], device=x.device)
+        group_index, last_index = _last_steps(tuple(query_lengths), x.device)
         if mask is None or mask.dim() == 2:
             last_mask = None if mask is None else mask[-1:]
         else:
