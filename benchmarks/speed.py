@@ -140,8 +140,9 @@ def layout_batches(layout):
 
 def group_rows(group: str) -> list[dict]:
     if group == "reference":
-        # The rows compared with fixed reference figures: the same step varied by up to 15% from one
-        # process to the next on the 2-core machine, so each is measured in three processes.
+        # The rows compared with fixed reference figures: on the 2-core machine the same step runs at
+        # one of two speeds about 25% apart from one process to the next, so each is measured in three
+        # processes and the median one is reported.
         return [model_row("mult_iemocap_aligned", "iemocap_aligned", model="backbone", batch=32,
                           processes=REFERENCE_PROCESSES, warmup=3),
                 model_row("mult_iemocap_unaligned", "iemocap_unaligned", model="backbone", batch=8, eval_batch=8,
