@@ -1,4 +1,4 @@
-"""Shared test setup: tiny tensors, one thread, and the reference fixtures beside the checkout."""
+"""Shared test setup: tiny tensors, one thread, and the reference fixtures kept in tests/fixtures."""
 import os
 from pathlib import Path
 
@@ -8,16 +8,16 @@ import torch
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-# The reference fixtures live beside the checkout (../shared/fixtures); CAUSALMER_FIXTURES points
-# elsewhere, e.g. for a clone made in another folder.
-FIXTURES = Path(os.environ.get("CAUSALMER_FIXTURES") or REPO.parent / "shared" / "fixtures")
+# The reference fixtures (tensors the published implementations produced) are part of the repository;
+# CAUSALMER_FIXTURES may point at another copy.
+FIXTURES = Path(os.environ.get("CAUSALMER_FIXTURES") or REPO / "tests" / "fixtures")
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
-        pytest.fail(f"reference fixtures not found at {FIXTURES} (expected ../shared/fixtures beside the "
-                    "checkout, or a folder named by CAUSALMER_FIXTURES)")
+        pytest.fail(f"reference fixtures not found at {FIXTURES} (tests/fixtures in the repository, or the "
+                    "folder named by CAUSALMER_FIXTURES)")
     return FIXTURES
 
 
