@@ -19,11 +19,16 @@ import logging
 import sys
 from pathlib import Path
 
+from src.data.layout import DATASETS
 from src.errors import UserError
+from src.modalities import MODALITIES
+from src.models import BACKBONES
 
 log = logging.getLogger("causalmer")
-DATASET_CHOICES = ("iemocap", "mosei_senti", "mosi")
-MODEL_CHOICES = ("causalmer", "mult", "dmd", "pmr")
+# Choices come from the registries: a new dataset or backbone needs no edit here.
+DATASET_CHOICES = tuple(DATASETS)
+BACKBONE_CHOICES = tuple(BACKBONES)
+MODEL_CHOICES = ("causalmer", *BACKBONE_CHOICES)
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -38,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--unaligned", action="store_true", help="the unaligned layout (long audio/vision)")
     data.add_argument("--scale", type=float, default=0.1, help="fraction of the real number of samples")
     data.add_argument("--seed", type=int, default=0)
-    data.add_argument("--bias-modality", choices=("text", "audio", "vision"), default=None,
+    data.add_argument("--bias-modality", choices=MODALITIES, default=None,
                       help="plant a label shortcut in this modality (train/valid only)")
     data.add_argument("--bias-strength", type=float, default=0.0, help="0..1: how often the shortcut is right")
     data.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -55,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
         if name == "train":
             p.add_argument("--model", default="causalmer", choices=MODEL_CHOICES,
-                           help="causalmer (default), or a backbone trained alone: mult, dmd, pmr")
-            p.add_argument("--backbone", default=None, choices=("mult", "dmd", "pmr"),
+                           help=f"causalmer (default), or a backbone trained alone: {', '.join(BACKBONE_CHOICES)}")
+            p.add_argument("--backbone", default=None, choices=BACKBONE_CHOICES,
                            help="the backbone CausalMER wraps (default: the config's, mult)")
             p.add_argument("--config", default=None, help="a config file (default configs/<dataset>.yaml)")
             p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -86,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "summarise both as mean ± std")
     compare.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
     compare.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    compare.add_argument("--backbone", default="mult", choices=("mult", "dmd", "pmr"))
+    compare.add_argument("--backbone", default="mult", choices=BACKBONE_CHOICES)
     compare.add_argument("--name", default="compare", help="runs are <name>_<backbone> and <name>_causalmer_<backbone>")
     compare.add_argument("--runs-dir", default="checkpoints")
     compare.add_argument("--data-dir", default=None)

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import yaml
 
+from src.data.layout import DATASETS
 from src.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-DATASETS = ("iemocap", "mosei_senti", "mosi")
-TASKS = {"iemocap": ("binary",), "mosei_senti": ("cls", "regression"), "mosi": ("cls", "regression")}
 MODEL_NAMES = ("causalmer", "backbone")
 
 # Every key a config may hold, with the type(s) its value may take. `dict` leaves are free-form
@@ -143,8 +142,9 @@ def validate(cfg: dict) -> dict:
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset '{dataset}'; valid datasets: {', '.join(DATASETS)}")
     task = cfg["data"]["task"]
-    if task not in TASKS[dataset]:
-        raise ConfigError(f"data.task '{task}' is not valid for {dataset}; valid tasks: {', '.join(TASKS[dataset])}")
+    tasks = DATASETS[dataset].tasks
+    if task not in tasks:
+        raise ConfigError(f"data.task '{task}' is not valid for {dataset}; valid tasks: {', '.join(tasks)}")
     if cfg["model"]["name"] not in MODEL_NAMES:
         raise ConfigError(f"model.name '{cfg['model']['name']}' is unknown; valid: {', '.join(MODEL_NAMES)}")
     from src.models import BACKBONES, BRANCHES  # registries; importing them is cheap (lazy entries)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from src.errors import UserError
+from src.modalities import MODALITIES
 from src.train import checkpoint as ckpt_io
 from src.train import distributed
 from src.train.config import model_signature
@@ -86,7 +87,7 @@ def analyze_run(run_dir: Path, checkpoint: str, split: str, ctx, data_dir: str |
     key, higher_is_better = metrics.headline(dataset.task)
     subsets = subset_scores(model, dataset, batch_size, ctx)[prediction]
     shapley = shapley_values(subsets)
-    full = subsets[frozenset(("text", "audio", "vision"))]
+    full = subsets[frozenset(MODALITIES)]
     result = {"run": str(run_dir), "model": cfg["model"]["name"], "backbone": cfg["model"]["backbone"],
               "prediction": prediction, "metric": key, "split": split,
               "subset_scores": {"+".join(sorted(s)) or "none": v for s, v in subsets.items()},
