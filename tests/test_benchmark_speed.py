@@ -32,6 +32,7 @@ def positive(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_machine_info_and_groups(results):
     machine = results["machine"]
     for key in ("cpu_count", "threads", "torch", "platform", "loadavg_start"):
@@ -44,6 +45,7 @@ def test_machine_info_and_groups(results):
         assert group["rows"]
 
 
+@pytest.mark.slow
 def test_model_rows_cover_every_layout_and_kind(results):
     layouts = results["groups"]["layouts"]["rows"]
     for layout in LAYOUTS:
@@ -56,6 +58,7 @@ def test_model_rows_cover_every_layout_and_kind(results):
     assert len(results["groups"]["pmr"]["rows"]) == 4
 
 
+@pytest.mark.slow
 def test_model_numbers_are_finite_and_positive(results):
     for name in ("reference", "layouts", "published", "pmr", "dmd"):
         for row_name, row in results["groups"][name]["rows"].items():
@@ -66,6 +69,7 @@ def test_model_numbers_are_finite_and_positive(results):
             assert row["train_repeats"] >= 1 and row["eval_repeats"] >= 1
 
 
+@pytest.mark.slow
 def test_data_path_numbers(results):
     data = results["groups"]["data"]["rows"]
     assert data["deleted"] is True
@@ -79,6 +83,7 @@ def test_data_path_numbers(results):
     assert positive(summary["train_peak_ratio_large_over_small"])
 
 
+@pytest.mark.slow
 def test_summary_compares_published_and_default(results):
     entry = results["summary"]["published_vs_default"]
     assert positive(entry["speedup_vs_published_measured"])
@@ -112,6 +117,7 @@ def test_a_row_measured_in_several_processes_keeps_the_median_one():
     assert "train_step_s_per_process" not in speed.median_process([{"train_step_s": 0.1}])
 
 
+@pytest.mark.slow
 def test_computed_columns_are_the_quotients_of_the_measured_ones(results):
     for name in ("reference", "layouts", "published", "pmr", "dmd"):
         for row_name, row in results["groups"][name]["rows"].items():
