@@ -276,3 +276,18 @@ def test_analyze_refuses_runs_of_different_datasets(capsys, tmp_path):
     second = fake_run(tmp_path / "b" / "seed1", dataset="mosi", task="cls")
     code, _, err = run(capsys, "analyze", first, second, "--device", "cpu")
     assert_refused(code, err, "same data", "iemocap", "mosi")
+
+
+def test_analysis_of_other_data_keeps_the_runs_own_analysis(capsys, two_runs, tmp_path):
+    runs = tmp_path / "runs"
+    run_a = copy_run(two_runs[0], "a", runs)
+    assert run(capsys, "analyze", run_a, "--device", "cpu")[0] == 0
+    own = (run_a / "analysis.json").read_text()
+    other_data = tmp_path / "other"
+    write_synthetic(other_data, "iemocap", scale=0.0005, seed=5)
+    assert run(capsys, "analyze", run_a, "--device", "cpu", "--data-dir", other_data)[0] == 0
+    assert (run_a / "analysis.json").read_text() == own
+    (foreign,) = run_a.glob("analysis_best_acc-*.json")
+    (result,) = json.loads(foreign.read_text()).values()
+    assert result["data"]["path"] == str(next(other_data.glob("*.pkl")).resolve())
+    assert result["checkpoint"] == {"path": str((run_a / "best_acc.pt").resolve()), "epoch": 1}

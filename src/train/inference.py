@@ -151,19 +151,26 @@ def analyze_runs(run_dirs: list[Path], checkpoint: str = "best_acc", split: str 
             label = f"{Path(run_dir).parent.name}/{Path(run_dir).name}"
             results[label] = analyze_run(Path(run_dir), checkpoint, split, ctx, data_dir)
         out = Path(out_dir) if out_dir else Path(run_dirs[0])
+        # Into the first run's directory, the analysis of another checkpoint or other data is named apart
+        # (as eval's results are), so it never replaces the run's own.
+        first = next(iter(results.values()))
+        tag = result_tag(run_dirs[0], checkpoint, data_dir, first["data"])
+        suffix = "" if out_dir or tag == checkpoint_path(run_dirs[0], checkpoint).stem else f"_{tag}"
+        files = {name: out / f"{name}{suffix}.{ext}" for name, ext in
+                 (("analysis", "json"), ("contributions", "png"), ("removal_drops", "png"))}
         out.mkdir(parents=True, exist_ok=True)
         print_analysis(results)
-        ckpt_io.atomic_write_text(json.dumps(results, indent=2), out / "analysis.json")
-        print(f"\nwrote {out / 'analysis.json'}")
+        ckpt_io.atomic_write_text(json.dumps(results, indent=2), files["analysis"])
+        print(f"\nwrote {files['analysis']}")
         contributions = {label: r["shapley"] for label, r in results.items()}
         drops = {label: {k: v["drop"] for k, v in r["robustness"]["removals"].items()}
                  for label, r in results.items()}
-        png = plot_contributions(contributions, out / "contributions.png", "Shapley contribution per modality")
+        png = plot_contributions(contributions, files["contributions"], "Shapley contribution per modality")
         if png is None:
             print(f"plots skipped: {PLOTS_HINT}")
         else:
-            plot_removal_drops(drops, out / "removal_drops.png", "Drop when modalities are removed")
-            print(f"wrote {out / 'contributions.png'} and {out / 'removal_drops.png'}")
+            plot_removal_drops(drops, files["removal_drops"], "Drop when modalities are removed")
+            print(f"wrote {files['contributions']} and {files['removal_drops']}")
         return results
     finally:
         distributed.teardown(ctx)
