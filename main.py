@@ -185,11 +185,12 @@ def cmd_train(args) -> dict:
     from src.train.config import dump_config
     from src.train.loop import prepare, train
     from src.train.report import print_run_results
-    from src.train.rundir import check_seed, exclusive
+    from src.train.rundir import check_seed, exclusive, refuse_if_in_use
 
     cfg = resolve_train_config(args)
     check_seed(args.seed)
     run_dir = run_dir_of(args)
+    refuse_if_in_use(run_dir)
     check_run_start(args, cfg, run_dir)
     ctx = distributed.setup(args.device)
     try:

@@ -115,6 +115,32 @@ def test_a_second_process_is_refused_while_a_run_holds_the_directory(capsys, syn
     assert code == 0, err
 
 
+@pytest.mark.slow
+def test_two_trainings_of_one_run_started_together(synthetic_data, tmp_path):
+    """Two real processes: the second is refused while the first trains, and the first is unharmed."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "main.py", *map(str, train_args(synthetic_data(), tmp_path, "r", 1, 100000))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    repo = Path(main.__file__).resolve().parent
+    first = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        run_dir = tmp_path / "iemocap" / "r" / "seed1"
+        deadline = time.time() + 300
+        while not (run_dir / "last.pt").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended early"
+        second = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert_refused(second.returncode, second.stderr, str(run_dir), "in use by another process")
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+
+
 def test_eval_is_refused_while_the_run_is_being_written(capsys, two_runs, tmp_path):
     runs = tmp_path / "runs"
     run_dir = copy_run(two_runs[0], "a", runs)

@@ -39,6 +39,27 @@ def holds_run(run_dir: Path) -> bool:
     return any((run_dir / name).is_file() for name in (*CHECKPOINT_NAMES.values(), METRICS_NAME))
 
 
+def in_use_error(run_dir: Path) -> UserError:
+    return UserError(f"run directory {run_dir} is in use by another process (a training run, or an evaluation "
+                     "writing its results there); wait until it ends, or use another --name or --seed")
+
+
+def refuse_if_in_use(run_dir: Path) -> None:
+    """Refuse now, without taking the lock, if another process holds it (so the message is the right one)."""
+    lock = Path(run_dir) / LOCK_NAME
+    if fcntl is None or not lock.is_file():
+        return
+    try:
+        handle = open(lock, "rb")
+    except OSError:
+        return  # exclusive() reports what is wrong with the directory
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise in_use_error(run_dir) from None
+
+
 @contextlib.contextmanager
 def exclusive(run_dir: Path):
     """Hold the run directory's lock (creating the directory) or refuse, naming it, if another process has it."""
@@ -53,9 +74,7 @@ def exclusive(run_dir: Path):
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise UserError(f"run directory {run_dir} is in use by another process (a training run, or an "
-                                "evaluation writing its results there); wait until it ends, or use another "
-                                "--name or --seed") from None
+                raise in_use_error(run_dir) from None
         yield run_dir
     finally:
         handle.close()  # closing the file releases the lock
