@@ -54,6 +54,7 @@ def copy_run(runs: Path, name: str, target: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ 1. compare
+@pytest.mark.slow
 def test_compare_reuses_only_runs_of_the_same_config(capsys, synthetic_data, tmp_path):
     data_dir = synthetic_data()
     common = ["compare", "--dataset", "iemocap", "--seeds", "1", "--data-dir", data_dir, "--runs-dir", tmp_path,
