@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from pathlib import Path
 
 import yaml
@@ -132,9 +133,22 @@ def _require(cfg: dict, path: str):
     return node
 
 
+def _check_finite(node, where: str) -> None:
+    """Refuse NaN and +-inf anywhere, free-form sections included: a `value < 0` check lets NaN through."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_finite(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            _check_finite(value, f"{where}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"config key '{where}' must be a finite number, got {node}")
+
+
 def validate(cfg: dict) -> dict:
     """Check keys, types and values; return cfg unchanged. Errors name the offending key."""
     _check(cfg, SCHEMA, "")
+    _check_finite(cfg, "")
     for path in ("dataset", "data.task", "model.name", "model.backbone", "model.head.fusion", "loss.kl",
                  "train.epochs", "train.batch_size"):
         _require(cfg, path)
@@ -168,6 +182,8 @@ def validate(cfg: dict) -> dict:
     for key in ("grad_clip_norm", "grad_clip_value"):
         if train.get(key) is not None and train[key] <= 0:
             raise ConfigError(f"train.{key} must be positive or null, got {train[key]}")
+    if train.get("weight_decay", 0) < 0:
+        raise ConfigError(f"train.weight_decay must be non-negative, got {train['weight_decay']}")
     if not 0 < train["plateau"]["factor"] < 1:
         raise ConfigError(f"train.plateau.factor must be in (0, 1), got {train['plateau']['factor']}")
     return cfg
