@@ -149,6 +149,9 @@ def cmd_make_data(args) -> None:
     from src.data import data_file
     from src.data.synthetic import write_synthetic
 
+    if args.bias_modality is not None and not args.bias_strength > 0:
+        raise UserError(f"--bias-modality {args.bias_modality} plants a shortcut only with --bias-strength in "
+                        f"(0, 1] (how often it agrees with the label); got {args.bias_strength}")
     target = data_file(args.data_dir, args.dataset, not args.unaligned)
     if target.exists() and not args.force:
         raise UserError(f"{target} already exists; pass --force to overwrite it (it may be a real dataset)")
@@ -158,6 +161,7 @@ def cmd_make_data(args) -> None:
 
 
 def cmd_train(args) -> dict:
+    from src.atomic import remove_stale_temporaries, write_text
     from src.train import checkpoint as ckpt_io
     from src.train import distributed
     from src.train.config import dump_config
@@ -182,7 +186,8 @@ def cmd_train(args) -> dict:
         distributed.barrier(ctx)
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt_io.atomic_write_text(dump_config(cfg), run_dir / "config.yaml")
+            remove_stale_temporaries(run_dir)  # of a killed earlier attempt of this run
+            write_text(run_dir / "config.yaml", dump_config(cfg))
         distributed.barrier(ctx)
         setup_logging(run_dir / "train.log", ctx.is_main)
         log.info("run %s | %s on %s | device %s%s", run_dir, cfg["model"]["name"], cfg["model"]["backbone"],

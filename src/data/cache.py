@@ -34,6 +34,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
+from src.atomic import remove_stale_temporaries, replacing, write_bytes
 from src.data.layout import ID_KEY, MODALITIES, REQUIRED_KEYS, SPLITS, DatasetSpec
 from src.data.safe_pickle import safe_load
 from src.errors import DataError
@@ -48,7 +49,6 @@ FINGERPRINT_BLOCK = 1 << 20
 # copy and a few masks) stay small whatever the size of the file.
 CONVERT_BLOCK_BYTES = 32 << 20
 CACHE_DIR_ENV = "CAUSALMER_CACHE_DIR"
-STALE_TMP_SECONDS = 3600
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def _build(path: Path, spec: DatasetSpec, directory: Path, fingerprint: dict, cl
         "nonfinite": nonfinite,
         "clean_nonfinite": bool(clean_nonfinite),
     }
-    _write_atomically(directory / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    write_bytes(directory / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
     LOG.info("cache of %s written in %.1f s", path.name, time.monotonic() - started)
     _log_neg_inf(manifest, logging.INFO)
     if nonfinite:
@@ -406,36 +406,34 @@ def _convert(source: np.ndarray, target: Path, audio: bool, clean: bool) -> tupl
     counts = {"nan": 0, "pos_inf": 0, "neg_inf": 0, "too_large": 0}
     if audio:
         counts["neg_inf_audio"] = 0
-    tmp = _tmp_name(target)
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=source.shape)
-    finished = False
-    try:
-        row_bytes = max(1, int(np.prod(source.shape[1:], dtype=np.int64)) * 4)
-        step = max(1, CONVERT_BLOCK_BYTES // row_bytes)
-        for start in range(0, source.shape[0], step):
-            chunk = source[start:start + step]
-            with np.errstate(over="ignore", invalid="ignore"):
-                block = chunk.astype(np.float32)
-            bad = ~np.isfinite(block)
-            if bad.any():
-                _count_nonfinite(chunk, block, bad, counts, audio)
-                if audio:
-                    # Reference behaviour: COVAREP's -inf (log of silence) is read as 0.
-                    block[np.isneginf(chunk)] = 0.0
-                if clean:
-                    block[~np.isfinite(block)] = 0.0
-            out[start:start + step] = block
-        out.flush()
-        finished = True
-    finally:
-        del out
-        if not finished:
-            tmp.unlink(missing_ok=True)
-    _fsync(tmp)
-    os.replace(tmp, target)
+    with replacing(target) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=source.shape)
+        try:
+            _fill(out, source, counts, audio, clean)
+            out.flush()
+        finally:
+            del out
     entry = {"file": target.name, "shape": list(source.shape), "dtype": "float32",
              "bytes": target.stat().st_size}
     return entry, counts
+
+
+def _fill(out: np.memmap, source: np.ndarray, counts: dict, audio: bool, clean: bool) -> None:
+    row_bytes = max(1, int(np.prod(source.shape[1:], dtype=np.int64)) * 4)
+    step = max(1, CONVERT_BLOCK_BYTES // row_bytes)
+    for start in range(0, source.shape[0], step):
+        chunk = source[start:start + step]
+        with np.errstate(over="ignore", invalid="ignore"):
+            block = chunk.astype(np.float32)
+        bad = ~np.isfinite(block)
+        if bad.any():
+            _count_nonfinite(chunk, block, bad, counts, audio)
+            if audio:
+                # Reference behaviour: COVAREP's -inf (log of silence) is read as 0.
+                block[np.isneginf(chunk)] = 0.0
+            if clean:
+                block[~np.isfinite(block)] = 0.0
+        out[start:start + step] = block
 
 
 def _count_nonfinite(chunk: np.ndarray, block: np.ndarray, bad: np.ndarray, counts: dict, audio: bool) -> None:
@@ -495,38 +493,15 @@ def _write_ids(ids: np.ndarray, target: Path) -> dict:
 
     rows = ids.reshape(len(ids), -1)
     joined = np.array(["/".join(text(v) for v in row) for row in rows.tolist()], dtype=str)
-    tmp = _tmp_name(target)
-    with open(tmp, "wb") as handle:
-        np.save(handle, joined, allow_pickle=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
+    with replacing(target) as tmp:
+        with open(tmp, "wb") as handle:  # a path would get ".npy" appended
+            np.save(handle, joined, allow_pickle=False)
     return {"file": target.name, "shape": list(joined.shape), "dtype": str(joined.dtype),
             "bytes": target.stat().st_size}
 
 
 # --------------------------------------------------------------------------------------------------
 # Files
-
-
-def _tmp_name(target: Path) -> Path:
-    # Hidden, process-specific and ending in .tmp: never mistaken for a cache file, and two
-    # processes converting at once don't write into the same file.
-    return target.with_name(f".{target.name}.{os.getpid()}.tmp")
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _write_atomically(target: Path, payload: bytes) -> None:
-    tmp = _tmp_name(target)
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
 
 
 def _remove_cache_files(directory: Path) -> None:
@@ -536,12 +511,4 @@ def _remove_cache_files(directory: Path) -> None:
     for split in SPLITS:
         for key in REQUIRED_KEYS + (ID_KEY,):
             (directory / array_file(split, key)).unlink(missing_ok=True)
-    # Temporaries of a crashed conversion; recent ones may belong to a conversion running right now
-    # in another process, so only those untouched for a while are removed.
-    cutoff = time.time() - STALE_TMP_SECONDS
-    for stale in directory.glob(".*.tmp"):
-        try:
-            if stale.stat().st_mtime < cutoff:
-                stale.unlink()
-        except OSError:
-            pass
+    remove_stale_temporaries(directory)

@@ -6,7 +6,6 @@ model or config is refused instead of silently half-loaded.
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -14,33 +13,16 @@ import numpy as np
 import torch
 import yaml
 
+from src.atomic import replacing, write_text
 from src.errors import CheckpointError
 
 CHECKPOINT_NAMES = {"last": "last.pt", "best_loss": "best_loss.pt", "best_acc": "best_acc.pt"}
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over the target.
-
-    A rename within one filesystem is atomic, so a kill at any moment leaves either the old file or the
-    new one, never a torn file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save through src.atomic: a kill at any moment leaves the old file or the new one, never a torn one."""
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def rng_state() -> dict:

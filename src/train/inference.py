@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from src.atomic import write_text
 from src.errors import UserError
 from src.train import checkpoint as ckpt_io
 from src.train import distributed
@@ -53,7 +54,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test
                 print(f"missing-modality test on {split} ({tag}, epoch {saved['epoch']}); scores in %:")
                 print_removal_report(report)
                 out = Path(run_dir) / f"robustness_{tag}_{split}.json"
-                ckpt_io.atomic_write_text(json.dumps(report, indent=2), out)
+                write_text(out, json.dumps(report, indent=2))
                 print(f"\nwrote {out}")
             result = report
         else:
@@ -65,7 +66,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test
                 print(prediction_table(result["predictions"]))
                 suffix = f"_no_{remove}" if remove else ""
                 out = Path(run_dir) / f"eval_{tag}_{split}{suffix}.json"
-                ckpt_io.atomic_write_text(json.dumps(result, indent=2), out)
+                write_text(out, json.dumps(result, indent=2))
         if analyze:
             analyze_runs([Path(run_dir)], checkpoint=checkpoint, split=split, device=device, data_dir=data_dir)
         return result
@@ -113,7 +114,7 @@ def analyze_runs(run_dirs: list[Path], checkpoint: str = "best_acc", split: str 
         out = Path(out_dir) if out_dir else Path(run_dirs[0])
         out.mkdir(parents=True, exist_ok=True)
         print_analysis(results)
-        ckpt_io.atomic_write_text(json.dumps(results, indent=2), out / "analysis.json")
+        write_text(out / "analysis.json", json.dumps(results, indent=2))
         print(f"\nwrote {out / 'analysis.json'}")
         contributions = {label: r["shapley"] for label, r in results.items()}
         drops = {label: {k: v["drop"] for k, v in r["robustness"]["removals"].items()}

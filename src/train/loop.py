@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from src import metrics
+from src.atomic import write_text
 from src.causal import warn_if_constants_cannot_learn
 from src.data import load_splits
 from src.train import checkpoint as ckpt_io
@@ -167,5 +168,5 @@ def final_evaluation(model, splits, cfg, run_dir: Path, ctx: Context, amp: bool,
         for split in ("valid", "test"):
             results[which][split] = evaluate(model, splits[split], batch_size, ctx, amp=amp)
     if ctx.is_main:
-        ckpt_io.atomic_write_text(json.dumps(results, indent=2), run_dir / "metrics.json")
+        write_text(run_dir / "metrics.json", json.dumps(results, indent=2))
     return results
