@@ -66,13 +66,13 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
     signature = model_signature(cfg)
 
     if resume:
-        last = ckpt_io.load_checkpoint(run_dir / ckpt_io.CHECKPOINT_NAMES["last"])
+        last = ckpt_io.load_checkpoint(run_dir / ckpt_io.CHECKPOINT_NAMES["last"], resumable=True)
         ckpt_io.check_compatible(last, run_dir / "last.pt", signature, model_signature)
         ckpt_io.load_model_state(model, last["model"], run_dir / "last.pt")
         ckpt_io.load_optimizer_state(optimizer, last["optimizer"], run_dir / "last.pt")
-        scheduler.load_state_dict(last["scheduler"])
+        ckpt_io.load_scheduler_state(scheduler, last["scheduler"], run_dir / "last.pt")
         state = last["state"]
-        ckpt_io.set_rng_state(last["rng"])
+        ckpt_io.restore_rng_state(last["rng"], run_dir / "last.pt")
         log.info("resumed from %s after epoch %d", run_dir / "last.pt", state["epoch"])
 
     trained = model
