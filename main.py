@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,19 @@ MODEL_CHOICES = ("causalmer", "mult", "dmd", "pmr")
 
 
 # ----------------------------------------------------------------------------------------------- parsing
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+
+
+def seed_value(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{seed} is outside 0..{MAX_SEED} (2**32 - 1)")
+    return seed
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="CausalMER: counterfactual debiasing of "
                                      "multimodal emotion recognition", formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-dir", default="data")
     data.add_argument("--unaligned", action="store_true", help="the unaligned layout (long audio/vision)")
     data.add_argument("--scale", type=float, default=0.1, help="fraction of the real number of samples")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--seed", type=seed_value, default=0)
     data.add_argument("--bias-modality", choices=("text", "audio", "vision"), default=None,
                       help="plant a label shortcut in this modality (train/valid only)")
     data.add_argument("--bias-strength", type=float, default=0.0, help="0..1: how often the shortcut is right")
@@ -48,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
         p.add_argument("--name", required=True, help="run name: checkpoints/<dataset>/<name>/seed<seed>/")
-        p.add_argument("--seed", type=int, default=1)
+        p.add_argument("--seed", type=seed_value, default=1)
         p.add_argument("--runs-dir", default="checkpoints")
         p.add_argument("--data-dir", default=None, help="where the pickles are (default: the config's data.dir)")
         p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1")
@@ -85,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="train the backbone alone and CausalMER over several seeds, then "
                              "summarise both as mean ± std")
     compare.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
-    compare.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    compare.add_argument("--seeds", type=seed_value, nargs="+", default=[1, 2, 3])
     compare.add_argument("--backbone", default="mult", choices=("mult", "dmd", "pmr"))
     compare.add_argument("--name", default="compare", help="runs are <name>_<backbone> and <name>_causalmer_<backbone>")
     compare.add_argument("--runs-dir", default="checkpoints")
@@ -124,8 +138,25 @@ def setup_logging(log_file: Path | None = None, main_process: bool = True) -> No
         root.addHandler(handler)
 
 
+def check_run_name(name: str) -> str:
+    """A run name is one folder name inside --runs-dir: no separators, no '..', not absolute."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name or Path(name).is_absolute():
+        raise UserError(f"--name {name!r} must be a plain folder name (letters, digits, '_', '-', '.'), without "
+                        "'/' or '..': runs live in <runs-dir>/<dataset>/<name>/seed<seed>/")
+    return name
+
+
 def run_dir_of(args) -> Path:
-    return Path(args.runs_dir) / args.dataset / args.name / f"seed{args.seed}"
+    return Path(args.runs_dir) / args.dataset / check_run_name(args.name) / f"seed{args.seed}"
+
+
+def warn_if_amp_is_ignored(args) -> None:
+    from src.train.distributed import resolve_device
+
+    device = resolve_device(args.device) if args.amp else None
+    if device is not None and device.type != "cuda":
+        log.warning("--amp has no effect here: bf16 autocast runs on CUDA only; this run uses full float32 on %s",
+                    device)
 
 
 def resolve_train_config(args) -> dict:
@@ -171,6 +202,7 @@ def cmd_train(args) -> dict:
     cfg = resolve_train_config(args)
     run_dir = run_dir_of(args)
     ctx = distributed.setup(args.device)
+    warn_if_amp_is_ignored(args)
     try:
         last = run_dir / ckpt_io.CHECKPOINT_NAMES["last"]
         if args.resume:
@@ -178,14 +210,18 @@ def cmd_train(args) -> dict:
                 raise UserError(f"--resume: no checkpoint to resume at {last}; start the run without --resume")
             saved = ckpt_io.read_config_file(run_dir / "config.yaml")
             ckpt_io.check_same_config(saved, cfg, run_dir / "config.yaml")
-        elif run_dir.exists() and any(run_dir.iterdir()):
+        elif run_dir.is_dir() and any(run_dir.iterdir()):
             raise UserError(f"run directory {run_dir} already holds a run; continue it with --resume, or choose "
                             "another --name or --seed (nothing was overwritten)")
         # Every rank has looked at the run directory before rank 0 writes into it; otherwise a slower
         # rank could find rank 0's config.yaml and refuse the run as an existing one.
         distributed.barrier(ctx)
         if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise UserError(f"cannot create the run directory {run_dir}: {err.strerror or err} (is --runs-dir "
+                                f"{args.runs_dir} a writable folder?)") from None
             remove_stale_temporaries(run_dir)  # of a killed earlier attempt of this run
             write_text(run_dir / "config.yaml", dump_config(cfg))
         distributed.barrier(ctx)
@@ -203,6 +239,7 @@ def cmd_train(args) -> dict:
 def cmd_eval(args) -> dict:
     from src.train.inference import evaluate_run
 
+    warn_if_amp_is_ignored(args)
     return evaluate_run(run_dir_of(args), checkpoint=args.checkpoint, split=args.split, remove=args.remove,
                         device=args.device, amp=args.amp, data_dir=args.data_dir, analyze=args.analyze)
 
@@ -244,6 +281,7 @@ def train_or_resume(run_args) -> None:
 
 
 def cmd_compare(args) -> None:
+    check_run_name(args.name)
     parser = build_parser()
     common = ["--dataset", args.dataset, "--runs-dir", args.runs_dir, "--device", args.device]
     for flag, value in (("--data-dir", args.data_dir), ("--config", args.config), ("--task", args.task),

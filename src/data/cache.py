@@ -302,6 +302,11 @@ def check_layout(data, spec: DatasetSpec, path: Path) -> tuple[int, int, int]:
                         f"dataset for this file?"
                     )
                 length = int(array.shape[1])
+                if length == 0:
+                    raise DataError(
+                        f"{where}: the sequences have length 0 (shape {tuple(array.shape)}); every sample "
+                        f"needs at least one step of {key} features"
+                    )
                 if key in seq_lens and seq_lens[key][0] != length:
                     first_length, first_split = seq_lens[key]
                     raise DataError(

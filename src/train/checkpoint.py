@@ -16,6 +16,7 @@ import yaml
 
 from src.atomic import replacing, write_text
 from src.errors import CheckpointError
+from src.train.config import drop_retired_keys, load_yaml
 
 CHECKPOINT_NAMES = {"last": "last.pt", "best_loss": "best_loss.pt", "best_acc": "best_acc.pt"}
 
@@ -132,7 +133,7 @@ def check_structure(ckpt, path: Path, resumable: bool = False) -> None:
         raise CheckpointError(f"checkpoint {path} is not a checkpoint of this tool: its model state holds "
                               f"{bad!r}, which is not a named tensor")
     try:
-        config = yaml.safe_load(ckpt["config"])
+        config = load_yaml(ckpt["config"])
     except yaml.YAMLError as err:
         raise CheckpointError(f"checkpoint {path}: its saved config is not valid YAML ({err})") from None
     if not isinstance(config, dict):
@@ -161,7 +162,7 @@ def load_checkpoint(path: Path, resumable: bool = False) -> dict:
 
 
 def checkpoint_config(ckpt: dict) -> dict:
-    return yaml.safe_load(ckpt["config"])
+    return drop_retired_keys(load_yaml(ckpt["config"]))
 
 
 def check_compatible(ckpt: dict, path: Path, expected_signature: dict, signature_fn) -> None:
@@ -210,9 +211,13 @@ def read_config_file(path: Path) -> dict:
     if not Path(path).is_file():
         raise CheckpointError(f"{path} not found: this directory does not hold a run of this tool")
     try:
-        return yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as err:
+        cfg = load_yaml(Path(path).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not a readable run config: {err}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} is not a run config of this tool: it holds a {type(cfg).__name__}, not a "
+                              "mapping of sections (data, model, loss, train)")
+    return drop_retired_keys(cfg)
 
 
 def check_same_config(saved: dict, requested: dict, path: Path) -> None:

@@ -105,14 +105,20 @@ def analyze_runs(run_dirs: list[Path], checkpoint: str = "best_acc", split: str 
                  data_dir: str | None = None, out_dir: str | None = None) -> dict:
     from src.analysis.plots import PLOTS_HINT, plot_contributions, plot_removal_drops
 
+    out = Path(out_dir) if out_dir else Path(run_dirs[0])
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file; analyze writes analysis.json and the plots into a folder "
+                        "there: give a folder (new or existing)")
     ctx = distributed.setup(device)
     try:
         results = {}
         for run_dir in run_dirs:
             label = f"{Path(run_dir).parent.name}/{Path(run_dir).name}"
             results[label] = analyze_run(Path(run_dir), checkpoint, split, ctx, data_dir)
-        out = Path(out_dir) if out_dir else Path(run_dirs[0])
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the output folder {out}: {err.strerror or err}") from None
         print_analysis(results)
         write_text(out / "analysis.json", json.dumps(results, indent=2))
         print(f"\nwrote {out / 'analysis.json'}")
