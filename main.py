@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,19 @@ MODEL_CHOICES = ("causalmer", *BACKBONE_CHOICES)
 
 
 # ----------------------------------------------------------------------------------------------- parsing
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+
+
+def seed_value(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{seed} is outside 0..{MAX_SEED} (2**32 - 1)")
+    return seed
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="CausalMER: counterfactual debiasing of "
                                      "multimodal emotion recognition", formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-dir", default="data")
     data.add_argument("--unaligned", action="store_true", help="the unaligned layout (long audio/vision)")
     data.add_argument("--scale", type=float, default=0.1, help="fraction of the real number of samples")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--seed", type=seed_value, default=0)
     data.add_argument("--bias-modality", choices=MODALITIES, default=None,
                       help="plant a label shortcut in this modality (train/valid only)")
     data.add_argument("--bias-strength", type=float, default=0.0, help="0..1: how often the shortcut is right")
@@ -53,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
         p.add_argument("--name", required=True, help="run name: checkpoints/<dataset>/<name>/seed<seed>/")
-        p.add_argument("--seed", type=int, default=1)
+        p.add_argument("--seed", type=seed_value, default=1)
         p.add_argument("--runs-dir", default="checkpoints")
         p.add_argument("--data-dir", default=None, help="where the pickles are (default: the config's data.dir)")
         p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1")
@@ -90,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="train the backbone alone and CausalMER over several seeds, then "
                              "summarise both as mean ± std")
     compare.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
-    compare.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    compare.add_argument("--seeds", type=seed_value, nargs="+", default=[1, 2, 3])
     compare.add_argument("--backbone", default="mult", choices=BACKBONE_CHOICES)
     compare.add_argument("--name", default="compare", help="runs are <name>_<backbone> and <name>_causalmer_<backbone>")
     compare.add_argument("--runs-dir", default="checkpoints")
@@ -133,8 +147,25 @@ def setup_logging(log_file: Path | None = None, main_process: bool = True) -> No
         root.addHandler(handler)
 
 
+def check_run_name(name: str) -> str:
+    """A run name is one folder name inside --runs-dir: no separators, no '..', not absolute."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name or Path(name).is_absolute():
+        raise UserError(f"--name {name!r} must be a plain folder name (letters, digits, '_', '-', '.'), without "
+                        "'/' or '..': runs live in <runs-dir>/<dataset>/<name>/seed<seed>/")
+    return name
+
+
 def run_dir_of(args) -> Path:
-    return Path(args.runs_dir) / args.dataset / args.name / f"seed{args.seed}"
+    return Path(args.runs_dir) / args.dataset / check_run_name(args.name) / f"seed{args.seed}"
+
+
+def warn_if_amp_is_ignored(args) -> None:
+    from src.train.distributed import resolve_device
+
+    device = resolve_device(args.device) if args.amp else None
+    if device is not None and device.type != "cuda":
+        log.warning("--amp has no effect here: bf16 autocast runs on CUDA only; this run uses full float32 on %s",
+                    device)
 
 
 def resolve_train_config(args) -> dict:
@@ -158,6 +189,9 @@ def cmd_make_data(args) -> None:
     from src.data import data_file
     from src.data.synthetic import write_synthetic
 
+    if args.bias_modality is not None and not args.bias_strength > 0:
+        raise UserError(f"--bias-modality {args.bias_modality} plants a shortcut only with --bias-strength in "
+                        f"(0, 1] (how often it agrees with the label); got {args.bias_strength}")
     target = data_file(args.data_dir, args.dataset, not args.unaligned)
     if target.exists() and not args.force:
         raise UserError(f"{target} already exists; pass --force to overwrite it (it may be a real dataset)")
@@ -185,19 +219,20 @@ def check_run_start(args, cfg: dict, run_dir: Path) -> None:
 def cmd_train(args) -> dict:
     import contextlib
 
+    from src.atomic import remove_stale_temporaries, write_text
     from src.train import checkpoint as ckpt_io
     from src.train import distributed
     from src.train.config import dump_config
     from src.train.loop import prepare, train
     from src.train.report import print_run_results
-    from src.train.rundir import check_seed, exclusive, refuse_if_in_use
+    from src.train.rundir import exclusive, refuse_if_in_use
 
     cfg = resolve_train_config(args)
-    check_seed(args.seed)
     run_dir = run_dir_of(args)
     refuse_if_in_use(run_dir)
     check_run_start(args, cfg, run_dir)
     ctx = distributed.setup(args.device)
+    warn_if_amp_is_ignored(args)
     try:
         # The data, the backbone's options and the model itself are checked before the run directory is
         # created: a run refused for its input leaves nothing behind.
@@ -208,7 +243,8 @@ def cmd_train(args) -> dict:
             # Every rank has looked at the run directory before rank 0 writes into it.
             distributed.barrier(ctx)
             if ctx.is_main:
-                ckpt_io.atomic_write_text(dump_config(cfg), run_dir / "config.yaml")
+                remove_stale_temporaries(run_dir)  # of a killed earlier attempt of this run
+                write_text(run_dir / "config.yaml", dump_config(cfg))
             distributed.barrier(ctx)
             setup_logging(run_dir / "train.log", ctx.is_main)
             log.info("run %s | %s on %s | device %s%s", run_dir, cfg["model"]["name"], cfg["model"]["backbone"],
@@ -224,6 +260,7 @@ def cmd_train(args) -> dict:
 def cmd_eval(args) -> dict:
     from src.train.inference import evaluate_run
 
+    warn_if_amp_is_ignored(args)
     return evaluate_run(run_dir_of(args), checkpoint=args.checkpoint, split=args.split, remove=args.remove,
                         device=args.device, amp=args.amp, data_dir=args.data_dir, analyze=args.analyze)
 
@@ -317,6 +354,7 @@ def train_all(runs: list, fresh: bool, flag: str) -> None:
 
 
 def cmd_compare(args) -> None:
+    check_run_name(args.name)
     parser = build_parser()
     common = ["--dataset", args.dataset, "--runs-dir", args.runs_dir, "--device", args.device]
     for flag, value in (("--data-dir", args.data_dir), ("--config", args.config), ("--task", args.task),

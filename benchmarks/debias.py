@@ -214,7 +214,7 @@ def run_job(job: dict, work_dir: str) -> dict:
     keep_freed_memory()  # as main.py does before training
     logging.getLogger("causalmer").setLevel(logging.WARNING)  # per-epoch lines of parallel jobs would interleave
     from src.train import distributed
-    from src.train.checkpoint import atomic_write_text
+    from src.atomic import write_text
     from src.train.config import dump_config
     from src.train.loop import train
 
@@ -224,7 +224,7 @@ def run_job(job: dict, work_dir: str) -> dict:
     run_dir.mkdir(parents=True)
     cfg = config_for(job, data_dir_for(work_dir, job))
     # As `main.py train` does: the run directory holds its config, so the checkpoints load back.
-    atomic_write_text(dump_config(cfg), run_dir / "config.yaml")
+    write_text(run_dir / "config.yaml", dump_config(cfg))
     ctx = distributed.setup("cpu")
     started = time.time()
     history = train(cfg, run_dir, ctx, seed=job["seed"])["history"]

@@ -81,3 +81,74 @@ def test_unreadable_config_file(tmp_path):
         read_yaml(bad)
     with pytest.raises(ConfigError, match="not found"):
         read_yaml(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.weight_decay=-0.1"], "train.weight_decay must be non-negative"),
+    (["train.early_stop=0"], "train.early_stop must be at least 1"),
+    (["train.early_stop=-2"], "train.early_stop must be at least 1"),
+    (["train.plateau.patience=-1"], "train.plateau.patience must be non-negative"),
+    (["loss.alpha=-0.1"], "loss.alpha must be non-negative"),
+    (["loss.beta=-1"], "loss.beta must be non-negative"),
+    (["model.backbone=[1]"], "model.backbone' must be a backbone name"),
+    (["model.backbone={a: 1}"], "model.backbone' must be a backbone name"),
+])
+def test_values_the_run_would_misuse_later_are_refused_now(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("iemocap", overrides=override)
+    assert message in str(err.value)
+
+
+def test_the_edges_of_those_ranges_are_accepted():
+    cfg = load_config("iemocap", overrides=["train.weight_decay=0", "train.early_stop=1", "train.plateau.patience=0",
+                                            "loss.alpha=0", "loss.beta=0"])
+    assert cfg["train"]["early_stop"] == 1 and cfg["train"]["plateau"]["patience"] == 0
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 0.001), ("5E+2", 500.0), ("-2e-4", -0.0002), ("1.0e-3", 0.001),
+                                         (".5e1", 5.0), ("12", 12), ("1e", "1e"), ("e5", "e5")])
+def test_exponent_numbers_are_floats_as_in_yaml_1_2(text, value):
+    _, parsed = parse_override(f"train.lr.backbone={text}")
+    assert parsed == value and type(parsed) is type(value)
+
+
+def test_exponent_numbers_in_overrides_and_config_files(tmp_path):
+    cfg = load_config("iemocap", overrides=["train.lr.backbone=1e-3", "train.weight_decay=5E-4"])
+    assert cfg["train"]["lr"]["backbone"] == 0.001 and cfg["train"]["weight_decay"] == 0.0005
+    text = (CONFIG_DIR / "iemocap.yaml").read_text().replace("backbone: 2.0e-3", "backbone: 3e-4")
+    assert "backbone: 3e-4" in text
+    (tmp_path / "c.yaml").write_text(text)
+    assert load_config("iemocap", config_path=tmp_path / "c.yaml")["train"]["lr"]["backbone"] == 0.0003
+
+
+@pytest.mark.parametrize("section, missing", [("loss", "loss.alpha"), ("train.plateau", "train.plateau.factor"),
+                                              ("model.head", "model.head.fusion")])
+def test_a_config_file_lacking_a_section_is_refused_naming_it(tmp_path, section, missing):
+    import yaml
+
+    cfg = yaml.safe_load((CONFIG_DIR / "iemocap.yaml").read_text())
+    *parents, last = section.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    del node[last]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=f"missing required key '{missing}'"):
+        load_config("iemocap", config_path=tmp_path / "c.yaml")
+
+
+def test_a_section_that_is_not_a_mapping_is_refused(tmp_path):
+    text = (CONFIG_DIR / "iemocap.yaml").read_text()
+    (tmp_path / "c.yaml").write_text(text[:text.index("train:")] + "train: 5\n")
+    with pytest.raises(ConfigError, match="'train' must be a section"):
+        load_config("iemocap", config_path=tmp_path / "c.yaml")
+
+
+def test_retired_num_workers_key_is_dropped_from_old_configs(tmp_path, caplog):
+    text = (CONFIG_DIR / "iemocap.yaml").read_text() + "  num_workers: 4\n"
+    (tmp_path / "old.yaml").write_text(text)
+    cfg = load_config("iemocap", config_path=tmp_path / "old.yaml")
+    assert "num_workers" not in cfg["train"]
+    assert "train.num_workers is ignored" in caplog.text
+    with pytest.raises(ConfigError, match="unknown config key 'train.num_workers'"):
+        load_config("iemocap", overrides=["train.num_workers=2"])  # it does nothing: not a key any more

@@ -45,6 +45,9 @@ def test_cache_layout_and_manifest(tiny):
     entry = manifest["arrays"]["train/audio"]
     assert entry["dtype"] == "float32" and entry["shape"] == [4, 20, 74]
     assert entry["bytes"] == (cache_dir / entry["file"]).stat().st_size
+    assert entry["crc32"] == cache_module.data_crc32(cache_dir / entry["file"])
+    values = np.load(cache_dir / entry["file"])
+    assert entry["crc32"] == __import__("zlib").crc32(values.tobytes())  # the values, not the header
     assert sorted(p.name for p in cache_dir.iterdir() if not p.name.startswith(".")) == sorted(
         [f"{s}.{k}.npy" for s in ("train", "valid", "test") for k in ("text", "audio", "vision", "labels")]
         + ["manifest.json"])
@@ -77,10 +80,13 @@ def test_touched_source_with_same_size_is_rebuilt(tiny, monkeypatch):
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("damage", ["no manifest", "truncated npy", "missing npy", "reshaped npy", "bad manifest"])
+@pytest.mark.parametrize("damage", ["no manifest", "truncated npy", "missing npy", "reshaped npy", "bad manifest",
+                                    "value edited in place", "one flipped bit"])
 def test_torn_cache_is_rebuilt(tiny, monkeypatch, damage):
     data_dir, _, cache_dir, first = tiny
     target = cache_dir / "valid.vision.npy"
+    # Read before the damage, from the cache as it is now (`first` memory-maps files an earlier case replaced).
+    expected = load_splits(data_dir, "iemocap")["valid"][1]["vision"].clone()
     if damage == "no manifest":
         (cache_dir / "manifest.json").unlink()
     elif damage == "truncated npy":
@@ -92,12 +98,22 @@ def test_torn_cache_is_rebuilt(tiny, monkeypatch, damage):
         # Same byte count, different shape: only the header check can tell.
         array = np.load(target)
         np.save(target, array.reshape(array.shape[0], -1, 7))
+    elif damage == "value edited in place":
+        # Same size, shape and dtype: only the checksum of the values can tell.
+        array = np.load(target, mmap_mode="r+")
+        array[1, 0, 0] += 1.0
+        array.flush()
+        del array
+    elif damage == "one flipped bit":
+        raw = bytearray(target.read_bytes())
+        raw[-1] ^= 0x01
+        target.write_bytes(bytes(raw))
     else:
         (cache_dir / "manifest.json").write_text("{ not json")
     calls = _count_unpickling(monkeypatch)
     rebuilt = load_splits(data_dir, "iemocap")
     assert len(calls) == 1
-    assert torch.equal(rebuilt["valid"][1]["vision"], first["valid"][1]["vision"])
+    assert torch.equal(rebuilt["valid"][1]["vision"], expected)
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     assert manifest["arrays"]["valid/vision"]["shape"] == [4, 20, 35]
 

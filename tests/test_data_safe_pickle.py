@@ -87,3 +87,63 @@ def test_whitelist_is_only_numpy_and_byte_helpers():
         module = name.rsplit(".", 1)[0]
         assert module.split(".")[0] in ("numpy", "_codecs", "builtins", "__builtin__"), name
     assert "builtins.eval" not in ALLOWED_GLOBALS and "builtins.getattr" not in ALLOWED_GLOBALS
+
+
+# ------------------------------------------------------------------ arrays must be backed by the file
+class _Reduces:
+    """Pickles as whatever __reduce__ returns: the crafted calls a malicious file could hold."""
+
+    def __init__(self, *reduction):
+        self.reduction = reduction
+
+    def __reduce__(self):
+        return self.reduction
+
+
+_reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+_frombuffer = np._core.numeric._frombuffer if hasattr(np, "_core") else np.core.numeric._frombuffer
+_scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+HUGE = (100_000, 100_000)  # 40 GB of float32 if it were ever allocated
+
+CRAFTED = {
+    "ndarray called directly": (_Reduces(np.ndarray, (HUGE, np.dtype("f4"))), "calls numpy.ndarray directly"),
+    "reconstruct with a real shape": (_Reduces(_reconstruct, (np.ndarray, HUGE, b"b")), "instead of numpy's"),
+    "setstate payload too short": (
+        _Reduces(_reconstruct, (np.ndarray, (0,), b"b"), (1, HUGE, np.dtype("f4"), False, b"abcd")),
+        "buffer size does not match"),
+    "setstate payload one byte long": (
+        _Reduces(_reconstruct, (np.ndarray, (0,), b"b"), (1, (2, 3), np.dtype("f4"), False, bytes(24 + 1))),
+        "buffer size does not match"),
+    "frombuffer payload too short": (_Reduces(_frombuffer, (b"abcd", np.dtype("f4"), HUGE, "C")),
+                                     "needs 40000000000 bytes"),
+    "frombuffer shape not a tuple of ints": (_Reduces(_frombuffer, (b"abcd", np.dtype("f4"), "x", "C")), "shape"),
+    "scalar without data": (_Reduces(_scalar, (np.dtype("V100000000"),)), "needs 100000000 bytes"),
+    "scalar with too little data": (_Reduces(_scalar, (np.dtype("f8"), b"ab")), "needs 8 bytes"),
+}
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_arrays_not_backed_by_the_file_are_refused(tmp_path, case, protocol):
+    payload, fragment = CRAFTED[case]
+    path = tmp_path / "iemocap_data.pkl"
+    path.write_bytes(pickle.dumps({"train": {"text": payload}}, protocol=protocol))
+    assert path.stat().st_size < 1000
+    with pytest.raises(DataError) as error:
+        safe_load(path)
+    assert str(path) in str(error.value) and fragment in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_backed_arrays_written_by_hand_like_numpy_still_load(tmp_path, protocol):
+    # The same builders with numpy's own arguments: what the checks must keep admitting.
+    data = np.arange(6, dtype=np.float32).tobytes()
+    good = {"reconstruct": _Reduces(_reconstruct, (np.ndarray, (0,), b"b"), (1, (2, 3), np.dtype("f4"), False, data)),
+            "frombuffer": _Reduces(_frombuffer, (data, np.dtype("f4"), (2, 3), "C")),
+            "scalar": _Reduces(_scalar, (np.dtype("f4"), data[4:8]))}
+    path = tmp_path / "data.pkl"
+    path.write_bytes(pickle.dumps(good, protocol=protocol))
+    loaded = safe_load(path)
+    expected = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert np.array_equal(loaded["reconstruct"], expected) and np.array_equal(loaded["frombuffer"], expected)
+    assert type(loaded["reconstruct"]) is np.ndarray and loaded["scalar"] == np.float32(1.0)

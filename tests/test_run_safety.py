@@ -20,8 +20,11 @@ TINY = ["--set", "model.backbone_params.d_model=10", "--set", "model.backbone_pa
 
 
 def run(capsys, *args):
-    """main.main(args) -> (exit code, stdout, stderr)."""
-    code = main.main([str(a) for a in args])
+    """main.main(args) -> (exit code, stdout, stderr); argparse's own exits count as exit codes too."""
+    try:
+        code = main.main([str(a) for a in args])
+    except SystemExit as stop:
+        code = stop.code
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from src.analysis.contributions import MODALITIES, REMOVALS
+from src.atomic import replacing
 
 PLOTS_HINT = "install the plots extra: pip install -e .[plots]"
 
@@ -87,7 +88,8 @@ def _grouped_bars(runs: dict, categories: list, tick_labels: list, path, title: 
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    with replacing(path) as tmp:
+        figure.savefig(tmp, format="png")
     return path
 
 

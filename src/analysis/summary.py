@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from src.atomic import replacing
 from src.errors import UserError
 from src.metrics import format_value, is_fraction_metric
 
@@ -169,7 +170,7 @@ def write_csv(rows: list[dict], path) -> Path:
     """Write summary rows as CSV (columns group, metric, n, mean, std; full precision)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    with replacing(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for row in rows:

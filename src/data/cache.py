@@ -7,9 +7,11 @@ folder can't be written, into a per-user cache folder). Later loads only check a
 memory-map the arrays, so memory no longer grows with the dataset.
 
 The manifest is written last and atomically, and it records the source file's size, mtime and a
-fingerprint plus the shape, dtype and byte size of every array. A cache is used only when all of
-that still matches; a stale one (the pickle changed) or a torn one (a crash mid-write: manifest
-missing, an array missing or short) is rebuilt, never trusted.
+fingerprint plus the shape, dtype, byte size and CRC-32 of the values of every array. A cache is
+used only when all of that still matches, the checksums included (every array is read once when the
+cache is opened; see benchmarks/integrity.py for the cost); a stale one (the pickle changed), a torn
+one (a crash mid-write: manifest missing, an array missing or short) or a damaged one (values edited
+in place, a flipped bit) is rebuilt, never trusted.
 
 Values: audio `-inf` (present in the real COVAREP features) becomes 0 as in the reference code, and
 the count is logged. Any other NaN or +-inf is an error that says where and how many, unless the
@@ -24,6 +26,7 @@ import logging
 import os
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,21 +37,23 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
+from src.atomic import remove_stale_temporaries, replacing, write_bytes
 from src.data.layout import ID_KEY, MODALITIES, REQUIRED_KEYS, SPLITS, DatasetSpec
 from src.data.safe_pickle import safe_load
 from src.errors import DataError
 
 LOG = logging.getLogger("src.data")
 
-CACHE_FORMAT = 1
+# 2: every array's entry holds the CRC-32 of its values.
+CACHE_FORMAT = 2
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".build.lock"
 FINGERPRINT_BLOCK = 1 << 20
 # Conversion works on row blocks of about this many bytes, so the temporaries it needs (a float32
 # copy and a few masks) stay small whatever the size of the file.
 CONVERT_BLOCK_BYTES = 32 << 20
+CHECKSUM_BLOCK_BYTES = 8 << 20
 CACHE_DIR_ENV = "CAUSALMER_CACHE_DIR"
-STALE_TMP_SECONDS = 3600
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,6 +95,17 @@ def _writable_dir(directory: Path) -> bool:
         return True
     except OSError:
         return False
+
+
+def data_crc32(path: Path) -> int:
+    """CRC-32 of the data of a .npy file (everything after its header), read in blocks."""
+    crc = 0
+    offset = np.load(path, mmap_mode="r").offset
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        while block := handle.read(CHECKSUM_BLOCK_BYTES):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def array_file(split: str, key: str) -> str:
@@ -210,6 +226,9 @@ def _manifest_mismatch(directory: Path, manifest: dict, spec: DatasetSpec, finge
         if list(array.shape) != entry["shape"] or str(array.dtype) != entry["dtype"]:
             return f"{entry['file']} holds {array.dtype}{array.shape}, expected {entry['dtype']}{tuple(entry['shape'])}"
         del array
+        # Sizes, shapes and dtypes survive values edited in place or a flipped bit on disk; the checksum doesn't.
+        if data_crc32(path) != entry["crc32"]:
+            return f"the values in {entry['file']} changed since the cache was built (checksum mismatch)"
     return None
 
 
@@ -283,6 +302,11 @@ def check_layout(data, spec: DatasetSpec, path: Path) -> tuple[int, int, int]:
                         f"dataset for this file?"
                     )
                 length = int(array.shape[1])
+                if length == 0:
+                    raise DataError(
+                        f"{where}: the sequences have length 0 (shape {tuple(array.shape)}); every sample "
+                        f"needs at least one step of {key} features"
+                    )
                 if key in seq_lens and seq_lens[key][0] != length:
                     first_length, first_split = seq_lens[key]
                     raise DataError(
@@ -393,7 +417,7 @@ def _build(path: Path, spec: DatasetSpec, directory: Path, fingerprint: dict, cl
         "nonfinite": nonfinite,
         "clean_nonfinite": bool(clean_nonfinite),
     }
-    _write_atomically(directory / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    write_bytes(directory / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
     LOG.info("cache of %s written in %.1f s", path.name, time.monotonic() - started)
     _log_neg_inf(manifest, logging.INFO)
     if nonfinite:
@@ -406,36 +430,38 @@ def _convert(source: np.ndarray, target: Path, audio: bool, clean: bool) -> tupl
     counts = {"nan": 0, "pos_inf": 0, "neg_inf": 0, "too_large": 0}
     if audio:
         counts["neg_inf_audio"] = 0
-    tmp = _tmp_name(target)
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=source.shape)
-    finished = False
-    try:
-        row_bytes = max(1, int(np.prod(source.shape[1:], dtype=np.int64)) * 4)
-        step = max(1, CONVERT_BLOCK_BYTES // row_bytes)
-        for start in range(0, source.shape[0], step):
-            chunk = source[start:start + step]
-            with np.errstate(over="ignore", invalid="ignore"):
-                block = chunk.astype(np.float32)
-            bad = ~np.isfinite(block)
-            if bad.any():
-                _count_nonfinite(chunk, block, bad, counts, audio)
-                if audio:
-                    # Reference behaviour: COVAREP's -inf (log of silence) is read as 0.
-                    block[np.isneginf(chunk)] = 0.0
-                if clean:
-                    block[~np.isfinite(block)] = 0.0
-            out[start:start + step] = block
-        out.flush()
-        finished = True
-    finally:
-        del out
-        if not finished:
-            tmp.unlink(missing_ok=True)
-    _fsync(tmp)
-    os.replace(tmp, target)
+    with replacing(target) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=source.shape)
+        try:
+            crc = _fill(out, source, counts, audio, clean)
+            out.flush()
+        finally:
+            del out
     entry = {"file": target.name, "shape": list(source.shape), "dtype": "float32",
-             "bytes": target.stat().st_size}
+             "bytes": target.stat().st_size, "crc32": crc}
     return entry, counts
+
+
+def _fill(out: np.memmap, source: np.ndarray, counts: dict, audio: bool, clean: bool) -> int:
+    """Convert source into out block by block; return the CRC-32 of the values written."""
+    crc = 0
+    row_bytes = max(1, int(np.prod(source.shape[1:], dtype=np.int64)) * 4)
+    step = max(1, CONVERT_BLOCK_BYTES // row_bytes)
+    for start in range(0, source.shape[0], step):
+        chunk = source[start:start + step]
+        with np.errstate(over="ignore", invalid="ignore"):
+            block = chunk.astype(np.float32)
+        bad = ~np.isfinite(block)
+        if bad.any():
+            _count_nonfinite(chunk, block, bad, counts, audio)
+            if audio:
+                # Reference behaviour: COVAREP's -inf (log of silence) is read as 0.
+                block[np.isneginf(chunk)] = 0.0
+            if clean:
+                block[~np.isfinite(block)] = 0.0
+        out[start:start + step] = block
+        crc = zlib.crc32(block.data, crc)  # block is C-contiguous: its bytes in file order
+    return crc
 
 
 def _count_nonfinite(chunk: np.ndarray, block: np.ndarray, bad: np.ndarray, counts: dict, audio: bool) -> None:
@@ -495,38 +521,15 @@ def _write_ids(ids: np.ndarray, target: Path) -> dict:
 
     rows = ids.reshape(len(ids), -1)
     joined = np.array(["/".join(text(v) for v in row) for row in rows.tolist()], dtype=str)
-    tmp = _tmp_name(target)
-    with open(tmp, "wb") as handle:
-        np.save(handle, joined, allow_pickle=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
+    with replacing(target) as tmp:
+        with open(tmp, "wb") as handle:  # a path would get ".npy" appended
+            np.save(handle, joined, allow_pickle=False)
     return {"file": target.name, "shape": list(joined.shape), "dtype": str(joined.dtype),
-            "bytes": target.stat().st_size}
+            "bytes": target.stat().st_size, "crc32": data_crc32(target)}
 
 
 # --------------------------------------------------------------------------------------------------
 # Files
-
-
-def _tmp_name(target: Path) -> Path:
-    # Hidden, process-specific and ending in .tmp: never mistaken for a cache file, and two
-    # processes converting at once don't write into the same file.
-    return target.with_name(f".{target.name}.{os.getpid()}.tmp")
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _write_atomically(target: Path, payload: bytes) -> None:
-    tmp = _tmp_name(target)
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
 
 
 def _remove_cache_files(directory: Path) -> None:
@@ -536,12 +539,4 @@ def _remove_cache_files(directory: Path) -> None:
     for split in SPLITS:
         for key in REQUIRED_KEYS + (ID_KEY,):
             (directory / array_file(split, key)).unlink(missing_ok=True)
-    # Temporaries of a crashed conversion; recent ones may belong to a conversion running right now
-    # in another process, so only those untouched for a while are removed.
-    cutoff = time.time() - STALE_TMP_SECONDS
-    for stale in directory.glob(".*.tmp"):
-        try:
-            if stale.stat().st_mtime < cutoff:
-                stale.unlink()
-        except OSError:
-            pass
+    remove_stale_temporaries(directory)

@@ -13,12 +13,26 @@ The admitted names were taken from what numpy 1.x and 2.x actually write at prot
   `encode(text, "latin1")` and an empty one as `bytes()`.
 numpy 2 moved `numpy.core` to `numpy._core`; files written by either major version name their own
 spelling, so both are admitted and resolved to whichever module the installed numpy provides.
+
+Admitting a name is not enough: called with other arguments than numpy's own pickling passes, some of
+these allocate memory the file never supplies (`numpy.ndarray((10**5, 10**5), "f8")` is 80 GB of
+uninitialised memory from a few bytes of pickle). So the array builders are wrapped, and every array
+must be backed by the file:
+- `numpy.ndarray` stands for the array type only; calling it is refused. `_reconstruct` must be given
+  exactly what numpy writes, `(ndarray, (0,), b"b")`, an empty array that the pickle's BUILD step then
+  fills with `__setstate__((version, shape, dtype, fortran, data))`, which numpy itself refuses unless
+  len(data) is shape x itemsize.
+- `_frombuffer(data, dtype, shape, order)` and `scalar(dtype, data)` are checked here the same way: the
+  data must be bytes and hold exactly shape x itemsize (itemsize for a scalar) of them.
 """
 from __future__ import annotations
 
 import importlib
+import math
 import pickle
 from pathlib import Path
+
+import numpy as np
 
 from src.errors import DataError
 
@@ -57,6 +71,18 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._source = source
 
     def find_class(self, module: str, name: str):
+        found = self._resolve(module, name)
+        if name == "ndarray":
+            return _ArrayType(self._source)
+        if name == "_reconstruct":
+            return _checked_reconstruct(found, self._source)
+        if name == "_frombuffer":
+            return _checked_frombuffer(found, self._source)
+        if name == "scalar":
+            return _checked_scalar(found, self._source)
+        return found
+
+    def _resolve(self, module: str, name: str):
         entry = _ALLOWED.get((module, name))
         if entry is None:
             raise DataError(
@@ -73,6 +99,64 @@ class RestrictedUnpickler(pickle.Unpickler):
             except (ImportError, AttributeError):
                 continue
         raise DataError(f"cannot load {self._source}: the installed numpy provides no '{module}.{name}'")
+
+
+class _ArrayType:
+    """What the name `numpy.ndarray` resolves to: a token _reconstruct accepts, never a callable."""
+
+    def __init__(self, source: str):
+        self._source = source
+
+    def __call__(self, *args, **kwargs):
+        raise DataError(f"refusing to load {self._source}: it calls numpy.ndarray directly, which allocates an "
+                        f"array of any declared size without data from the file; numpy never writes that. The "
+                        f"file is corrupt or crafted.")
+
+
+def _not_backed(source: str, what: str) -> DataError:
+    return DataError(f"refusing to load {source}: {what}. numpy never writes that; the file is corrupt or crafted.")
+
+
+def _checked_reconstruct(reconstruct, source: str):
+    def build(subtype, shape, typecode):
+        if not isinstance(subtype, _ArrayType) or tuple(shape) != (0,) or typecode not in (b"b", "b"):
+            raise _not_backed(source, f"an array is reconstructed as {subtype!r}, {shape!r}, {typecode!r} instead "
+                                      f"of numpy's (ndarray, (0,), b'b')")
+        return reconstruct(np.ndarray, (0,), b"b")
+    return build
+
+
+def _declared_bytes(source: str, dtype, shape) -> int:
+    if not isinstance(dtype, np.dtype):
+        raise _not_backed(source, f"an array's dtype is a {type(dtype).__name__}")
+    if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise _not_backed(source, f"an array's shape is {shape!r}")
+    return math.prod(shape) * dtype.itemsize  # Python ints: no overflow however large the claim
+
+
+def _checked_frombuffer(frombuffer, source: str):
+    def build(data, dtype, shape, order):
+        expected = _declared_bytes(source, dtype, shape)
+        if not isinstance(data, (bytes, bytearray)) or len(data) != expected:
+            got = f"{len(data)} bytes" if isinstance(data, (bytes, bytearray)) else f"a {type(data).__name__}"
+            raise _not_backed(source, f"an array of shape {shape} and dtype {dtype} needs {expected} bytes, the "
+                                      f"file holds {got} for it")
+        return frombuffer(data, dtype, shape, order)
+    return build
+
+
+def _checked_scalar(scalar, source: str):
+    def build(dtype, *data):
+        if not isinstance(dtype, np.dtype):
+            raise _not_backed(source, f"a scalar's dtype is a {type(dtype).__name__}")
+        if not dtype.hasobject:
+            # Python 2 era files hold the bytes as a latin1-decoded str.
+            payload = data[0] if len(data) == 1 and isinstance(data[0], (bytes, str)) else None
+            if payload is None or len(payload) != dtype.itemsize:
+                raise _not_backed(source, f"a {dtype} scalar needs {dtype.itemsize} bytes of data, the file "
+                                          f"holds {len(payload) if payload is not None else 'none'}")
+        return scalar(dtype, *data)
+    return build
 
 
 def safe_load(path: str | Path):

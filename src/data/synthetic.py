@@ -27,12 +27,13 @@ differ only in the planted bias share labels, genuine signal and noise.
 """
 from __future__ import annotations
 
-import os
+import math
 import pickle
 from pathlib import Path
 
 import numpy as np
 
+from src.atomic import remove_stale_temporaries, replacing
 from src.data.layout import MODALITIES, SPLITS, DatasetSpec, data_file, get_spec
 from src.errors import ConfigError
 
@@ -206,12 +207,16 @@ def write_synthetic(data_dir: str | Path, dataset: str, aligned: bool = True, sc
     unaligned MOSEI file needs many GB. The file appears atomically (temporary file + rename).
     """
     spec = get_spec(dataset)
-    if not scale > 0:
-        raise ConfigError(f"scale must be positive, got {scale}")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ConfigError(f"scale must be a positive finite fraction of the real size (e.g. 0.05), got {scale}")
     if bias_modality is not None and bias_modality not in MODALITIES:
         raise ConfigError(f"bias_modality must be one of {', '.join(MODALITIES)} or None, got '{bias_modality}'")
     if not 0.0 <= bias_strength <= 1.0:
         raise ConfigError(f"bias_strength must lie in [0, 1], got {bias_strength}")
+    # Without a modality to plant it in, a strength would silently plant nothing.
+    if bias_strength > 0 and bias_modality is None:
+        raise ConfigError(f"bias_strength {bias_strength} needs a bias_modality (CLI: --bias-modality "
+                          "text|audio|vision) to plant the shortcut in")
     if signal < 0:
         raise ConfigError(f"signal must be non-negative, got {signal}")
 
@@ -219,14 +224,12 @@ def write_synthetic(data_dir: str | Path, dataset: str, aligned: bool = True, sc
     data = {split: _split(spec, split, n, aligned, seed, bias_modality, bias_strength, signal)
             for split, n in zip(SPLITS, sizes)}
     path = data_file(data_dir, dataset, aligned)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the data folder {path.parent}: {err.strerror or err}") from None
+    remove_stale_temporaries(path.parent)
+    with replacing(path) as tmp:
         with open(tmp, "wb") as handle:
             pickle.dump(data, handle, protocol=PICKLE_PROTOCOL)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -6,42 +6,30 @@ model or config is refused instead of silently half-loaded.
 """
 from __future__ import annotations
 
-import os
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
+from src.atomic import replacing, write_text
 from src.errors import CheckpointError, NonFiniteError
-from src.train.config import model_signature
+from src.train.config import drop_retired_keys, load_yaml, model_signature
 
 CHECKPOINT_NAMES = {"last": "last.pt", "best_loss": "best_loss.pt", "best_acc": "best_acc.pt"}
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over the target.
-
-    A rename within one filesystem is atomic, so a kill at any moment leaves either the old file or the
-    new one, never a torn file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save through src.atomic: a kill at any moment leaves the old file or the new one, never a torn one."""
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)
 
 
-def atomic_write_text(text: str, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _first_line(err: BaseException) -> str:
+    lines = str(err).splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def rng_state() -> dict:
@@ -56,6 +44,26 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def restore_rng_state(state: dict, path: Path) -> None:
+    try:
+        set_rng_state(state)
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path}: its saved random-number-generator state cannot be restored "
+                              f"({_first_line(err)}); the run cannot "
+                              "resume exactly from it") from None
+
+
+def load_scheduler_state(scheduler, state: dict, path: Path) -> None:
+    """The scheduler's load_state_dict takes any dict as its attributes; accept only its own keys and types."""
+    own = scheduler.state_dict()
+    for key, value in state.items():
+        if key not in own or (own[key] is not None and value is not None and not isinstance(value, type(own[key]))
+                              and not (isinstance(own[key], (int, float)) and isinstance(value, (int, float)))):
+            raise CheckpointError(f"checkpoint {path}: its scheduler state holds {key} = {value!r}, which a "
+                                  f"{type(scheduler).__name__} does not have; the run cannot resume from it")
+    scheduler.load_state_dict(state)
 
 
 def set_rng_state(state: dict) -> None:
@@ -75,28 +83,99 @@ def _to_tuples(obj):
     return tuple(_to_tuples(x) for x in obj) if isinstance(obj, list) else obj
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint as tensors only; a missing or corrupt file is a CheckpointError naming it."""
+def verify_checksums(path: Path) -> None:
+    """Check every member of the checkpoint's zip against its stored CRC-32.
+
+    torch.load reads a torch zip without checking the CRCs, so a flipped bit in the weights would load
+    as a silently different model; reading each member through zipfile checks them."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        size = path.stat().st_size if path.exists() else 0
+        what = "is empty (0 bytes: a write that never happened?)" if size == 0 else f"is not a readable zip ({err})"
+        raise CheckpointError(f"checkpoint {path} cannot be read: it {what}, so it is not a checkpoint of this "
+                              "tool, or it is truncated or corrupt. Use another checkpoint, or train again.") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: the bytes of its member '{bad}' do not match their "
+                              "stored checksum (a flipped bit on disk or in a copy). Use another checkpoint, or "
+                              "train again.")
+
+
+# What each part of a checkpoint must be, so that a crafted or damaged one is refused by name instead of
+# failing somewhere inside the loop. Every checkpoint holds the weights; `last` also the training state.
+WEIGHTS_FIELDS = {"model": dict, "config": str, "epoch": int}
+RESUME_FIELDS = {"optimizer": dict, "scheduler": dict, "rng": dict, "state": dict}
+STATE_FIELDS = {"epoch": int, "best_loss": (int, float), "best_acc": (int, float), "since_best": int,
+                "history": list}
+RNG_FIELDS = {"torch": torch.Tensor, "numpy_keys": torch.Tensor, "numpy_meta": list, "python": list}
+
+
+def _check_fields(node: dict, fields: dict, path: Path, where: str) -> None:
+    for key, types in fields.items():
+        if key not in node:
+            raise CheckpointError(f"checkpoint {path} is not a checkpoint of this tool: {where}'{key}' is missing")
+        value = node[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+            raise CheckpointError(f"checkpoint {path} is not a checkpoint of this tool: {where}'{key}' is a "
+                                  f"{type(value).__name__}, not a {names}")
+
+
+def check_structure(ckpt, path: Path, resumable: bool = False) -> None:
+    """Refuse a checkpoint whose parts are missing or of the wrong type, naming the part."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path} is not a checkpoint of this tool: it holds a "
+                              f"{type(ckpt).__name__}, not a dict")
+    _check_fields(ckpt, WEIGHTS_FIELDS, path, "")
+    bad = next((k for k, v in ckpt["model"].items() if not isinstance(k, str) or not torch.is_tensor(v)), None)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is not a checkpoint of this tool: its model state holds "
+                              f"{bad!r}, which is not a named tensor")
+    try:
+        config = load_yaml(ckpt["config"])
+    except yaml.YAMLError as err:
+        raise CheckpointError(f"checkpoint {path}: its saved config is not valid YAML ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path}: its saved config is a {type(config).__name__}, not a mapping")
+    if resumable:
+        _check_fields(ckpt, RESUME_FIELDS, path, "")
+        _check_fields(ckpt["state"], STATE_FIELDS, path, "state.")
+        _check_fields(ckpt["rng"], RNG_FIELDS, path, "rng.")
+
+
+def load_checkpoint(path: Path, resumable: bool = False) -> dict:
+    """Read a checkpoint as tensors only; a missing, corrupt or malformed file is a CheckpointError naming it.
+
+    resumable: also require the training state `last.pt` holds (optimizer, scheduler, RNG, bookkeeping)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
+    verify_checksums(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for torn zips and foreign pickles
         raise CheckpointError(f"checkpoint {path} cannot be read (corrupt, truncated, or not a checkpoint "
-                              f"of this tool): {str(err).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"checkpoint {path} is not a checkpoint of this tool (no model state or config)")
+                              f"of this tool): {_first_line(err)}") from None
+    state = ckpt.get("state") if isinstance(ckpt, dict) else None
+    if isinstance(state, dict) and "best_score" in state and "best_acc" not in state:
+        # written before the run state named its best headline score after its checkpoint, best_acc.pt
+        state["best_acc"] = state.pop("best_score")
+    check_structure(ckpt, path, resumable)
     return ckpt
 
 
 def checkpoint_config(ckpt: dict) -> dict:
-    return yaml.safe_load(ckpt["config"])
+    return drop_retired_keys(load_yaml(ckpt["config"]))
 
 
 def check_compatible(ckpt: dict, path: Path, expected_signature: dict) -> None:
     """Refuse a checkpoint whose model-defining config differs from the run's, naming the first difference."""
-    found = model_signature(checkpoint_config(ckpt))
+    try:
+        found = model_signature(checkpoint_config(ckpt))
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: its saved config lacks {err} (not a checkpoint of this tool, "
+                              "or a damaged one)") from None
     difference = first_difference(found, expected_signature)
     if difference:
         key, got, want = difference
@@ -128,7 +207,7 @@ def load_model_state(model: torch.nn.Module, state: dict, path: Path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {path} does not fit this model: {str(err).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {_first_line(err)}") from None
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, path: Path) -> None:
@@ -136,7 +215,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, path: Pa
     with another parameter layout (an earlier version of a model) cannot continue the run."""
     try:
         optimizer.load_state_dict(state)
-    except (ValueError, KeyError, RuntimeError) as err:
+    except (ValueError, KeyError, RuntimeError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path} holds optimizer state for another parameter layout (written by "
                               f"an earlier version of this model?), so the run cannot resume: {err}; its weights "
                               f"still load for evaluation") from None
@@ -146,9 +225,13 @@ def read_config_file(path: Path) -> dict:
     if not Path(path).is_file():
         raise CheckpointError(f"{path} not found: this directory does not hold a run of this tool")
     try:
-        return yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as err:
+        cfg = load_yaml(Path(path).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not a readable run config: {err}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} is not a run config of this tool: it holds a {type(cfg).__name__}, not a "
+                              "mapping of sections (data, model, loss, train)")
+    return drop_retired_keys(cfg)
 
 
 def check_same_config(saved: dict, requested: dict, path: Path) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import math
+import re
 from pathlib import Path
 
 import yaml
@@ -20,6 +22,7 @@ import yaml
 from src.data.layout import DATASETS
 from src.errors import ConfigError
 
+LOG = logging.getLogger("causalmer")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 MODEL_NAMES = ("causalmer", "backbone")
 
@@ -49,9 +52,46 @@ SCHEMA = {
         "accumulate": int,
         "plateau": {"factor": NUM, "patience": int},
         "early_stop": (int, type(None)),
-        "num_workers": int,
     },
 }
+# Keys earlier versions wrote that no longer mean anything (train.num_workers was never read): dropped when
+# a config is read, so old run directories still evaluate and resume.
+RETIRED_KEYS = (("train", "num_workers"),)
+# What the code reads without a default: a config file lacking one fails here, not after an epoch.
+REQUIRED_KEYS = ("dataset", "data.dir", "data.aligned", "data.task", "data.clean_nonfinite", "model.name",
+                 "model.backbone", "model.head.fusion", "loss.alpha", "loss.beta", "loss.kl", "train.epochs",
+                 "train.batch_size", "train.eval_batch_size", "train.lr.backbone", "train.plateau.factor",
+                 "train.plateau.patience")
+CAUSALMER_REQUIRED_KEYS = ("model.branches.text", "model.branches.audio", "model.branches.vision",
+                           "train.lr.text", "train.lr.audio", "train.lr.vision", "train.lr.constant")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as configs mean it: like safe_load, but 1e-3 and 5E+2 are floats, as in YAML 1.2.
+
+    PyYAML follows YAML 1.1, whose floats need a dot (1.0e-3), so `lr: 1e-3` would be the string '1e-3'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text):
+    """Parse config text (or a stream) the way every config of this tool is read."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def drop_retired_keys(cfg: dict, source: Path | None = None) -> dict:
+    """Remove RETIRED_KEYS from cfg (in place); with a source file, say so once per key."""
+    for section, key in RETIRED_KEYS:
+        if isinstance(cfg.get(section), dict) and key in cfg[section]:
+            del cfg[section][key]
+            if source is not None:
+                LOG.warning("config file %s: %s.%s is ignored (it is no longer a setting; it never had an "
+                            "effect); remove it", source, section, key)
+    return cfg
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -70,7 +110,7 @@ def read_yaml(path: Path) -> dict:
         raise ConfigError(f"config file {path} not found")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = load_yaml(f)
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if data is None:
@@ -86,7 +126,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
         raise ConfigError(f"--set expects key=value (e.g. train.epochs=5), got '{text}'")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -112,8 +152,7 @@ def _check(node, schema, where: str) -> None:
             _check(value, schema[key], here)
         return
     types = schema if isinstance(schema, tuple) else (schema,)
-    # YAML reads 1e-3 without a dot as a string and `true` as bool; bool is an int subclass, so refuse it
-    # explicitly where a number is expected.
+    # YAML reads `true` as bool; bool is an int subclass, so refuse it explicitly where a number is expected.
     if isinstance(node, bool) and bool not in types:
         raise ConfigError(f"config key '{where}' must be {_type_names(types)}, got {node!r}")
     if not isinstance(node, types):
@@ -149,9 +188,12 @@ def validate(cfg: dict) -> dict:
     """Check keys, types and values; return cfg unchanged. Errors name the offending key."""
     _check(cfg, SCHEMA, "")
     _check_finite(cfg, "")
-    for path in ("dataset", "data.task", "model.name", "model.backbone", "model.head.fusion", "loss.kl",
-                 "train.epochs", "train.batch_size"):
+    for path in REQUIRED_KEYS:
         _require(cfg, path)
+    if cfg["model"]["name"] == "causalmer":
+        for path in CAUSALMER_REQUIRED_KEYS:
+            _require(cfg, path)
+    _check_ranges(cfg)
     dataset = cfg["dataset"]
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset '{dataset}'; valid datasets: {', '.join(DATASETS)}")
@@ -182,11 +224,24 @@ def validate(cfg: dict) -> dict:
     for key in ("grad_clip_norm", "grad_clip_value"):
         if train.get(key) is not None and train[key] <= 0:
             raise ConfigError(f"train.{key} must be positive or null, got {train[key]}")
-    if train.get("weight_decay", 0) < 0:
-        raise ConfigError(f"train.weight_decay must be non-negative, got {train['weight_decay']}")
     if not 0 < train["plateau"]["factor"] < 1:
         raise ConfigError(f"train.plateau.factor must be in (0, 1), got {train['plateau']['factor']}")
     return cfg
+
+
+def _check_ranges(cfg: dict) -> None:
+    """Values the optimiser, scheduler and loop would misuse or reject only once the run has started."""
+    train = cfg["train"]
+    if train.get("weight_decay", 0.0) < 0:
+        raise ConfigError(f"train.weight_decay must be non-negative, got {train['weight_decay']}")
+    if train.get("early_stop") is not None and train["early_stop"] < 1:
+        raise ConfigError(f"train.early_stop must be at least 1 (epochs without a better validation loss) or "
+                          f"null to never stop early, got {train['early_stop']}")
+    if train["plateau"]["patience"] < 0:
+        raise ConfigError(f"train.plateau.patience must be non-negative, got {train['plateau']['patience']}")
+    for key in ("alpha", "beta"):
+        if cfg["loss"][key] < 0:
+            raise ConfigError(f"loss.{key} must be non-negative (a loss weight), got {cfg['loss'][key]}")
 
 
 def check_kwargs(fn, kwargs: dict, where: str) -> None:
@@ -206,7 +261,10 @@ def load_config(dataset: str, config_path: str | Path | None = None, backbone: s
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset '{dataset}'; valid datasets: {', '.join(DATASETS)}")
     path = Path(config_path) if config_path else CONFIG_DIR / f"{dataset}.yaml"
-    cfg = read_yaml(path)
+    cfg = drop_retired_keys(read_yaml(path), path)
+    for section in ("data", "model", "loss", "train"):
+        if section in cfg and not isinstance(cfg[section], dict):
+            raise ConfigError(f"config file {path}: '{section}' must be a section (mapping), got {cfg[section]!r}")
     if cfg.get("dataset", dataset) != dataset:
         raise ConfigError(f"config file {path} is for dataset '{cfg.get('dataset')}', not '{dataset}'")
     cfg["dataset"] = dataset
@@ -222,6 +280,8 @@ def load_config(dataset: str, config_path: str | Path | None = None, backbone: s
     name = _require(cfg, "model.backbone")
     from src.models import BACKBONES
 
+    if not isinstance(name, str):
+        raise ConfigError(f"config key 'model.backbone' must be a backbone name (str), got {name!r}")
     if name not in BACKBONES:
         raise ConfigError(f"unknown backbone '{name}'; valid backbones: {', '.join(sorted(BACKBONES))}")
     backbone_file = read_yaml(CONFIG_DIR / "backbones" / f"{name}.yaml")

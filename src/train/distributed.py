@@ -33,18 +33,42 @@ def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda when present, else cpu. Chosen once and passed down; nothing else picks a device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} is not a device this tool runs on; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for, but no CUDA device is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0")
     return device
 
 
+def _env_int(name: str, default: str | None = None) -> int:
+    raw = os.environ.get(name, default)
+    if raw is None:
+        raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {name} is not: a distributed run needs "
+                        "both (torchrun sets them); unset WORLD_SIZE to run in one process")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UserError(f"environment variable {name}={raw!r} is not an integer") from None
+    if value < 0:
+        raise UserError(f"environment variable {name}={value} must be non-negative")
+    return value
+
+
 def setup(device_name: str = "auto") -> Context:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _env_int("WORLD_SIZE", "1")
     if world_size <= 1:
         return Context(resolve_device(device_name))
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    rank = _env_int("RANK")
+    if rank >= world_size:
+        raise UserError(f"RANK={rank} is not below WORLD_SIZE={world_size}")
+    local_rank = _env_int("LOCAL_RANK", str(rank))
     device = resolve_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from src.atomic import write_text
 from src.errors import UserError
 from src.modalities import MODALITIES
 from src.train import checkpoint as ckpt_io
@@ -91,7 +92,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test
                     print(f"missing-modality test on {split} ({name}, epoch {saved['epoch']}); scores in %:")
                     print_removal_report(report)
                     out = Path(run_dir) / f"robustness_{tag}_{split}.json"
-                    ckpt_io.atomic_write_text(json.dumps({**origin, **report}, indent=2), out)
+                    write_text(out, json.dumps({**origin, **report}, indent=2))
                     print(f"\nwrote {out}")
                 result = report
             else:
@@ -103,7 +104,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test
                     print(prediction_table(result["predictions"]))
                     suffix = f"_no_{remove}" if remove else ""
                     out = Path(run_dir) / f"eval_{tag}_{split}{suffix}.json"
-                    ckpt_io.atomic_write_text(json.dumps({**origin, "removed": list(removed), **result}, indent=2), out)
+                    write_text(out, json.dumps({**origin, "removed": list(removed), **result}, indent=2))
                     print(f"wrote {out}")
         if analyze:
             analyze_runs([Path(run_dir)], checkpoint=checkpoint, split=split, device=device, data_dir=data_dir)
@@ -145,13 +146,16 @@ def analyze_runs(run_dirs: list[Path], checkpoint: str = "best_acc", split: str 
     from src.analysis.plots import PLOTS_HINT, plot_contributions, plot_removal_drops
 
     check_same_data(run_dirs)
+    out = Path(out_dir) if out_dir else Path(run_dirs[0])
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file; analyze writes analysis.json and the plots into a folder "
+                        "there: give a folder (new or existing)")
     ctx = distributed.setup(device)
     try:
         results = {}
         for run_dir in run_dirs:
             label = f"{Path(run_dir).parent.name}/{Path(run_dir).name}"
             results[label] = analyze_run(Path(run_dir), checkpoint, split, ctx, data_dir)
-        out = Path(out_dir) if out_dir else Path(run_dirs[0])
         # Into the first run's directory, the analysis of another checkpoint or other data is named apart
         # (as eval's results are), so it never replaces the run's own.
         first = next(iter(results.values()))
@@ -159,9 +163,12 @@ def analyze_runs(run_dirs: list[Path], checkpoint: str = "best_acc", split: str 
         suffix = "" if out_dir or tag == checkpoint_path(run_dirs[0], checkpoint).stem else f"_{tag}"
         files = {name: out / f"{name}{suffix}.{ext}" for name, ext in
                  (("analysis", "json"), ("contributions", "png"), ("removal_drops", "png"))}
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the output folder {out}: {err.strerror or err}") from None
         print_analysis(results)
-        ckpt_io.atomic_write_text(json.dumps(results, indent=2), files["analysis"])
+        write_text(files["analysis"], json.dumps(results, indent=2))
         print(f"\nwrote {files['analysis']}")
         contributions = {label: r["shapley"] for label, r in results.items()}
         drops = {label: {k: v["drop"] for k, v in r["robustness"]["removals"].items()}

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from src import metrics
+from src.atomic import write_text
 from src.causal import warn_if_constants_cannot_learn
 from src.data import load_splits
 from src.errors import NonFiniteError
@@ -79,15 +80,13 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
     signature = model_signature(cfg)
 
     if resume:
-        last = ckpt_io.load_checkpoint(run_dir / ckpt_io.CHECKPOINT_NAMES["last"])
+        last = ckpt_io.load_checkpoint(run_dir / ckpt_io.CHECKPOINT_NAMES["last"], resumable=True)
         ckpt_io.check_compatible(last, run_dir / "last.pt", signature)
         ckpt_io.load_model_state(model, last["model"], run_dir / "last.pt")
         ckpt_io.load_optimizer_state(optimizer, last["optimizer"], run_dir / "last.pt")
-        scheduler.load_state_dict(last["scheduler"])
+        ckpt_io.load_scheduler_state(scheduler, last["scheduler"], run_dir / "last.pt")
         state = last["state"]
-        if "best_score" in state:  # runs saved before the key was named after its checkpoint, best_acc.pt
-            state["best_acc"] = state.pop("best_score")
-        ckpt_io.set_rng_state(last["rng"])
+        ckpt_io.restore_rng_state(last["rng"], run_dir / "last.pt")
         log.info("resumed from %s after epoch %d", run_dir / "last.pt", state["epoch"])
 
     trained = model
@@ -207,5 +206,5 @@ def final_evaluation(model, splits, cfg, run_dir: Path, ctx: Context, amp: bool,
         for split in ("valid", "test"):
             results[which][split] = evaluate(model, splits[split], batch_size, ctx, amp=amp)
     if ctx.is_main:
-        ckpt_io.atomic_write_text(json.dumps(results, indent=2), run_dir / "metrics.json")
+        write_text(run_dir / "metrics.json", json.dumps(results, indent=2))
     return results

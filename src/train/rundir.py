@@ -24,14 +24,6 @@ from src.train.checkpoint import CHECKPOINT_NAMES
 
 LOCK_NAME = ".lock"
 METRICS_NAME = "metrics.json"
-SEED_RANGE = (0, 2**32 - 1)  # what numpy's global seeding accepts
-
-
-def check_seed(seed: int) -> None:
-    low, high = SEED_RANGE
-    if not low <= seed <= high:
-        raise UserError(f"--seed must be between {low} and {high} (2^32 - 1), got {seed}")
-
 
 def holds_run(run_dir: Path) -> bool:
     """True once the directory has a checkpoint or the metrics of a finished run."""
@@ -68,7 +60,8 @@ def exclusive(run_dir: Path):
         run_dir.mkdir(parents=True, exist_ok=True)
         handle = open(run_dir / LOCK_NAME, "a+b")
     except OSError as err:
-        raise UserError(f"cannot create or write the run directory {run_dir}: {err.strerror or err}") from None
+        raise UserError(f"cannot create the run directory {run_dir} (or write its lock file): {err.strerror or err}; "
+                        "is the runs folder (--runs-dir) a writable folder?") from None
     try:
         if fcntl is not None:
             try:
