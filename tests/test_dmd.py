@@ -37,7 +37,7 @@ TERMS = ("task", "homo_logit", "homo_reg", "homo_repr", "hetero_logit", "hetero_
 
 def tiny_dmd(dims=(6, 5, 4), seq_lens=(7, 9, 8), kernels=(3, 1, 2), output_dim=3, dropout=0.0, **overrides):
     settings = dict(orig_dims=dims, seq_lens=seq_lens, output_dim=output_dim, kernel_sizes=kernels,
-                    d_model=D_MODEL, num_heads=HEADS, nlevels=1, attn_dropout=dropout, attn_dropout_a=dropout,
+                    d_model=D_MODEL, num_heads=HEADS, layers=1, attn_dropout=dropout, attn_dropout_a=dropout,
                     attn_dropout_v=dropout, relu_dropout=dropout, res_dropout=dropout, embed_dropout=dropout,
                     out_dropout=dropout, text_dropout=dropout, gd_size_homo=6, gd_size_hetero=5)
     settings.update(overrides)
@@ -66,7 +66,7 @@ def test_shapes_and_a_training_step_for_every_dataset_and_layout(dataset, layout
     lengths, task = spec[layout], spec["task"]
     torch.manual_seed(0)
     model = build_backbone("dmd", orig_dims=spec["dims"], seq_lens=lengths, output_dim=OUTPUTS[task],
-                           kernel_sizes=spec["kernels"], d_model=D_MODEL, num_heads=HEADS, nlevels=1)
+                           kernel_sizes=spec["kernels"], d_model=D_MODEL, num_heads=HEADS, layers=1)
     text, audio, vision = random_inputs(spec["dims"], lengths, batch=2)
     logits, extras = model(text, audio, vision)
     classes = OUTPUTS[task]
@@ -222,15 +222,58 @@ def test_margin_loss_is_zero_without_anchors_that_have_both_kinds_and_chunks_agr
         dmd._MARGIN_BLOCK_ELEMENTS = saved
 
 
-def test_orthogonality_loss_is_zero_for_orthogonal_features_and_one_for_equal_ones():
+@pytest.mark.parametrize("axis", ["batch", "feature"])
+def test_orthogonality_loss_is_zero_for_orthogonal_features_and_one_for_equal_ones(axis):
     generator = torch.Generator().manual_seed(0)
-    specific = torch.zeros(3, 8, 5)
-    common = torch.zeros(3, 8, 5)
-    specific[:, :4] = torch.randn(3, 4, 5, generator=generator)
-    common[:, 4:] = torch.randn(3, 4, 5, generator=generator)
-    assert orthogonality_loss(specific, common).item() == 0.0
-    assert orthogonality_loss(specific, specific).item() == pytest.approx(1.0, abs=1e-6)
-    assert orthogonality_loss(specific, -specific).item() == 0.0  # opposite directions are not penalised
+    specific = torch.randn(3, 8, 5, generator=generator)
+    assert orthogonality_loss(specific, specific, axis).item() == pytest.approx(1.0, abs=1e-6)
+    assert orthogonality_loss(specific, -specific, axis).item() == 0.0  # opposite directions are not penalised
+    # Orthogonal along the axis the cosine runs on: disjoint supports there.
+    common = torch.randn(3, 8, 5, generator=generator)
+    if axis == "feature":
+        specific, common = specific.clone(), common.clone()
+        specific[:, 4:], common[:, :4] = 0, 0
+    else:
+        specific, common = specific.clone(), common.clone()
+        specific[1:], common[:1] = 0, 0
+    assert orthogonality_loss(specific, common, axis).item() == 0.0
+
+
+def test_orthogonality_loss_by_hand_along_the_batch_and_the_feature_axis():
+    """B = 2, d = 2, T = 1: s = ((1, 0), (1, 1)), c = ((1, 1), (-1, 1)) per sample (feature vectors).
+
+    batch axis, feature 0: s = (1, 1), c = (1, -1): cos 0; feature 1: s = (0, 1), c = (1, 1): cos 1/√2
+      -> mean over the two features of max(0, cos) = 1/(2√2)
+    feature axis, sample 0: s = (1, 0), c = (1, 1): cos 1/√2; sample 1: s = (1, 1), c = (-1, 1): cos 0
+      -> mean over the two samples = 1/(2√2) as well; a third sample separates the two:
+    sample 2: s = (1, 0), c = (1, 0) adds 1 to the feature mean (-> (1/√2 + 1)/3) and changes the
+      batch cosines to feature 0: s = (1, 1, 1), c = (1, -1, 1): 1/3; feature 1: s = (0, 1, 0),
+      c = (1, 1, 0): 1/√2  -> (1/3 + 1/√2)/2.
+    """
+    specific = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0]]).unsqueeze(2)  # (B, d, T)
+    common = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, 0.0]]).unsqueeze(2)
+    root = 2 ** -0.5
+    assert orthogonality_loss(specific[:2], common[:2], "batch").item() == pytest.approx(root / 2, abs=1e-6)
+    assert orthogonality_loss(specific[:2], common[:2], "feature").item() == pytest.approx(root / 2, abs=1e-6)
+    assert orthogonality_loss(specific, common, "batch").item() == pytest.approx((1 / 3 + root) / 2, abs=1e-6)
+    assert orthogonality_loss(specific, common, "feature").item() == pytest.approx((root + 1) / 3, abs=1e-6)
+    assert orthogonality_loss(specific, common).item() == pytest.approx((1 / 3 + root) / 2, abs=1e-6)  # default
+
+
+def test_orthogonality_axis_is_a_constructor_key_and_a_bad_value_is_refused():
+    torch.manual_seed(0)
+    batch, feature = tiny_dmd().eval(), tiny_dmd(orthogonality_axis="feature").eval()
+    feature.load_state_dict(batch.state_dict())
+    target = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        _, extras = batch(*random_inputs((6, 5, 4), (7, 9, 8)))
+        expected = {axis: sum(orthogonality_loss(s, c, axis) for s, c in zip(extras["specific"], extras["common"]))
+                    for axis in ("batch", "feature")}
+        assert torch.allclose(batch.aux_terms(extras, target)["orthogonality"], expected["batch"])
+        assert torch.allclose(feature.aux_terms(extras, target)["orthogonality"], expected["feature"])
+        assert not torch.allclose(expected["batch"], expected["feature"])
+    with pytest.raises(ConfigError, match="orthogonality_axis"):
+        tiny_dmd(orthogonality_axis="time")
 
 
 # ---------------------------------------------------------------------------------- auxiliary loss

@@ -226,7 +226,7 @@ SMALL_BACKBONE = {
     "pmr": ["--set", "model.backbone_params.d_model=8", "--set", "model.backbone_params.num_heads=2",
             "--set", "model.backbone_params.layers=1"],
     "dmd": ["--set", "model.backbone_params.d_model=8", "--set", "model.backbone_params.num_heads=2",
-            "--set", "model.backbone_params.nlevels=1", "--set", "train.accumulate=2"],
+            "--set", "model.backbone_params.layers=1", "--set", "train.accumulate=2"],
 }
 POOL_BRANCHES = TINY[4:10]
 
