@@ -47,6 +47,7 @@ SCHEMA = {
         "grad_clip_norm": OPT_NUM,
         "grad_clip_value": OPT_NUM,
         "accumulate": int,
+        "accumulation": str,
         "plateau": {"factor": NUM, "patience": int},
         "early_stop": (int, type(None)),
         "num_workers": int,
@@ -168,6 +169,10 @@ def validate(cfg: dict) -> dict:
     for key in ("grad_clip_norm", "grad_clip_value"):
         if train.get(key) is not None and train[key] <= 0:
             raise ConfigError(f"train.{key} must be positive or null, got {train[key]}")
+    if "accumulation" in train:
+        from src.train.accumulation import check_policy
+
+        check_policy(train["accumulation"])
     if not 0 < train["plateau"]["factor"] < 1:
         raise ConfigError(f"train.plateau.factor must be in (0, 1), got {train['plateau']['factor']}")
     return cfg

@@ -21,6 +21,7 @@ from src import metrics
 from src.causal import warn_if_constants_cannot_learn
 from src.data import load_splits
 from src.train import checkpoint as ckpt_io
+from src.train.accumulation import Accumulation
 from src.train.build import build_model, make_optimizer
 from src.train.config import dump_config, model_signature
 from src.train.distributed import Context, barrier
@@ -130,8 +131,9 @@ def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, 
     # the next epoch's shuffle (evaluation, unlike training, sees every sample exactly once).
     usable = len(order) - len(order) % ctx.world_size
     indices = order[ctx.rank:usable:ctx.world_size]
-    batch_size, accumulate = tcfg["batch_size"], tcfg.get("accumulate", 1)
+    batch_size = tcfg["batch_size"]
     n_batches = math.ceil(len(indices) / batch_size)
+    plan = Accumulation(tcfg.get("accumulation", "corrected"), tcfg.get("accumulate", 1), n_batches)
     total, count = torch.zeros((), device=ctx.device), 0
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(iterate_batches(dataset, indices, batch_size), total=n_batches, desc=f"epoch {epoch}",
@@ -141,18 +143,24 @@ def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, 
         with autocast(ctx.device, amp):
             out = model(batch["text"], batch["audio"], batch["vision"])
             loss = unwrap(model).loss(out, batch["target"])
-        (loss / accumulate).backward()
-        if step % accumulate == 0 or step == n_batches:
-            if tcfg.get("grad_clip_value"):
-                torch.nn.utils.clip_grad_value_(model.parameters(), tcfg["grad_clip_value"])
-            if tcfg.get("grad_clip_norm"):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip_norm"])
+        (loss * plan.loss_scale).backward()
+        if plan.clips_after(step):
+            clip_gradients(model, tcfg)
+        if plan.steps_after(step):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         n = len(batch["target"])
         total += loss.detach() * n  # summed on the device: no host sync per step
         count += n
+    optimizer.zero_grad(set_to_none=True)  # a partial window that did not step is discarded
     return float(total) / max(1, count)
+
+
+def clip_gradients(model, tcfg: dict) -> None:
+    if tcfg.get("grad_clip_value"):
+        torch.nn.utils.clip_grad_value_(model.parameters(), tcfg["grad_clip_value"])
+    if tcfg.get("grad_clip_norm"):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip_norm"])
 
 
 def final_evaluation(model, splits, cfg, run_dir: Path, ctx: Context, amp: bool, state: dict) -> dict:
