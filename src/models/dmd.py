@@ -244,8 +244,14 @@ class DMD(nn.Module):
     fixed at construction: the homogeneous branch flattens each modality's whole sequence, so data
     of another length is refused with a ConfigError. The loss weights default to SPEC §8's.
     `group_encoders` runs encoders of one shape as one batched computation when their lengths are
-    similar (same results; a speed option).
+    similar (same results; a speed option). `orthogonality_axis` is "batch" (the reference) or
+    "feature" (see `orthogonality_loss`).
+
+    The validation loss is the fused output's task loss alone, as the reference selects on it: the
+    auxiliary terms train DMD but do not judge it (`validation_uses_aux_loss`, src/models/contract.py).
     """
+
+    validation_uses_aux_loss = False
 
     def __init__(self, orig_dims, seq_lens, output_dim=1, kernel_sizes=(5, 1, 3), d_model=30, num_heads=6,
                  layers=4, attn_dropout=0.4, attn_dropout_a=0.0, attn_dropout_v=0.0, relu_dropout=0.0,
