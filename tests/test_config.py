@@ -81,3 +81,14 @@ def test_unreadable_config_file(tmp_path):
         read_yaml(bad)
     with pytest.raises(ConfigError, match="not found"):
         read_yaml(tmp_path / "missing.yaml")
+
+
+def test_an_earlier_run_config_with_nlevels_reads_as_layers_and_both_names_are_refused():
+    from src.train.config import upgrade_run_config
+
+    old = {"model": {"backbone": "dmd", "backbone_params": {"d_model": 8, "nlevels": 2}}}
+    assert upgrade_run_config(old, "config.yaml")["model"]["backbone_params"] == {"d_model": 8, "layers": 2}
+    current = {"model": {"backbone": "mult", "backbone_params": {"layers": 5}}}
+    assert upgrade_run_config(current, "config.yaml") == {"model": {"backbone": "mult", "backbone_params": {"layers": 5}}}
+    with pytest.raises(ConfigError, match="runs/x/config.yaml.*nlevels.*layers"):
+        upgrade_run_config({"model": {"backbone_params": {"nlevels": 2, "layers": 2}}}, "runs/x/config.yaml")

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from src.errors import CheckpointError
+from src.train.config import upgrade_run_config
 
 CHECKPOINT_NAMES = {"last": "last.pt", "best_loss": "best_loss.pt", "best_acc": "best_acc.pt"}
 
@@ -90,7 +91,7 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def checkpoint_config(ckpt: dict) -> dict:
-    return yaml.safe_load(ckpt["config"])
+    return upgrade_run_config(yaml.safe_load(ckpt["config"]), "the config inside a checkpoint")
 
 
 def check_compatible(ckpt: dict, path: Path, expected_signature: dict, signature_fn) -> None:
@@ -135,9 +136,10 @@ def read_config_file(path: Path) -> dict:
     if not Path(path).is_file():
         raise CheckpointError(f"{path} not found: this directory does not hold a run of this tool")
     try:
-        return yaml.safe_load(Path(path).read_text())
+        cfg = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as err:
         raise CheckpointError(f"{path} is not a readable run config: {err}") from None
+    return upgrade_run_config(cfg, str(path))
 
 
 def check_same_config(saved: dict, requested: dict, path: Path) -> None:

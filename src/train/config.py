@@ -55,6 +55,32 @@ SCHEMA = {
 }
 
 
+# Keys renamed since earlier runs were written: (section, old name, new name). An earlier run's config
+# (its config.yaml, and the copy inside its checkpoints) is read with the new names.
+RENAMED_KEYS = ((("model", "backbone_params"), "nlevels", "layers"),)  # DMD's depth, named as MulT's and PMR's
+
+
+def upgrade_run_config(cfg, where: str):
+    """An earlier run's config with its deprecated keys renamed (a warning names each); `where` names the
+    file for the messages. Both names at once are refused: the run would be ambiguous."""
+    import logging
+
+    if not isinstance(cfg, dict):
+        return cfg
+    for section_path, old, new in RENAMED_KEYS:
+        section = cfg
+        for part in section_path:
+            section = section.get(part) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or old not in section:
+            continue
+        dotted = ".".join(section_path)
+        if new in section:
+            raise ConfigError(f"{where} sets both {dotted}.{old} (its former name) and {dotted}.{new}; keep only {new}")
+        logging.getLogger("causalmer").warning("%s: %s.%s is deprecated, read as %s.%s", where, dotted, old, dotted, new)
+        section[new] = section.pop(old)
+    return cfg
+
+
 def deep_merge(base: dict, update: dict) -> dict:
     """Return base updated recursively by update (neither is modified)."""
     out = copy.deepcopy(base)
