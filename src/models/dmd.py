@@ -31,8 +31,7 @@ Choices where SPEC §8 is silent:
   with how different the two labels are, as a score difference does for sentiment;
 - the heterogeneous graph's representation loss is summed over the six edges like the logit loss.
 
-Where the reference's arithmetic differs from the natural reading of its paper, SPEC §8 follows the
-reference, and so does this module: the homogeneous representation is post-ReLU (the reference's
+SPEC §8 follows the reference code's arithmetic, and so does this module: the homogeneous representation is post-ReLU (the reference's
 in-place ReLU), the heterogeneous representation loss multiplies the batch means of max(0, cos) and
 of the edge weights, and the orthogonality cosine runs along the batch axis (`orthogonality_axis`
 "batch"; "feature" is the per-step cosine along the feature axis). `load_official_state_dict` loads
