@@ -5,7 +5,9 @@ import torch
 from torch import nn
 
 from src.errors import ConfigError
-from src.train.accumulation import Accumulation
+import logging
+
+from src.train.accumulation import Accumulation, warn_if_no_step
 from src.train.config import load_config
 from src.train.distributed import Context
 from src.train.loop import epoch_order, train_epoch
@@ -30,6 +32,18 @@ def test_a_window_of_one_is_the_same_under_both_policies():
         plan = Accumulation(policy, window=1, n_batches=5)
         assert plan.loss_scale == 1.0
         assert all(plan.steps_after(b) and plan.clips_after(b) for b in range(1, 6))
+
+
+def test_an_epoch_that_would_never_step_is_warned_about(caplog):
+    log = logging.getLogger("test_accumulation")
+    assert Accumulation("reference", window=10, n_batches=9).steps == 0
+    with caplog.at_level(logging.WARNING):
+        assert warn_if_no_step(Accumulation("reference", window=10, n_batches=9), log)
+    assert "never be updated" in caplog.text and "train.accumulate = 10" in caplog.text
+    assert Accumulation("reference", window=10, n_batches=25).steps == 2
+    assert Accumulation("corrected", window=10, n_batches=9).steps == 1
+    assert not warn_if_no_step(Accumulation("corrected", window=10, n_batches=9), log)
+    assert not warn_if_no_step(Accumulation("reference", window=10, n_batches=10), log)
 
 
 def test_an_unknown_policy_is_refused_naming_the_key():

@@ -45,6 +45,22 @@ class Accumulation:
         """Whether the optimiser steps (and zeroes the gradients) after this batch."""
         return batch % self.window == 0 or (self.policy == "corrected" and batch == self.n_batches)
 
+    @property
+    def steps(self) -> int:
+        """Optimiser steps in the epoch."""
+        return sum(self.steps_after(batch) for batch in range(1, self.n_batches + 1))
+
     def clips_after(self, batch: int) -> bool:
         """Whether the gradients are clipped after this batch's backward (before any step)."""
         return self.policy == "reference" or self.steps_after(batch)
+
+
+def warn_if_no_step(plan: Accumulation, logger) -> bool:
+    """Warn when an epoch would end without an optimiser step (the reference procedure, fewer batches
+    than the window): the model would never train. Returns whether it warned."""
+    if plan.steps > 0:
+        return False
+    logger.warning("an epoch has %d batches, fewer than train.accumulate = %d, and train.accumulation = %s "
+                   "discards a partial window: the model will never be updated. Lower train.accumulate or "
+                   "train.batch_size, or use train.accumulation = corrected", plan.n_batches, plan.window, plan.policy)
+    return True

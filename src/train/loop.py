@@ -21,7 +21,7 @@ from src import metrics
 from src.causal import warn_if_constants_cannot_learn
 from src.data import load_splits
 from src.train import checkpoint as ckpt_io
-from src.train.accumulation import Accumulation
+from src.train.accumulation import Accumulation, warn_if_no_step
 from src.train.build import build_model, make_optimizer
 from src.train.config import dump_config, model_signature
 from src.train.distributed import Context, barrier
@@ -59,6 +59,10 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
     model = make_model(cfg, splits["train"], ctx.device)
     if cfg["model"]["name"] == "causalmer" and ctx.is_main:
         warn_if_constants_cannot_learn(splits["train"].output_dim, log)
+    if ctx.is_main:
+        per_rank = len(splits["train"]) // ctx.world_size  # as train_epoch shares an epoch out
+        warn_if_no_step(Accumulation(tcfg.get("accumulation", "corrected"), tcfg.get("accumulate", 1),
+                                     math.ceil(per_rank / tcfg["batch_size"])), log)
     optimizer = make_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=tcfg["plateau"]["factor"], patience=tcfg["plateau"]["patience"])
