@@ -68,9 +68,9 @@ BRANCH_KINDS = tuple(kind for kind in BRANCHES if kind != "albert")
 # MulT always uses 10 heads, so d_model stays a multiple of 10.
 BACKBONE_SIZES = {
     "default": {"mult": {"d_model": 20, "layers": 2}, "pmr": {"d_model": 20, "layers": 2},
-                "dmd": {"d_model": 18, "nlevels": 2}},  # DMD: 6 heads, depth `nlevels`
+                "dmd": {"d_model": 18, "layers": 2}},  # DMD: 6 heads
     "quick": {"mult": {"d_model": 10, "layers": 1}, "pmr": {"d_model": 10, "layers": 1},
-              "dmd": {"d_model": 6, "nlevels": 1}},
+              "dmd": {"d_model": 6, "layers": 1}},
 }
 # Branch options per kind (beyond `kind`). Transformer and pool are the classes' own defaults; the
 # ResNet-18 is narrowed from 64 to 16 base channels, which keeps it the heaviest kind by far.

@@ -256,7 +256,6 @@ def timed(step, device: Device, warmup: int, min_repeats: int, max_repeats: int,
 
 def build_cfg(row: dict) -> dict:
     """The run config the trainer would use for this row (dataset yaml + backbone yaml), adapted."""
-    from src.models import backbone_class
     from src.train.config import load_config
 
     cfg = load_config(row["dataset"], backbone=row["backbone"], model_name=row["model"])
@@ -264,13 +263,7 @@ def build_cfg(row: dict) -> dict:
     if row["branches"] is not None:
         cfg["model"]["branches"] = row["branches"]
     if row.get("shrink"):
-        # One layer of whatever the backbone calls its depth.
-        import inspect
-
-        accepted = inspect.signature(backbone_class(row["backbone"])).parameters
-        for depth in ("layers", "nlevels"):
-            if depth in accepted:
-                cfg["model"]["backbone_params"][depth] = 1
+        cfg["model"]["backbone_params"]["layers"] = 1  # every backbone calls its depth `layers`
         for options in cfg["model"]["branches"].values():
             if options["kind"] == "resnet18":
                 options.setdefault("width", 8)

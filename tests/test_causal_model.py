@@ -157,3 +157,26 @@ def test_split_backbone_output_forms():
     for bad in ({"logits": logits}, (logits,), (logits, 3), (logits, hidden, extras)):
         with pytest.raises(TypeError, match="a backbone must return"):
             split_backbone_output(bad)
+
+
+class BackboneJudgedByItsTaskLoss(BackboneWithAux):
+    """Trains with its auxiliary loss but declares that its validation loss leaves it out."""
+
+    validation_uses_aux_loss = False
+
+
+def test_validation_loss_counts_the_aux_loss_unless_the_backbone_declares_otherwise():
+    inputs, target = make_batch()
+    aux = lambda out: 0.5 * out["extras"]["features"].pow(2).mean()  # noqa: E731
+    for wrapper, own_loss in ((make_model, causal_loss),
+                              (BackboneOnly, lambda out, target: task_loss(out["logits_m"], target))):
+        counted, declared = wrapper(BackboneWithAux()), wrapper(BackboneJudgedByItsTaskLoss())
+        declared.load_state_dict(counted.state_dict())
+        out, out_declared = counted(**inputs), declared(**inputs)
+        torch.testing.assert_close(counted.validation_loss(out, target), own_loss(out, target) + aux(out))
+        torch.testing.assert_close(declared.validation_loss(out_declared, target), own_loss(out_declared, target))
+        # the training loss keeps the auxiliary term either way
+        torch.testing.assert_close(declared.loss(out_declared, target), own_loss(out_declared, target) + aux(out_declared))
+        plain = wrapper(PooledBackbone())
+        plain_out = plain(**inputs)
+        torch.testing.assert_close(plain.validation_loss(plain_out, target), plain.loss(plain_out, target))

@@ -152,3 +152,12 @@ def test_retired_num_workers_key_is_dropped_from_old_configs(tmp_path, caplog):
     assert "train.num_workers is ignored" in caplog.text
     with pytest.raises(ConfigError, match="unknown config key 'train.num_workers'"):
         load_config("iemocap", overrides=["train.num_workers=2"])  # it does nothing: not a key any more
+def test_an_earlier_run_config_with_nlevels_reads_as_layers_and_both_names_are_refused():
+    from src.train.config import upgrade_config
+
+    old = {"model": {"backbone": "dmd", "backbone_params": {"d_model": 8, "nlevels": 2}}}
+    assert upgrade_config(old, "config.yaml")["model"]["backbone_params"] == {"d_model": 8, "layers": 2}
+    current = {"model": {"backbone": "mult", "backbone_params": {"layers": 5}}}
+    assert upgrade_config(current, "config.yaml") == {"model": {"backbone": "mult", "backbone_params": {"layers": 5}}}
+    with pytest.raises(ConfigError, match="runs/x/config.yaml.*nlevels.*layers"):
+        upgrade_config({"model": {"backbone_params": {"nlevels": 2, "layers": 2}}}, "runs/x/config.yaml")

@@ -1,6 +1,7 @@
 """DMD backbone (SPEC §8) on tiny models: shapes per dataset and layout, the distillation graphs, the
 margin and orthogonality losses against hand-worked values, the weighted auxiliary loss, training
-signal of every term, and the fixed-length contract (module and command line)."""
+signal of every term, the fixed-length contract (module and command line), the official weights
+(fixture dmd_mosei_official.pt and a round trip on other configurations) and the validation loss."""
 import math
 import os
 import subprocess
@@ -10,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.errors import ConfigError
+from src.causal import CausalHead, CausalMER, causal_loss
+from src.errors import CheckpointError, ConfigError
 from src.models import build_backbone
-from src.models.dmd import (DMD, EDGES, GraphDistillation, distillation_losses, margin_loss,
-                            orthogonality_loss)
+from src.models.dmd import (DMD, EDGES, ORDER, GraphDistillation, distillation_losses, load_official_state_dict,
+                            margin_loss, orthogonality_loss)
 from src.models.standalone import BackboneOnly
 from src.losses import task_loss
 
@@ -37,7 +39,7 @@ TERMS = ("task", "homo_logit", "homo_reg", "homo_repr", "hetero_logit", "hetero_
 
 def tiny_dmd(dims=(6, 5, 4), seq_lens=(7, 9, 8), kernels=(3, 1, 2), output_dim=3, dropout=0.0, **overrides):
     settings = dict(orig_dims=dims, seq_lens=seq_lens, output_dim=output_dim, kernel_sizes=kernels,
-                    d_model=D_MODEL, num_heads=HEADS, nlevels=1, attn_dropout=dropout, attn_dropout_a=dropout,
+                    d_model=D_MODEL, num_heads=HEADS, layers=1, attn_dropout=dropout, attn_dropout_a=dropout,
                     attn_dropout_v=dropout, relu_dropout=dropout, res_dropout=dropout, embed_dropout=dropout,
                     out_dropout=dropout, text_dropout=dropout, gd_size_homo=6, gd_size_hetero=5)
     settings.update(overrides)
@@ -66,7 +68,7 @@ def test_shapes_and_a_training_step_for_every_dataset_and_layout(dataset, layout
     lengths, task = spec[layout], spec["task"]
     torch.manual_seed(0)
     model = build_backbone("dmd", orig_dims=spec["dims"], seq_lens=lengths, output_dim=OUTPUTS[task],
-                           kernel_sizes=spec["kernels"], d_model=D_MODEL, num_heads=HEADS, nlevels=1)
+                           kernel_sizes=spec["kernels"], d_model=D_MODEL, num_heads=HEADS, layers=1)
     text, audio, vision = random_inputs(spec["dims"], lengths, batch=2)
     logits, extras = model(text, audio, vision)
     classes = OUTPUTS[task]
@@ -181,6 +183,35 @@ def test_distillation_losses_by_hand():
     assert cosine["repr"].item() == pytest.approx(10 * sum((1 / 6 + p) * c for p, c in zip(prior.tolist(), cosines)))
 
 
+def test_heterogeneous_representation_loss_multiplies_the_batch_means():
+    """Two samples, prior 0: 10 · Σ_edges mean_b(max(0, cos)) · mean_b(e), the reference's reduction.
+
+    cosines per sample: l-v (1, 0), l-a (0, 0), v-a (0, 1), the same both ways; edge weights sample 0
+    (.5, .1, .1, .1, .1, .1), sample 1 (.1, .1, .1, .5, .1, .1). Edges l<-v .5 · .3, v<-l .5 · .1,
+    v<-a .5 · .3, a<-v .5 · .1, the rest 0: 10 · 0.4 = 4 (a per-sample product would give 6).
+    """
+    reprs = [torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+             torch.tensor([[0.0, 1.0], [0.0, 1.0]])]
+    logits = [torch.zeros(2, 1)] * 3
+    edges = torch.tensor([[0.5, 0.1, 0.1, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.5, 0.1, 0.1]])
+    losses = distillation_losses(logits, reprs, edges, torch.zeros(6), "cosine")
+    assert losses["repr"].item() == pytest.approx(4.0, abs=1e-6)
+
+
+def test_homogeneous_representations_are_post_relu_and_the_graph_reads_them():
+    torch.manual_seed(0)
+    model = tiny_dmd().eval()
+    with torch.no_grad():
+        _, extras = model(*random_inputs((6, 5, 4), (7, 9, 8), batch=5))
+        for m, common, representation in zip(ORDER, extras["common"], extras["repr_homo"]):
+            before = model.homo_heads[m].proj1(common.reshape(5, -1))
+            assert (before < 0).any()  # the ReLU has something to do
+            assert torch.equal(representation, torch.relu(before))
+        expected = model.homo_graph(extras["logits_homo"], [torch.relu(r) for r in extras["repr_homo"]])
+        terms = model.aux_terms(extras, torch.tensor([0, 1, 2, 0, 1]))
+        assert torch.allclose(terms["homo_repr"], expected["repr"]) and torch.allclose(terms["homo_reg"], expected["reg"])
+
+
 # ------------------------------------------------------------------------- margin and orthogonality
 def test_margin_loss_hand_worked_example():
     """Vectors (1,0), (0,1), (1,0), (-1,0) with labels 0, 0, 1, 2; margin 0.15·|y_a − y_n|.
@@ -222,15 +253,58 @@ def test_margin_loss_is_zero_without_anchors_that_have_both_kinds_and_chunks_agr
         dmd._MARGIN_BLOCK_ELEMENTS = saved
 
 
-def test_orthogonality_loss_is_zero_for_orthogonal_features_and_one_for_equal_ones():
+@pytest.mark.parametrize("axis", ["batch", "feature"])
+def test_orthogonality_loss_is_zero_for_orthogonal_features_and_one_for_equal_ones(axis):
     generator = torch.Generator().manual_seed(0)
-    specific = torch.zeros(3, 8, 5)
-    common = torch.zeros(3, 8, 5)
-    specific[:, :4] = torch.randn(3, 4, 5, generator=generator)
-    common[:, 4:] = torch.randn(3, 4, 5, generator=generator)
-    assert orthogonality_loss(specific, common).item() == 0.0
-    assert orthogonality_loss(specific, specific).item() == pytest.approx(1.0, abs=1e-6)
-    assert orthogonality_loss(specific, -specific).item() == 0.0  # opposite directions are not penalised
+    specific = torch.randn(3, 8, 5, generator=generator)
+    assert orthogonality_loss(specific, specific, axis).item() == pytest.approx(1.0, abs=1e-6)
+    assert orthogonality_loss(specific, -specific, axis).item() == 0.0  # opposite directions are not penalised
+    # Orthogonal along the axis the cosine runs on: disjoint supports there.
+    common = torch.randn(3, 8, 5, generator=generator)
+    if axis == "feature":
+        specific, common = specific.clone(), common.clone()
+        specific[:, 4:], common[:, :4] = 0, 0
+    else:
+        specific, common = specific.clone(), common.clone()
+        specific[1:], common[:1] = 0, 0
+    assert orthogonality_loss(specific, common, axis).item() == 0.0
+
+
+def test_orthogonality_loss_by_hand_along_the_batch_and_the_feature_axis():
+    """B = 2, d = 2, T = 1: s = ((1, 0), (1, 1)), c = ((1, 1), (-1, 1)) per sample (feature vectors).
+
+    batch axis, feature 0: s = (1, 1), c = (1, -1): cos 0; feature 1: s = (0, 1), c = (1, 1): cos 1/√2
+      -> mean over the two features of max(0, cos) = 1/(2√2)
+    feature axis, sample 0: s = (1, 0), c = (1, 1): cos 1/√2; sample 1: s = (1, 1), c = (-1, 1): cos 0
+      -> mean over the two samples = 1/(2√2) as well; a third sample separates the two:
+    sample 2: s = (1, 0), c = (1, 0) adds 1 to the feature mean (-> (1/√2 + 1)/3) and changes the
+      batch cosines to feature 0: s = (1, 1, 1), c = (1, -1, 1): 1/3; feature 1: s = (0, 1, 0),
+      c = (1, 1, 0): 1/√2  -> (1/3 + 1/√2)/2.
+    """
+    specific = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0]]).unsqueeze(2)  # (B, d, T)
+    common = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, 0.0]]).unsqueeze(2)
+    root = 2 ** -0.5
+    assert orthogonality_loss(specific[:2], common[:2], "batch").item() == pytest.approx(root / 2, abs=1e-6)
+    assert orthogonality_loss(specific[:2], common[:2], "feature").item() == pytest.approx(root / 2, abs=1e-6)
+    assert orthogonality_loss(specific, common, "batch").item() == pytest.approx((1 / 3 + root) / 2, abs=1e-6)
+    assert orthogonality_loss(specific, common, "feature").item() == pytest.approx((root + 1) / 3, abs=1e-6)
+    assert orthogonality_loss(specific, common).item() == pytest.approx((1 / 3 + root) / 2, abs=1e-6)  # default
+
+
+def test_orthogonality_axis_is_a_constructor_key_and_a_bad_value_is_refused():
+    torch.manual_seed(0)
+    batch, feature = tiny_dmd().eval(), tiny_dmd(orthogonality_axis="feature").eval()
+    feature.load_state_dict(batch.state_dict())
+    target = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        _, extras = batch(*random_inputs((6, 5, 4), (7, 9, 8)))
+        expected = {axis: sum(orthogonality_loss(s, c, axis) for s, c in zip(extras["specific"], extras["common"]))
+                    for axis in ("batch", "feature")}
+        assert torch.allclose(batch.aux_terms(extras, target)["orthogonality"], expected["batch"])
+        assert torch.allclose(feature.aux_terms(extras, target)["orthogonality"], expected["feature"])
+        assert not torch.allclose(expected["batch"], expected["feature"])
+    with pytest.raises(ConfigError, match="orthogonality_axis"):
+        tiny_dmd(orthogonality_axis="time")
 
 
 # ---------------------------------------------------------------------------------- auxiliary loss
@@ -302,3 +376,235 @@ def test_bad_kernel_through_main_is_a_clean_user_error(synthetic_data, tmp_path)
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr
     assert "text" in result.stderr and "60" in result.stderr and "50 steps" in result.stderr
+
+
+# --------------------------------------------------------------------------------- official weights
+# The official argument names of the fixture's config -> the keys of configs/backbones/dmd.yaml.
+OFFICIAL_MODEL_ARGS = {"nlevels": "layers", "attn_dropout": "attn_dropout", "attn_dropout_a": "attn_dropout_a",
+                       "attn_dropout_v": "attn_dropout_v", "relu_dropout": "relu_dropout",
+                       "embed_dropout": "embed_dropout", "res_dropout": "res_dropout", "output_dropout": "out_dropout",
+                       "text_dropout": "text_dropout", "attn_mask": "attn_mask"}
+OFFICIAL_TRAIN_ARGS = {"update_epochs": "accumulate", "grad_clip": "grad_clip_value", "early_stop": "early_stop"}
+OFFICIAL_OUTPUTS = {"logits_{m}_homo": "logits_homo", "repr_{m}_homo": "repr_homo", "c_{m}_sim": "c_sim",
+                    "logits_{m}_hetero": "logits_hetero", "repr_{m}_hetero": "repr_hetero", "origin_{m}": "features",
+                    "recon_{m}": "recon", "s_{m}_r": "specific_cycle"}
+OFFICIAL_SEQUENCE_OUTPUTS = {"s_{m}": "specific", "c_{m}": "common"}  # (T, B, d) there, (B, d, T) here
+
+
+def dmd_yaml(dataset):
+    import yaml
+
+    return yaml.safe_load((REPO / "configs" / "backbones" / "dmd.yaml").read_text())[dataset]
+
+
+def test_the_fixture_config_is_the_mosei_block_of_the_dmd_yaml(fixtures_dir):
+    config = torch.load(fixtures_dir / "dmd_mosei_official.pt", weights_only=True)["config"]
+    block = dmd_yaml("mosei_senti")
+    model, train = block["model"], block["train"]
+    for official, ours in OFFICIAL_MODEL_ARGS.items():
+        assert model[ours] == config[official], ours
+    assert [model["d_model"], model["num_heads"]] == config["dst_feature_dim_nheads"]
+    assert model["kernel_sizes"] == [config[f"conv1d_kernel_size_{m}"] for m in ("l", "a", "v")]
+    for official, ours in OFFICIAL_TRAIN_ARGS.items():
+        assert train[ours] == config[official], ours
+    assert train["lr"]["backbone"] == config["learning_rate"]
+    assert train["plateau"]["patience"] == config["patience"]
+    assert train["accumulation"] == "reference" and config["KeyEval"] == "Loss"
+
+
+def test_official_weights_give_the_official_outputs_loss_and_gradients(fixtures_dir):
+    fixture = torch.load(fixtures_dir / "dmd_mosei_official.pt", weights_only=True)
+    model = DMD(orig_dims=fixture["config"]["feature_dims"], seq_lens=fixture["seq_lens"], output_dim=1,
+                **dmd_yaml("mosei_senti")["model"])
+    load_official_state_dict(model, fixture["state_dict"], fixture["homo_gd_state_dict"], fixture["hetero_gd_state_dict"])
+    model.eval()
+    inputs = {name: tensor.clone().requires_grad_() for name, tensor in fixture["inputs"].items()}
+    logits, extras = model(inputs["text"], inputs["audio"], inputs["vision"])
+    official = fixture["outputs"]
+    close = dict(atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, official["output_logit"], **close)
+    torch.testing.assert_close(extras["logits_c"], official["logits_c"], **close)
+    for index, m in enumerate(ORDER):
+        for name, ours in OFFICIAL_OUTPUTS.items():
+            torch.testing.assert_close(extras[ours][index], official[name.format(m=m)], **close, msg=name.format(m=m))
+        for name, ours in OFFICIAL_SEQUENCE_OUTPUTS.items():
+            torch.testing.assert_close(extras[ours][index].permute(2, 0, 1), official[name.format(m=m)], **close)
+
+    labels, losses = fixture["labels"], fixture["losses"]
+    terms = model.aux_terms(extras, labels)
+    names = {"task": "task_branches", **{key: key for key in TERMS if key != "task"}}
+    for ours, theirs in names.items():
+        # homo_repr is in no total; 1e-5 relative to its size, since it sums L1 distances
+        torch.testing.assert_close(terms[ours], losses[theirs], atol=1e-5, rtol=1e-6 if ours == "homo_repr" else 0)
+    total = task_loss(logits, labels) + model.aux_loss(extras, labels)
+    torch.testing.assert_close(task_loss(logits, labels), losses["task_all"], **close)
+    torch.testing.assert_close(total, losses["combined"], **close)
+    total.backward()
+    for name in ("text", "audio", "vision"):
+        torch.testing.assert_close(inputs[name].grad, fixture["grads"][name], **close, msg=name)
+
+
+def official_state_dicts(model: DMD):
+    """Our DMD's weights under the official names and layout (the inverse of load_official_state_dict,
+    written out separately), plus the official extras the loader must skip."""
+    d_model = model.encoder_c.weight.shape[0]
+    model_state, homo, hetero = {}, {}, {}
+
+    def time_major(tensor, axis, length):
+        """Our flattened axis k·T + t -> the official t·d + k."""
+        moved = tensor.movedim(axis, 0)
+        moved = moved.reshape(d_model, length, *moved.shape[1:]).transpose(0, 1).reshape(moved.shape)
+        return moved.movedim(0, axis)
+
+    heads = {"common_head": "{layer}_c", "fusion_head": "{layer}"}
+    for key, tensor in model.state_dict().items():
+        parts = key.split(".")
+        if parts[0] in ("homo_graph", "hetero_graph"):
+            target = homo if parts[0] == "homo_graph" else hetero
+            official = {"logit_proj": "W_logit", "repr_proj": "W_repr", "edge_score": "W_edge"}[parts[1]]
+            target[f"{official}.{parts[2]}"] = tensor
+            continue
+        if parts[0] in ("encoder_s", "decoder", "gates"):
+            name = {"encoder_s": "encoder_s_{m}", "decoder": "decoder_{m}", "gates": "weight_{m}"}[parts[0]]
+            name = name.format(m=parts[1]) + "." + parts[2]
+        elif parts[0] == "homo_heads":
+            m, layer, kind = parts[1], parts[2], parts[3]
+            if layer == "align":
+                name = f"align_c_{m}.{kind}"
+            else:
+                name = f"{layer}_{m}_low.{kind}"
+                axis = 0 if layer == "proj2" else (1 if kind == "weight" else None)
+                if axis is not None:
+                    tensor = time_major(tensor, axis, model.conv_lens[m])
+        elif parts[0] == "hetero_heads":
+            name = f"{parts[2]}_{parts[1]}_high.{parts[3]}"
+        elif parts[0] in heads:
+            name = heads[parts[0]].format(layer=parts[1]) + "." + parts[2]
+        elif parts[0] == "gate_c":
+            name = f"weight_c.{parts[1]}"
+        elif parts[0] == "common_encoders":
+            name = f"self_attentions_c_{parts[1]}." + ".".join(parts[2:])
+        else:  # proj_l/a/v, encoder_c, trans_*
+            name = key
+        model_state[name] = tensor
+    for m in ORDER:
+        flat = d_model * model.conv_lens[m]
+        model_state[f"proj_cosine_{m}.weight"], model_state[f"proj_cosine_{m}.bias"] = torch.zeros(d_model, flat), torch.zeros(d_model)
+        model_state[f"self_attentions_c_{m}.version"] = torch.tensor([2.0])
+    model_state["trans_l_mem.embed_positions._float_tensor"] = torch.zeros(1)
+    return model_state, homo, hetero
+
+
+OTHER_CONFIGS = [
+    dict(dims=(6, 5, 4), seq_lens=(7, 9, 8), kernels=(3, 1, 2), output_dim=3, d_model=8, num_heads=2, layers=1),
+    dict(dims=(5, 3, 4), seq_lens=(11, 6, 9), kernels=(1, 3, 5), output_dim=1, d_model=12, num_heads=3, layers=2),
+]
+
+
+@pytest.mark.parametrize("config", OTHER_CONFIGS)
+def test_the_official_layout_computes_our_homogeneous_head_on_other_configurations(config):
+    """The inverse mapping above is the official layout: the official homogeneous head, written out
+    on c_m flattened time-major, gives our logits and representation with those weights."""
+    torch.manual_seed(0)
+    settings = dict(config)
+    model = tiny_dmd(dims=settings.pop("dims"), seq_lens=settings.pop("seq_lens"), kernels=settings.pop("kernels"),
+                     **settings).eval()
+    official, _, _ = official_state_dicts(model)
+    with torch.no_grad():
+        _, extras = model(*random_inputs(config["dims"], config["seq_lens"], batch=4))
+        for index, m in enumerate(ORDER):
+            common = extras["common"][index]  # (B, d, T)
+            flat = common.permute(0, 2, 1).reshape(4, -1)  # official: time-major
+
+            def linear(name, x):
+                return x @ official[f"{name}.weight"].t() + official[f"{name}.bias"]
+
+            representation = torch.relu(linear(f"proj1_{m}_low", flat))
+            logits = linear(f"out_layer_{m}_low", linear(f"proj2_{m}_low", representation) + flat)
+            torch.testing.assert_close(representation, extras["repr_homo"][index], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logits, extras["logits_homo"][index], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(linear(f"align_c_{m}", common.reshape(4, -1)), extras["c_sim"][index],
+                                       atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", OTHER_CONFIGS)
+def test_official_names_round_trip_into_a_fresh_model_on_other_configurations(config):
+    settings = dict(config)
+    build = dict(dims=settings.pop("dims"), seq_lens=settings.pop("seq_lens"), kernels=settings.pop("kernels"), **settings)
+    torch.manual_seed(1)
+    source = tiny_dmd(**build).eval()
+    torch.manual_seed(2)
+    loaded = tiny_dmd(**build).eval()
+    load_official_state_dict(loaded, *official_state_dicts(source))
+    for key, tensor in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    inputs = random_inputs(config["dims"], config["seq_lens"], batch=4)
+    target = torch.tensor([0, 1, 2, 0]) if config["output_dim"] == 3 else torch.tensor([0.5, -1.0, 2.0, 0.0])
+    with torch.no_grad():
+        (a, extras_a), (b, extras_b) = source(*inputs), loaded(*inputs)
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(source.aux_loss(extras_a, target), loaded.aux_loss(extras_b, target))
+
+
+def test_official_weights_that_do_not_fit_are_refused_naming_the_keys():
+    torch.manual_seed(0)
+    model = tiny_dmd()
+    state, homo, hetero = official_state_dicts(model)
+    missing = {k: v for k, v in state.items() if k != "proj1_v_low.bias"}
+    with pytest.raises(CheckpointError, match=r"missing.*homo_heads\.v\.proj1\.bias"):
+        load_official_state_dict(tiny_dmd(), missing, homo, hetero)
+    with pytest.raises(CheckpointError, match=r"unexpected.*hetero_gd_state_dict\['W_extra\.weight'\]"):
+        load_official_state_dict(tiny_dmd(), state, homo, {**hetero, "W_extra.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"unexpected.*state_dict\['proj3\.weight'\]"):
+        load_official_state_dict(tiny_dmd(), {**state, "proj3.weight": torch.zeros(1)}, homo, hetero)
+    # built for other lengths: the homogeneous heads do not fit, and the error says which and why
+    with pytest.raises(CheckpointError, match=r"sequence lengths.*proj1_l_low\.weight'\] -> homo_heads\.l\.proj1\.weight"):
+        load_official_state_dict(tiny_dmd(seq_lens=(8, 9, 8)), state, homo, hetero)
+
+
+# --------------------------------------------------------------------------------- validation loss
+def test_dmd_is_validated_on_its_fused_task_loss_alone():
+    torch.manual_seed(0)
+    backbone = tiny_dmd()
+    inputs, target = random_inputs((6, 5, 4), (7, 9, 8)), torch.tensor([0, 1, 2])
+    alone = BackboneOnly(backbone).eval()
+    with torch.no_grad():
+        out = alone(*inputs)
+        torch.testing.assert_close(alone.validation_loss(out, target), task_loss(out["logits_m"], target))
+        aux = backbone.aux_loss(out["extras"], target)
+        assert aux > 0  # ... while it trains with the auxiliary loss
+        torch.testing.assert_close(alone.loss(out, target), task_loss(out["logits_m"], target) + aux)
+
+        branches = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(length * dim, 3))
+                    for length, dim in zip((7, 9, 8), (6, 5, 4))]
+        wrapped = CausalMER(backbone, *branches, CausalHead()).eval()
+        out = wrapped(*inputs)
+        torch.testing.assert_close(wrapped.validation_loss(out, target), causal_loss(out, target))
+        assert wrapped.loss(out, target) > wrapped.validation_loss(out, target)
+
+
+def test_the_evaluated_loss_that_selects_dmd_checkpoints_is_its_task_loss():
+    from src.train.distributed import Context
+    from src.train.evaluate import evaluate
+
+    class Split:
+        task = "cls"
+
+        def __init__(self, tensors, target):
+            self.tensors, self.target = tensors, target
+
+        def __len__(self):
+            return len(self.target)
+
+        def get_batch(self, indices):
+            index = torch.as_tensor(indices)
+            return {**{name: t[index] for name, t in zip(("text", "audio", "vision"), self.tensors)},
+                    "target": self.target[index]}
+
+    torch.manual_seed(0)
+    model = BackboneOnly(tiny_dmd(output_dim=7))
+    inputs, target = random_inputs((6, 5, 4), (7, 9, 8), batch=6), torch.tensor([0, 1, 2, 3, 4, 5])
+    result = evaluate(model, Split(inputs, target), batch_size=6, ctx=Context(torch.device("cpu")))
+    with torch.no_grad():
+        logits, _ = model.backbone(*inputs)
+    assert result["loss"] == pytest.approx(task_loss(logits, target).item(), rel=1e-5)

@@ -230,7 +230,7 @@ SMALL_BACKBONE = {
     "pmr": ["--set", "model.backbone_params.d_model=8", "--set", "model.backbone_params.num_heads=2",
             "--set", "model.backbone_params.layers=1"],
     "dmd": ["--set", "model.backbone_params.d_model=8", "--set", "model.backbone_params.num_heads=2",
-            "--set", "model.backbone_params.nlevels=1", "--set", "train.accumulate=2"],
+            "--set", "model.backbone_params.layers=1", "--set", "train.accumulate=2"],
 }
 POOL_BRANCHES = TINY[4:10]
 
@@ -261,6 +261,33 @@ def test_other_backbones_train_alone_and_wrapped_through_main(backbone, mosei_di
 
 
 @pytest.mark.slow
+def as_written_before_the_rename(text: str) -> str:
+    """A DMD run config as earlier versions wrote it: the depth was `nlevels`."""
+    assert text.count("    layers: 1\n") == 1
+    return text.replace("    layers: 1\n", "    nlevels: 1\n")
+
+
+@pytest.mark.slow
+def test_an_earlier_dmd_run_with_nlevels_still_evaluates_and_resumes(mosei_dir, tmp_path):
+    common = ["--dataset", "mosei_senti", "--data-dir", mosei_dir, "--runs-dir", tmp_path, "--device", "cpu",
+              *SMALL_BACKBONE["dmd"], "--model", "dmd", "--name", "old"]
+    cli("train", *common, "--epochs", "1")
+    run = tmp_path / "mosei_senti" / "old" / "seed1"
+    (run / "config.yaml").write_text(as_written_before_the_rename((run / "config.yaml").read_text()))
+    for name in ("last.pt", "best_loss.pt", "best_acc.pt"):
+        saved = torch.load(run / name, weights_only=True)
+        saved["config"] = as_written_before_the_rename(saved["config"])
+        torch.save(saved, run / name)
+    result = cli("eval", "--dataset", "mosei_senti", "--name", "old", "--runs-dir", tmp_path, "--device", "cpu",
+                 "--data-dir", mosei_dir)
+    assert "acc7" in result.stdout
+    assert "nlevels is deprecated, read as model.backbone_params.layers" in result.stdout
+    # --resume compares the whole config with the requested one and loads last.pt: both pass
+    (run / "metrics.json").unlink()
+    cli("train", *common, "--epochs", "1", "--resume")
+    assert len(json.loads((run / "metrics.json").read_text())["history"]) == 1
+
+
 def test_main_sh_and_inference_sh_pass_their_arguments_through(data_dir, tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     train = subprocess.run(["bash", "main.sh", "cpu", "shell", "4", "iemocap", "--data-dir", str(data_dir),

@@ -4,13 +4,18 @@ The wrapper is model-agnostic: it only relies on the backbone contract (src/mode
 branches mapping one modality (B, L_m, d_m) to logits (B, C). Submodules keep fixed names — backbone,
 text_branch, audio_branch, vision_branch, head (with constant_t/a/v) — so the trainer can give each its
 own Adam parameter group.
+
+Its validation loss is the causal loss plus the backbone's auxiliary loss where the backbone counts it
+in validation (contract.py): around MulT and PMR that is the training loss; around DMD it is the causal
+loss alone, since DMD declares its auxiliary terms (distillation, reconstruction) training signals, not
+a measure of its prediction. So CausalMER selects on its own objective whichever backbone it wraps.
 """
 import torch
 import torch.nn as nn
 
 from src.causal.head import CausalHead
 from src.causal.loss import causal_loss, check_kl
-from src.models.contract import backbone_aux_loss, split_backbone_output
+from src.models.contract import backbone_aux_loss, backbone_validation_aux_loss, split_backbone_output
 
 
 class CausalMER(nn.Module):
@@ -45,4 +50,9 @@ class CausalMER(nn.Module):
     def loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:
         total = causal_loss(out, target, alpha=self.alpha, beta=self.beta, kl=self.kl)
         aux = backbone_aux_loss(self.backbone, out["extras"], target)
+        return total if aux is None else total + aux
+
+    def validation_loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:
+        total = causal_loss(out, target, alpha=self.alpha, beta=self.beta, kl=self.kl)
+        aux = backbone_validation_aux_loss(self.backbone, out["extras"], target)
         return total if aux is None else total + aux

@@ -5,6 +5,11 @@ A backbone's forward(text, audio, vision) returns one of
     (logits, hidden)        hidden a tensor (e.g. MulT's last_hs): not needed for training, dropped
     (logits, extras)        extras a dict that only the backbone's own aux_loss reads
 and it may define aux_loss(extras, target) -> scalar tensor; absent means no auxiliary loss.
+
+The validation loss (what ReduceLROnPlateau, the best-loss checkpoint and early stopping follow) is the
+wrapper's own loss plus the backbone's auxiliary loss, unless the backbone declares
+`validation_uses_aux_loss = False`: then its auxiliary terms train it but do not judge it (DMD, whose
+reference selects on the fused output's task loss alone).
 """
 import torch
 
@@ -32,3 +37,11 @@ def backbone_aux_loss(backbone, extras: dict, target: torch.Tensor) -> torch.Ten
     if aux_loss is None:
         return None
     return aux_loss(extras, target)
+
+
+def backbone_validation_aux_loss(backbone, extras: dict, target: torch.Tensor) -> torch.Tensor | None:
+    """The backbone's auxiliary loss as its validation loss counts it: None when it has none or declares
+    `validation_uses_aux_loss = False`."""
+    if not getattr(backbone, "validation_uses_aux_loss", True):
+        return None
+    return backbone_aux_loss(backbone, extras, target)

@@ -8,7 +8,7 @@ distilled into each other along a learned graph, and a gated fusion of both give
 text/audio/vision (B, L_m, d_m)                                   modality order inside: l, v, a
   -> text dropout; Conv1d per modality (kernel k_m, no bias)       X_m (B, d, T_m), T_m = L_m - k_m + 1
   -> s_m = E_m(X_m), c_m = E_c(X_m), r_m = D_m([s_m; c_m]), s'_m = E_m(r_m)      (1x1 convolutions)
-  -> homogeneous, per m: flatten c_m -> residual head -> logits_homo_m, repr_homo_m; c_sim_m
+  -> homogeneous, per m: flatten c_m -> head -> logits_homo_m, repr_homo_m (post-ReLU); c_sim_m
   -> common fusion: self-attention encoder per m over c_m, last steps -> c_f (B, 3d) -> logits_c
   -> heterogeneous: MulT's six crossmodal + three memory encoders over s_m -> h_m (B, 2d)
      -> residual head per m -> logits_hetero_m, repr_hetero_m
@@ -31,6 +31,12 @@ Choices where SPEC §8 is silent:
   with how different the two labels are, as a score difference does for sentiment;
 - the heterogeneous graph's representation loss is summed over the six edges like the logit loss.
 
+SPEC §8 follows the reference code's arithmetic, and so does this module: the homogeneous representation is post-ReLU (the reference's
+in-place ReLU), the heterogeneous representation loss multiplies the batch means of max(0, cos) and
+of the edge weights, and the orthogonality cosine runs along the batch axis (`orthogonality_axis`
+"batch"; "feature" is the per-step cosine along the feature axis). `load_official_state_dict` loads
+the reference's weights.
+
 Tensors are channel-first (B, d, T) around the 1x1 convolutions and sequence-first (T, B, E) inside
 the shared MulT encoders.
 """
@@ -38,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.errors import ConfigError
+from src.errors import CheckpointError, ConfigError
 from src.losses import target_kind, task_loss
 from src.models.encoder import dropout
 from src.models.encoder_stack import EncoderStack, register_member_names
@@ -68,8 +74,9 @@ def distillation_losses(logits, reprs, edges, prior, repr_distance: str) -> dict
     logits/reprs: three (B, C) / (B, H) tensors in ORDER; edges (B, 6) per-sample edge weights in
     EDGES order; prior (6,). Each edge pulls its student towards its teacher, weighted per sample by
     (edge + prior); the teacher is detached so that it is never pulled towards its student.
-    `repr_distance` "l1" uses the L1 distance for representations, "cosine" max(0, cosine).
-    Returns reg, logit and repr (scalars).
+    `repr_distance` "l1" uses the L1 distance for representations, weighted per sample like the
+    logits; "cosine" uses max(0, cosine) reduced as the reference's CosineEmbeddingLoss does: its batch
+    mean times the batch mean of the edge weight. Returns reg, logit and repr (scalars).
     """
     weights = edges + prior
     logit_loss = edges.new_zeros(())
@@ -80,9 +87,10 @@ def distillation_losses(logits, reprs, edges, prior, repr_distance: str) -> dict
         logit_loss = logit_loss + (weight * logit_gap).mean()
         if repr_distance == "l1":
             repr_gap = (reprs[student] - reprs[teacher].detach()).abs().sum(dim=1)
+            repr_loss = repr_loss + (weight * repr_gap).mean()
         else:
-            repr_gap = F.cosine_similarity(reprs[student], reprs[teacher].detach(), dim=1).clamp(min=0.0)
-        repr_loss = repr_loss + (weight * repr_gap).mean()
+            cosine = F.cosine_similarity(reprs[student], reprs[teacher].detach(), dim=1).clamp(min=0.0)
+            repr_loss = repr_loss + cosine.mean() * weight.mean()
     reg = GRAPH_REG_WEIGHT * (edges.mean(dim=0) - prior).pow(2).sum()
     return {"reg": reg, "logit": logit_loss, "repr": REPR_DISTILL_WEIGHT * repr_loss}
 
@@ -163,9 +171,23 @@ def margin_loss(features: torch.Tensor, labels: torch.Tensor, scale: float = 0.1
     return total / (pairs > 0).sum().clamp(min=1)
 
 
-def orthogonality_loss(specific: torch.Tensor, common: torch.Tensor) -> torch.Tensor:
-    """Mean over (sample, time step) of max(0, cos(s, c)) along the feature axis; (B, d, T) inputs."""
-    return F.cosine_similarity(specific.float(), common.float(), dim=1).clamp(min=0.0).mean()
+ORTHOGONALITY_AXES = ("batch", "feature")
+
+
+def orthogonality_loss(specific: torch.Tensor, common: torch.Tensor, axis: str = "batch") -> torch.Tensor:
+    """Mean of max(0, cos(s, c)) over the entries the cosine leaves; (B, d, T) inputs.
+
+    "batch" (SPEC §8, the reference): the reference's CosineEmbeddingLoss on (T, B, d) tensors as the
+    PyTorch it targets computed it, the cosine along the batch axis, one per (time step, feature),
+    with 1e-12 added to each squared norm. "feature": one cosine per (sample, time step) along the
+    feature axis, the orthogonality of each step's two vectors.
+    """
+    specific, common = specific.float(), common.float()
+    if axis == "feature":
+        return F.cosine_similarity(specific, common, dim=1).clamp(min=0.0).mean()
+    dot = (specific * common).sum(dim=0)
+    norms = ((specific * specific).sum(dim=0) + 1e-12) * ((common * common).sum(dim=0) + 1e-12)
+    return (dot / norms.sqrt()).clamp(min=0.0).mean()
 
 
 # --- building blocks -----------------------------------------------------------------------------
@@ -188,8 +210,9 @@ class ResidualHead(nn.Module):
 class HomogeneousHead(nn.Module):
     """One modality's homogeneous branch over its flattened common features (B, d·T).
 
-    repr = Linear(d·T -> d)(flat); logits = out(Linear(d -> d·T)(dropout(relu(repr))) + flat);
-    sim = Linear(d·T -> d)(flat), the vector the margin loss compares across samples.
+    repr = relu(Linear(d·T -> d)(flat)); logits = out(Linear(d -> d·T)(dropout(repr)) + flat);
+    sim = Linear(d·T -> d)(flat), the vector the margin loss compares across samples. The flattened
+    axis is feature-major (index k·T + t).
     """
 
     def __init__(self, d_model: int, length: int, output_dim: int, out_dropout: float):
@@ -203,8 +226,9 @@ class HomogeneousHead(nn.Module):
 
     def forward(self, common: torch.Tensor):
         flat = common.reshape(common.shape[0], -1)
-        representation = self.proj1(flat)
-        hidden = self.proj2(dropout(F.relu(representation), self.out_dropout, self.training)) + flat
+        # Post-ReLU, as the reference's in-place ReLU leaves it: its graph reads this representation.
+        representation = F.relu(self.proj1(flat))
+        hidden = self.proj2(dropout(representation, self.out_dropout, self.training)) + flat
         return self.out_layer(hidden), representation, self.align(flat)
 
 
@@ -219,20 +243,30 @@ class DMD(nn.Module):
     fixed at construction: the homogeneous branch flattens each modality's whole sequence, so data
     of another length is refused with a ConfigError. The loss weights default to SPEC §8's.
     `group_encoders` runs encoders of one shape as one batched computation when their lengths are
-    similar (same results; a speed option).
+    similar (same results; a speed option). `orthogonality_axis` is "batch" (the reference) or
+    "feature" (see `orthogonality_loss`).
+
+    The validation loss is the fused output's task loss alone, as the reference selects on it: the
+    auxiliary terms train DMD but do not judge it (`validation_uses_aux_loss`, src/models/contract.py).
     """
 
+    validation_uses_aux_loss = False
+
     def __init__(self, orig_dims, seq_lens, output_dim=1, kernel_sizes=(5, 1, 3), d_model=30, num_heads=6,
-                 nlevels=4, attn_dropout=0.4, attn_dropout_a=0.0, attn_dropout_v=0.0, relu_dropout=0.0,
+                 layers=4, attn_dropout=0.4, attn_dropout_a=0.0, attn_dropout_v=0.0, relu_dropout=0.0,
                  res_dropout=0.0, embed_dropout=0.0, out_dropout=0.5, text_dropout=0.3, attn_mask=True,
                  gd_size_homo=64, gd_size_hetero=32, homo_distill_weight=0.05, hetero_distill_weight=0.05,
-                 decouple_weight=0.1, similarity_weight=0.1, margin=0.15, group_encoders=True):
+                 decouple_weight=0.1, similarity_weight=0.1, margin=0.15, orthogonality_axis="batch",
+                 group_encoders=True):
         super().__init__()
         if seq_lens is None:
             raise ConfigError("the dmd backbone needs the sequence lengths (seq_lens): its homogeneous branch "
                               "flattens whole sequences, so their lengths are part of the model")
-        if nlevels < 1:
-            raise ConfigError(f"dmd: nlevels must be at least 1, got {nlevels}")
+        if layers < 1:
+            raise ConfigError(f"dmd: layers must be at least 1, got {layers}")
+        if orthogonality_axis not in ORTHOGONALITY_AXES:
+            raise ConfigError(f"dmd: orthogonality_axis must be one of {', '.join(ORTHOGONALITY_AXES)}, "
+                              f"got {orthogonality_axis!r}")
         if d_model % num_heads != 0:
             raise ConfigError(f"dmd: d_model {d_model} must be divisible by num_heads {num_heads}")
         dims = dict(zip(("l", "a", "v"), orig_dims))
@@ -245,13 +279,13 @@ class DMD(nn.Module):
                 raise ConfigError(f"dmd: the {NAMES[m]} kernel size {kernels[m]} is longer than the {NAMES[m]} "
                                   f"sequences of the data ({self.seq_lens[m]} steps); choose a kernel of at most "
                                   f"{self.seq_lens[m]} (model.backbone_params.kernel_sizes)")
-        self.d_model = d_model
         self.text_dropout = text_dropout
         self.homo_distill_weight = homo_distill_weight
         self.hetero_distill_weight = hetero_distill_weight
         self.decouple_weight = decouple_weight
         self.similarity_weight = similarity_weight
         self.margin = margin
+        self.orthogonality_axis = orthogonality_axis
         self.group_encoders = group_encoders
 
         self.proj_l = nn.Conv1d(dims["l"], d_model, kernel_size=kernels["l"], padding=0, bias=False)
@@ -270,13 +304,13 @@ class DMD(nn.Module):
                       attn_mask=attn_mask)
         own_attn_dropout = {"l": attn_dropout, "a": attn_dropout_a, "v": attn_dropout_v}
         # One self-attention encoder per modality, saved as `common_encoders.<m>.layers...`.
-        self.common_encoders = EncoderStack([f"common_encoders.{m}" for m in ORDER], d_model, num_heads, nlevels,
+        self.common_encoders = EncoderStack([f"common_encoders.{m}" for m in ORDER], d_model, num_heads, layers,
                                             [own_attn_dropout[m] for m in ORDER], **shared)
         register_member_names(self)
         self.common_head = ResidualHead(3 * d_model, output_dim, out_dropout)
 
         # Heterogeneous branch: MulT's structure (and names); crossmodal attention dropout follows the source.
-        add_crossmodal_encoders(self, d_model, num_heads, nlevels, attn_dropout, attn_dropout_a, attn_dropout_v,
+        add_crossmodal_encoders(self, d_model, num_heads, layers, attn_dropout, attn_dropout_a, attn_dropout_v,
                                 **shared)
         self.hetero_heads = nn.ModuleDict({m: ResidualHead(2 * d_model, output_dim, out_dropout) for m in ORDER})
 
@@ -369,7 +403,8 @@ class DMD(nn.Module):
             "cycle": sum(F.mse_loss(c.float(), s.float())
                          for c, s in zip(extras["specific_cycle"], extras["specific"])),
             "margin": margin_loss(vectors.reshape(-1, vectors.shape[-1]), sample_labels, self.margin),
-            "orthogonality": sum(orthogonality_loss(s, c) for s, c in zip(extras["specific"], extras["common"])),
+            "orthogonality": sum(orthogonality_loss(s, c, self.orthogonality_axis)
+                                 for s, c in zip(extras["specific"], extras["common"])),
         }
 
     def combine_terms(self, terms: dict) -> torch.Tensor:
@@ -383,3 +418,107 @@ class DMD(nn.Module):
     def aux_loss(self, extras: dict, target: torch.Tensor) -> torch.Tensor:
         """The auxiliary loss added to the task loss of the fused logits (the backbone contract)."""
         return self.combine_terms(self.aux_terms(extras, target))
+
+
+# --- the reference's weights ---------------------------------------------------------------------
+
+# Official DMD parameter names -> ours, for the names that are not per-modality.
+_OFFICIAL_FIXED = {"encoder_c.weight": "encoder_c.weight",
+                   "proj1_c.weight": "common_head.proj1.weight", "proj1_c.bias": "common_head.proj1.bias",
+                   "proj2_c.weight": "common_head.proj2.weight", "proj2_c.bias": "common_head.proj2.bias",
+                   "out_layer_c.weight": "common_head.out_layer.weight", "out_layer_c.bias": "common_head.out_layer.bias",
+                   "weight_c.weight": "gate_c.weight", "weight_c.bias": "gate_c.bias",
+                   "proj1.weight": "fusion_head.proj1.weight", "proj1.bias": "fusion_head.proj1.bias",
+                   "proj2.weight": "fusion_head.proj2.weight", "proj2.bias": "fusion_head.proj2.bias",
+                   "out_layer.weight": "fusion_head.out_layer.weight", "out_layer.bias": "fusion_head.out_layer.bias"}
+# Official per-modality prefixes -> ours ({m} is l, v or a).
+_OFFICIAL_PER_MODALITY = {"proj_{m}.": "proj_{m}.", "encoder_s_{m}.": "encoder_s.{m}.", "decoder_{m}.": "decoder.{m}.",
+                          "align_c_{m}.": "homo_heads.{m}.align.", "proj1_{m}_low.": "homo_heads.{m}.proj1.",
+                          "proj2_{m}_low.": "homo_heads.{m}.proj2.", "out_layer_{m}_low.": "homo_heads.{m}.out_layer.",
+                          "proj1_{m}_high.": "hetero_heads.{m}.proj1.", "proj2_{m}_high.": "hetero_heads.{m}.proj2.",
+                          "out_layer_{m}_high.": "hetero_heads.{m}.out_layer.", "weight_{m}.": "gates.{m}.",
+                          "self_attentions_c_{m}.": "common_encoders.{m}."}
+_OFFICIAL_GRAPH = {"W_logit.": "logit_proj.", "W_repr.": "repr_proj.", "W_edge.": "edge_score."}
+# Computed by the reference but in none of its losses, and the fairseq encoders' weightless buffers.
+_OFFICIAL_UNUSED_PREFIXES = tuple(f"proj_cosine_{m}." for m in ORDER)
+_OFFICIAL_UNUSED_SUFFIXES = (".version", ".embed_positions._float_tensor")
+# Our homogeneous head's weights whose flattened (d·T) axis is 1 (columns) or 0 (rows, biases): the
+# reference's head reads c_m flattened time-major. Its align_c layer reads c_m flattened channel-first,
+# as ours does, so it is loaded as it is.
+_HOMO_FLAT_AXIS = {"proj1.weight": 1, "proj2.weight": 0, "proj2.bias": 0, "out_layer.weight": 1}
+
+
+def _official_to_ours(name: str) -> str | None:
+    """Our name for an official model parameter, None for those we do not have."""
+    if name in _OFFICIAL_FIXED:
+        return _OFFICIAL_FIXED[name]
+    if name.startswith("trans_"):  # MulT's crossmodal and memory encoders keep MulT's names
+        return name
+    for m in ORDER:
+        for official, ours in _OFFICIAL_PER_MODALITY.items():
+            prefix = official.format(m=m)
+            if name.startswith(prefix):
+                return ours.format(m=m) + name[len(prefix):]
+    return None
+
+
+def _official_graph_name(prefix: str, name: str) -> str | None:
+    """Our name for a parameter of one of the reference's distillation units (prefix homo_graph. or hetero_graph.)."""
+    for official, ours in _OFFICIAL_GRAPH.items():
+        if name.startswith(official):
+            return prefix + ours + name[len(official):]
+    return None
+
+
+def time_major_to_feature_major(tensor: torch.Tensor, axis: int, d_model: int, length: int) -> torch.Tensor:
+    """Reorder a flattened (d·T) axis from the reference's index t·d + k to ours, k·T + t."""
+    shape = tensor.shape
+    split = tensor.reshape(*shape[:axis], length, d_model, *shape[axis + 1:])
+    return split.transpose(axis, axis + 1).reshape(shape)
+
+
+def load_official_state_dict(model: DMD, state_dict: dict, homo_gd_state_dict: dict, hetero_gd_state_dict: dict) -> None:
+    """Load the reference DMD's weights (its model and its two distillation units, under the
+    reference's names) into `model`, strictly: every parameter of `model` must be given and every
+    given tensor must have a place, except the reference's unused `proj_cosine_*` layers and its
+    encoders' weightless buffers. The homogeneous heads' flattened axis is reordered (the reference
+    flattens c_m time-major, we feature-major). A CheckpointError names every key that is missing,
+    unexpected or of the wrong shape.
+    """
+    expected = model.state_dict()
+    mapped, official_name, unexpected = {}, {}, []
+    sources = (("state_dict", state_dict, _official_to_ours),
+               ("homo_gd_state_dict", homo_gd_state_dict, lambda name: _official_graph_name("homo_graph.", name)),
+               ("hetero_gd_state_dict", hetero_gd_state_dict, lambda name: _official_graph_name("hetero_graph.", name)))
+    for where, source, rename in sources:
+        for name, tensor in source.items():
+            if name.startswith(_OFFICIAL_UNUSED_PREFIXES) or name.endswith(_OFFICIAL_UNUSED_SUFFIXES):
+                continue
+            ours = rename(name)
+            if ours is None or ours not in expected:
+                unexpected.append(f"{where}[{name!r}]")
+            else:
+                mapped[ours], official_name[ours] = tensor, f"{where}[{name!r}]"
+
+    d_model = model.encoder_c.weight.shape[0]
+    for m in ORDER:
+        for suffix, axis in _HOMO_FLAT_AXIS.items():
+            key = f"homo_heads.{m}.{suffix}"
+            if key in mapped and mapped[key].dim() > axis and mapped[key].shape[axis] == d_model * model.conv_lens[m]:
+                mapped[key] = time_major_to_feature_major(mapped[key], axis, d_model, model.conv_lens[m])
+
+    missing = [key for key in expected if key not in mapped]
+    wrong_shape = [f"{official_name[key]} -> {key} (given {tuple(mapped[key].shape)}, this model has "
+                   f"{tuple(expected[key].shape)})"
+                   for key in expected if key in mapped and mapped[key].shape != expected[key].shape]
+    problems = []
+    if unexpected:
+        problems.append(f"unexpected official key(s): {', '.join(unexpected)}")
+    if missing:
+        problems.append(f"missing (our names): {', '.join(missing)}")
+    if wrong_shape:
+        problems.append(f"wrong shape: {'; '.join(wrong_shape)}")
+    if problems:
+        raise CheckpointError("the official DMD weights do not fit this model (check that it was built with the "
+                              "same dataset config and sequence lengths): " + " | ".join(problems))
+    model.load_state_dict(mapped, strict=True)

@@ -1,13 +1,13 @@
 """BackboneOnly: a backbone trained on its own, the baseline CausalMER is compared against.
 
-It speaks the same interface as CausalMER (forward -> dict, loss(out, target)) so both train and
-evaluate with the same loop; its prediction is `logits_m`.
+It speaks the same interface as CausalMER (forward -> dict, loss(out, target), validation_loss(out,
+target)) so both train and evaluate with the same loop; its prediction is `logits_m`.
 """
 import torch
 import torch.nn as nn
 
 from src.losses import task_loss
-from src.models.contract import backbone_aux_loss, split_backbone_output
+from src.models.contract import backbone_aux_loss, backbone_validation_aux_loss, split_backbone_output
 
 
 class BackboneOnly(nn.Module):
@@ -22,4 +22,10 @@ class BackboneOnly(nn.Module):
     def loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:
         total = task_loss(out["logits_m"], target)
         aux = backbone_aux_loss(self.backbone, out["extras"], target)
+        return total if aux is None else total + aux
+
+    def validation_loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:
+        """The task loss of `logits_m`, plus the auxiliary loss where the backbone counts it (contract.py)."""
+        total = task_loss(out["logits_m"], target)
+        aux = backbone_validation_aux_loss(self.backbone, out["extras"], target)
         return total if aux is None else total + aux

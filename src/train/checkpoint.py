@@ -16,7 +16,7 @@ import yaml
 
 from src.atomic import replacing, write_text
 from src.errors import CheckpointError, NonFiniteError
-from src.train.config import drop_retired_keys, load_yaml, model_signature
+from src.train.config import load_yaml, model_signature, upgrade_config
 
 CHECKPOINT_NAMES = {"last": "last.pt", "best_loss": "best_loss.pt", "best_acc": "best_acc.pt"}
 
@@ -166,7 +166,7 @@ def load_checkpoint(path: Path, resumable: bool = False) -> dict:
 
 
 def checkpoint_config(ckpt: dict) -> dict:
-    return drop_retired_keys(load_yaml(ckpt["config"]))
+    return upgrade_config(load_yaml(ckpt["config"]), "the config inside a checkpoint")
 
 
 def check_compatible(ckpt: dict, path: Path, expected_signature: dict) -> None:
@@ -231,7 +231,7 @@ def read_config_file(path: Path) -> dict:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path} is not a run config of this tool: it holds a {type(cfg).__name__}, not a "
                               "mapping of sections (data, model, loss, train)")
-    return drop_retired_keys(cfg)
+    return upgrade_config(cfg, str(path))
 
 
 def check_same_config(saved: dict, requested: dict, path: Path) -> None:

@@ -50,6 +50,7 @@ SCHEMA = {
         "grad_clip_norm": OPT_NUM,
         "grad_clip_value": OPT_NUM,
         "accumulate": int,
+        "accumulation": str,
         "plateau": {"factor": NUM, "patience": int},
         "early_stop": (int, type(None)),
     },
@@ -83,14 +84,33 @@ def load_yaml(text):
     return yaml.load(text, Loader=_Loader)
 
 
-def drop_retired_keys(cfg: dict, source: Path | None = None) -> dict:
-    """Remove RETIRED_KEYS from cfg (in place); with a source file, say so once per key."""
+# Keys renamed since earlier runs were written: (section, old name, new name). An earlier run's config
+# (its config.yaml, and the copy inside its checkpoints) is read with the new names.
+RENAMED_KEYS = ((("model", "backbone_params"), "nlevels", "layers"),)  # DMD's depth, named as MulT's and PMR's
+
+
+def upgrade_config(cfg, where: str):
+    """A config written by an earlier version, in today's keys (in place): retired keys removed, renamed ones
+    read under their new names, a warning naming each; `where` names the file for the messages. Both names
+    of a renamed key at once are refused: the run would be ambiguous."""
+    if not isinstance(cfg, dict):
+        return cfg
     for section, key in RETIRED_KEYS:
         if isinstance(cfg.get(section), dict) and key in cfg[section]:
             del cfg[section][key]
-            if source is not None:
-                LOG.warning("config file %s: %s.%s is ignored (it is no longer a setting; it never had an "
-                            "effect); remove it", source, section, key)
+            LOG.warning("%s: %s.%s is ignored (it is no longer a setting; it never had an effect)", where,
+                        section, key)
+    for section_path, old, new in RENAMED_KEYS:
+        section = cfg
+        for part in section_path:
+            section = section.get(part) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or old not in section:
+            continue
+        dotted = ".".join(section_path)
+        if new in section:
+            raise ConfigError(f"{where} sets both {dotted}.{old} (its former name) and {dotted}.{new}; keep only {new}")
+        LOG.warning("%s: %s.%s is deprecated, read as %s.%s", where, dotted, old, dotted, new)
+        section[new] = section.pop(old)
     return cfg
 
 
@@ -224,6 +244,10 @@ def validate(cfg: dict) -> dict:
     for key in ("grad_clip_norm", "grad_clip_value"):
         if train.get(key) is not None and train[key] <= 0:
             raise ConfigError(f"train.{key} must be positive or null, got {train[key]}")
+    if "accumulation" in train:
+        from src.train.accumulation import check_policy
+
+        check_policy(train["accumulation"])
     if not 0 < train["plateau"]["factor"] < 1:
         raise ConfigError(f"train.plateau.factor must be in (0, 1), got {train['plateau']['factor']}")
     return cfg
@@ -261,7 +285,7 @@ def load_config(dataset: str, config_path: str | Path | None = None, backbone: s
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset '{dataset}'; valid datasets: {', '.join(DATASETS)}")
     path = Path(config_path) if config_path else CONFIG_DIR / f"{dataset}.yaml"
-    cfg = drop_retired_keys(read_yaml(path), path)
+    cfg = upgrade_config(read_yaml(path), f"config file {path}")
     for section in ("data", "model", "loss", "train"):
         if section in cfg and not isinstance(cfg[section], dict):
             raise ConfigError(f"config file {path}: '{section}' must be a section (mapping), got {cfg[section]!r}")

@@ -59,7 +59,7 @@ def predict(model, dataset, batch_size: int, ctx: Context, remove=(), amp: bool 
 
     Ranks take disjoint strided shards (no padding samples), so after gathering each sample appears
     exactly once. Returns numpy arrays per output key present, plus `target`, `score` when the data has
-    it, and `loss` (the mean of model.loss over samples)."""
+    it, and `loss` (the mean over samples of model.validation_loss, the loss that selects checkpoints)."""
     model.eval()
     indices = np.arange(ctx.rank, len(dataset), ctx.world_size)
     outputs = {}
@@ -69,7 +69,7 @@ def predict(model, dataset, batch_size: int, ctx: Context, remove=(), amp: bool 
         inputs = [torch.zeros_like(batch[m]) if m in remove else batch[m] for m in MODALITIES]
         with autocast(ctx.device, amp):
             out = model(*inputs)
-            loss = unwrap(model).loss(out, batch["target"])
+            loss = unwrap(model).validation_loss(out, batch["target"])
         n = len(batch["target"])
         loss_sum += float(loss) * n
         count += n

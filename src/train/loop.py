@@ -23,6 +23,7 @@ from src.causal import warn_if_constants_cannot_learn
 from src.data import load_splits
 from src.errors import NonFiniteError
 from src.train import checkpoint as ckpt_io
+from src.train.accumulation import Accumulation, warn_if_no_step
 from src.train.build import build_model, make_optimizer
 from src.train.config import dump_config, model_signature
 from src.train.distributed import Context, barrier
@@ -76,6 +77,10 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
     optimizer, scheduler = prepared["optimizer"], prepared["scheduler"]
     if cfg["model"]["name"] == "causalmer" and ctx.is_main:
         warn_if_constants_cannot_learn(splits["train"].output_dim, log)
+    if ctx.is_main:
+        per_rank = len(splits["train"]) // ctx.world_size  # as train_epoch shares an epoch out
+        warn_if_no_step(Accumulation(tcfg.get("accumulation", "corrected"), tcfg.get("accumulate", 1),
+                                     math.ceil(per_rank / tcfg["batch_size"])), log)
     state = {"epoch": 0, "best_loss": math.inf, "best_acc": -math.inf, "since_best": 0, "history": []}
     signature = model_signature(cfg)
 
@@ -146,8 +151,9 @@ def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, 
     # the next epoch's shuffle (evaluation, unlike training, sees every sample exactly once).
     usable = len(order) - len(order) % ctx.world_size
     indices = order[ctx.rank:usable:ctx.world_size]
-    batch_size, accumulate = tcfg["batch_size"], tcfg.get("accumulate", 1)
+    batch_size = tcfg["batch_size"]
     n_batches = math.ceil(len(indices) / batch_size)
+    plan = Accumulation(tcfg.get("accumulation", "corrected"), tcfg.get("accumulate", 1), n_batches)
     total, count = torch.zeros((), device=ctx.device), 0
     first_bad = torch.zeros((), dtype=torch.long, device=ctx.device)  # first step with a NaN/inf loss, 0: none
     optimizer.zero_grad(set_to_none=True)
@@ -159,19 +165,25 @@ def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, 
             out = model(batch["text"], batch["audio"], batch["vision"])
             loss = unwrap(model).loss(out, batch["target"])
         first_bad = note_nonfinite(first_bad, loss, step)
-        (loss / accumulate).backward()
-        if step % accumulate == 0 or step == n_batches:
-            if tcfg.get("grad_clip_value"):
-                torch.nn.utils.clip_grad_value_(model.parameters(), tcfg["grad_clip_value"])
-            if tcfg.get("grad_clip_norm"):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip_norm"])
+        (loss * plan.loss_scale).backward()
+        if plan.clips_after(step):
+            clip_gradients(model, tcfg)
+        if plan.steps_after(step):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         n = len(batch["target"])
         total += loss.detach() * n  # summed on the device: no host sync per step
         count += n
+    optimizer.zero_grad(set_to_none=True)  # a partial window that did not step is discarded
     stop_if_nonfinite(float(total), "training loss", epoch, step=int(first_bad), n_batches=n_batches)
     return float(total) / max(1, count)
+
+
+def clip_gradients(model, tcfg: dict) -> None:
+    if tcfg.get("grad_clip_value"):
+        torch.nn.utils.clip_grad_value_(model.parameters(), tcfg["grad_clip_value"])
+    if tcfg.get("grad_clip_norm"):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip_norm"])
 
 
 def note_nonfinite(first_bad: torch.Tensor, loss: torch.Tensor, step: int) -> torch.Tensor:

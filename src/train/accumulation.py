@@ -1,0 +1,66 @@
+"""Gradient accumulation: which batches step the optimiser, when gradients are clipped, and what each
+batch's backward divides its loss by (config `train.accumulate` batches per step, `train.accumulation`).
+
+- "reference", DMD's official procedure (SPEC §8): each batch's loss is back-propagated undivided, the
+  gradients are clipped after every backward (so the clip acts on the running sum), the optimiser steps
+  and zeroes every `window` batches, and a last partial window of an epoch is discarded without a step.
+- "corrected": each loss is divided by the window, so a step sees the window's mean gradient; the
+  gradients are clipped once, just before each step; a last partial window steps too.
+With a window of 1 the two are the same: every batch is backward, clip, step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from src.errors import ConfigError
+
+POLICIES = ("reference", "corrected")
+
+
+def check_policy(name: str) -> str:
+    if name not in POLICIES:
+        raise ConfigError(f"train.accumulation must be one of {', '.join(POLICIES)}, got {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class Accumulation:
+    """The plan of one epoch of `n_batches` batches, numbered from 1."""
+
+    policy: str
+    window: int
+    n_batches: int
+
+    def __post_init__(self):
+        check_policy(self.policy)
+        if self.window < 1:
+            raise ConfigError(f"train.accumulate must be at least 1, got {self.window}")
+
+    @property
+    def loss_scale(self) -> float:
+        """What each batch's loss is multiplied by before its backward."""
+        return 1.0 if self.policy == "reference" else 1.0 / self.window
+
+    def steps_after(self, batch: int) -> bool:
+        """Whether the optimiser steps (and zeroes the gradients) after this batch."""
+        return batch % self.window == 0 or (self.policy == "corrected" and batch == self.n_batches)
+
+    @property
+    def steps(self) -> int:
+        """Optimiser steps in the epoch."""
+        return sum(self.steps_after(batch) for batch in range(1, self.n_batches + 1))
+
+    def clips_after(self, batch: int) -> bool:
+        """Whether the gradients are clipped after this batch's backward (before any step)."""
+        return self.policy == "reference" or self.steps_after(batch)
+
+
+def warn_if_no_step(plan: Accumulation, logger) -> bool:
+    """Warn when an epoch would end without an optimiser step (the reference procedure, fewer batches
+    than the window): the model would never train. Returns whether it warned."""
+    if plan.steps > 0:
+        return False
+    logger.warning("an epoch has %d batches, fewer than train.accumulate = %d, and train.accumulation = %s "
+                   "discards a partial window: the model will never be updated. Lower train.accumulate or "
+                   "train.batch_size, or use train.accumulation = corrected", plan.n_batches, plan.window, plan.policy)
+    return True
