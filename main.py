@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--epochs", type=int, default=None)
             p.add_argument("--clean-nonfinite", action="store_true", help="replace NaN/inf in the data by 0")
             p.add_argument("--resume", action="store_true", help="continue an interrupted run from last.pt")
+            p.add_argument("--logger", default=None, choices=("none", "tensorboard"),
+                           help="per-epoch scalars to TensorBoard in <run>/tensorboard (default: train.logger)")
         else:
             p.add_argument("--checkpoint", default="best_acc",
                            help="best_acc (default), best_loss, last, or a path to a .pt file")
@@ -139,7 +141,8 @@ def resolve_train_config(args) -> dict:
                             "only applies to --model causalmer")
     cli = {"data.dir": args.data_dir, "data.task": args.task, "train.epochs": args.epochs,
            "data.aligned": False if args.unaligned else None,
-           "data.clean_nonfinite": True if args.clean_nonfinite else None}
+           "data.clean_nonfinite": True if args.clean_nonfinite else None,
+           "train.logger": args.logger}
     return load_config(args.dataset, args.config, backbone=backbone, model_name=model_name,
                        overrides=args.overrides, cli=cli)
 

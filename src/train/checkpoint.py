@@ -141,8 +141,12 @@ def read_config_file(path: Path) -> dict:
 
 
 def check_same_config(saved: dict, requested: dict, path: Path) -> None:
-    """--resume must continue the same experiment: any difference in the resolved config is refused."""
-    difference = _first_difference(saved, requested)
+    """--resume must continue the same experiment: any difference in the resolved config is refused,
+    except in where the run is watched (train.logger), which changes no result."""
+    def experiment(cfg):
+        return {**cfg, "train": {k: v for k, v in (cfg.get("train") or {}).items() if k != "logger"}}
+
+    difference = _first_difference(experiment(saved), experiment(requested))
     if difference:
         key, got, want = difference
         raise CheckpointError(f"--resume: the run in {Path(path).parent} was started with {key} = {got!r}, "

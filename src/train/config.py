@@ -50,6 +50,7 @@ SCHEMA = {
         "plateau": {"factor": NUM, "patience": int},
         "early_stop": (int, type(None)),
         "num_workers": int,
+        "logger": str,
     },
 }
 
@@ -168,6 +169,10 @@ def validate(cfg: dict) -> dict:
     for key in ("grad_clip_norm", "grad_clip_value"):
         if train.get(key) is not None and train[key] <= 0:
             raise ConfigError(f"train.{key} must be positive or null, got {train[key]}")
+    if "logger" in train:
+        from src.train.tracking import check_logger
+
+        check_logger(train["logger"])
     if not 0 < train["plateau"]["factor"] < 1:
         raise ConfigError(f"train.plateau.factor must be in (0, 1), got {train['plateau']['factor']}")
     return cfg
