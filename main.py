@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--device", default="auto")
     analyze.add_argument("--data-dir", default=None)
     analyze.add_argument("--out", default=None, help="where to write the JSON and PNGs (default: the first run)")
+    analyze.add_argument("--attention", action="store_true",
+                         help="also write each run's crossmodal attention maps (mult, dmd): attention_*.npz/png")
+    analyze.add_argument("--sample", type=int, default=None,
+                         help="with --attention: the map of this sample of the split instead of the mean")
 
     compare = sub.add_parser("compare", help="train the backbone alone and CausalMER over several seeds, then "
                              "summarise both as mean ± std")
@@ -208,8 +212,11 @@ def cmd_eval(args) -> dict:
 def cmd_analyze(args) -> dict:
     from src.train.inference import analyze_runs
 
+    if args.sample is not None and not args.attention:
+        raise UserError("--sample picks the sample of the attention maps; it needs --attention")
     return analyze_runs([Path(r) for r in args.runs], checkpoint=args.checkpoint, split=args.split,
-                        device=args.device, data_dir=args.data_dir, out_dir=args.out)
+                        device=args.device, data_dir=args.data_dir, out_dir=args.out, attention=args.attention,
+                        sample=args.sample)
 
 
 def cmd_summarize(args) -> None:
