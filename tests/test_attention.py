@@ -49,9 +49,10 @@ def test_mult_weights_have_the_shape_row_sums_and_masked_zeros():
     assert model.training  # the model's mode is restored
 
 
-def test_weights_reproduce_the_encoder_output():
-    """The weights are the ones the encoder uses: recomputing its (one) layer from them gives its output."""
-    mult = tiny_mult(layers=1).eval()
+@pytest.mark.parametrize("layers", [1, 2])
+def test_weights_reproduce_the_encoder_output(layers):
+    """The weights are the ones the encoder uses: recomputing its last layer from them gives its output."""
+    mult = tiny_mult(layers=layers).eval()
     seen = {}
     handle = mult.crossmodal.register_forward_hook(lambda module, args, output: seen.update(outputs=output,
                                                                                             args=args))
@@ -59,8 +60,11 @@ def test_weights_reproduce_the_encoder_output():
     handle.remove()
     for index, name in enumerate(CROSSMODAL_NAMES):
         encoder = mult.crossmodal.member(name).eval()
-        layer, attention = encoder.layers[0], encoder.layers[0].self_attn
         x, x_k = encoder._embed(seen["args"][0][index]), encoder._embed(seen["args"][1][index])
+        with torch.no_grad():
+            for earlier in encoder.layers[:-1]:
+                x = earlier(x, x_k, x_k, mask=future_mask(x.shape[0], x_k.shape[0], x.device))
+        layer, attention = encoder.layers[-1], encoder.layers[-1].self_attn
         e = attention.embed_dim
         value = F.linear(layer.layer_norms[0](x_k), attention.in_proj_weight[2 * e:], attention.in_proj_bias[2 * e:])
         heads = value.view(value.shape[0], BATCH, attention.num_heads, -1).permute(1, 2, 0, 3)

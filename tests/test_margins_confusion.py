@@ -55,12 +55,13 @@ def test_class_margins_span_the_seven_logits_and_regression_has_none():
 
 
 def test_sentiment_confusion_counts_a_hand_made_example():
-    truth = [-3.0, -2.6, 0.4, 0.5, 1.5, 2.9, 3.0]
-    pred = [-4.0, -1.0, 0.0, 0.0, 2.0, 3.0, 2.4]
+    truth = [-3.0, -2.6, 0.4, 0.5, 1.5, 2.9, 3.0, 2.2]
+    pred = [-4.0, -1.0, 0.0, 0.0, 2.0, 3.0, 2.4, 1.6]
     counts = sentiment_confusion(pred, truth)
     expected = np.zeros((7, 7), dtype=int)
-    # (true class, predicted class) + 3: -3/-3, -3/-1, 0/0, 0/0 (0.5 rounds to 0), 2/2 (1.5 rounds to 2), 3/3, 3/2
-    for t, p in ((-3, -3), (-3, -1), (0, 0), (0, 0), (2, 2), (3, 3), (3, 2)):
+    # (true class, predicted class): -3/-3 (clipped), -3/-1, 0/0, 0/0 (0.5 rounds to 0), 2/2 (1.5 rounds to 2),
+    # 3/3, 3/2, 2/2
+    for t, p in ((-3, -3), (-3, -1), (0, 0), (0, 0), (2, 2), (3, 3), (3, 2), (2, 2)):
         expected[t + 3, p + 3] += 1
     np.testing.assert_array_equal(counts, expected)
     assert np.trace(counts) / counts.sum() == pytest.approx(metrics.sentiment_metrics(pred, truth)["acc7"])
