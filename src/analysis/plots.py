@@ -217,8 +217,9 @@ def plot_confusion(matrices: dict, path, title: str, class_labels: list, panel_l
         raise ValueError("nothing to plot: no confusion matrices given")
     first = np.asarray(next(iter(matrices.values())))
     per_decision = first.ndim == 3
-    rows = len(matrices)
-    cols = first.shape[0] if per_decision else 1
+    # Per-decision matrices: one row per prediction, one column per decision; otherwise side by side.
+    rows = len(matrices) if per_decision else 1
+    cols = first.shape[0] if per_decision else len(matrices)
     size = 2.3 if per_decision else max(3.8, 0.55 * first.shape[-1] + 1.5)
     figure = _new_figure(size * cols + 0.5, size * rows + 0.6)
     if figure is None:
@@ -227,7 +228,8 @@ def plot_confusion(matrices: dict, path, title: str, class_labels: list, panel_l
         counts = np.asarray(counts)
         panels = counts if per_decision else counts[None]
         for c, panel in enumerate(panels):
-            axes = figure.add_subplot(rows, cols, r * cols + c + 1)
+            index = r * cols + c + 1 if per_decision else r + 1
+            axes = figure.add_subplot(rows, cols, index)
             total = max(1, int(panel.sum()))
             percent = 100.0 * panel / total
             axes.imshow(percent, cmap="Blues", vmin=0.0, vmax=max(1e-9, percent.max()))
@@ -244,10 +246,10 @@ def plot_confusion(matrices: dict, path, title: str, class_labels: list, panel_l
             axes.set_title(f"{prediction}: {name}{accuracy_name} {np.trace(percent):.1f}", fontsize=8)
             if c == 0:
                 axes.set_ylabel("true", fontsize=8)
-            if r == rows - 1:
+            if r == rows - 1 or not per_decision:
                 axes.set_xlabel("predicted", fontsize=8)
     figure.suptitle(title + " (% of samples, counts in brackets)", fontsize=9)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.96))
     return _save(figure, path)
 
 
