@@ -183,3 +183,4 @@ def test_logger_without_tensorboard_installed_is_exit_2(watched, tmp_path):
                  "--runs-dir", tmp_path / "runs", "--device", "cpu", "--epochs", "1", "--logger", "tensorboard",
                  *TINY, check=False, env={"PYTHONPATH": str(blocker.parent)})
     assert_user_error(result, "tensorboard extra", "pip install -e .[tensorboard]")
+    assert not (tmp_path / "runs" / "iemocap" / "no_tb").exists()  # refused before anything is written

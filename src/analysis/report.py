@@ -104,20 +104,19 @@ def analysis_section(r: dict) -> list[str]:
     return lines
 
 
-def write_report(out_dir: Path, run_dirs: list[Path], analyses: dict) -> Path:
-    """report.md in out_dir for the runs (in order), with `analyses` as analyze_runs computed them."""
-    out_dir = Path(out_dir)
+def write_report(path: Path, run_dirs: list[Path], analyses: dict, charts: dict | None = None) -> Path:
+    """The report at `path` for the runs (in order), with `analyses` as analyze_runs computed them and
+    `charts` ({caption: PNG path}) the analysis charts drawn beside it."""
+    path = Path(path)
+    base = path.parent
     labels = [f"{Path(r).parent.name}/{Path(r).name}" for r in run_dirs]
     lines = ["# Report: " + ", ".join(labels), ""]
     for run_dir, label in zip(run_dirs, labels):
-        lines += run_section(Path(run_dir), label, analyses.get(label), out_dir)
-    charts = [(out_dir / "contributions.png", "Shapley contribution per modality"),
-              (out_dir / "removal_drops.png", "Drop when modalities are removed")]
-    if any(path.is_file() for path, _ in charts):
+        lines += run_section(Path(run_dir), label, analyses.get(label), base)
+    drawn = {caption: Path(png) for caption, png in (charts or {}).items() if Path(png).is_file()}
+    if drawn:
         lines += ["## Modality analysis charts", ""]
-        for path, caption in charts:
-            if path.is_file():
-                lines += _image(path, out_dir, caption)
-    path = out_dir / "report.md"
+        for caption, png in drawn.items():
+            lines += _image(png, base, caption)
     atomic_write_text("\n".join(lines).rstrip() + "\n", path)
     return path

@@ -96,13 +96,19 @@ class NullLogger:
         pass
 
 
-class TensorBoardLogger:
-    def __init__(self, log_dir: Path, purge_step: int | None = None):
+def require_logger(name: str) -> None:
+    """Refuse a logger whose package is missing, before anything is written (UserError naming the extra)."""
+    if check_logger(name) == "tensorboard":
         try:
             import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it; fail here with a hint)
         except ImportError:
             raise UserError(f"--logger tensorboard (train.logger) needs the tensorboard package, which is "
                             f"not installed; install the tensorboard extra: {TENSORBOARD_HINT}") from None
+
+
+class TensorBoardLogger:
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
+        require_logger("tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
         # On resume, events at or after the resumed epoch (written by the interrupted run) are dropped.
