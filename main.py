@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--epochs", type=int, default=None)
             p.add_argument("--clean-nonfinite", action="store_true", help="replace NaN/inf in the data by 0")
             p.add_argument("--resume", action="store_true", help="continue an interrupted run from last.pt")
+            p.add_argument("--logger", default=None, choices=("none", "tensorboard"),
+                           help="per-epoch scalars to TensorBoard in <run>/tensorboard (default: train.logger)")
         else:
             p.add_argument("--checkpoint", default="best_acc",
                            help="best_acc (default), best_loss, last, or a path to a .pt file")
@@ -100,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--device", default="auto")
     analyze.add_argument("--data-dir", default=None)
     analyze.add_argument("--out", default=None, help="where to write the JSON and PNGs (default: the first run)")
+    analyze.add_argument("--attention", action="store_true",
+                         help="also write each run's crossmodal attention maps (mult, dmd): attention_*.npz/png")
+    analyze.add_argument("--sample", type=int, default=None,
+                         help="with --attention: the map of this sample of the split instead of the mean")
 
     compare = sub.add_parser("compare", help="train the backbone alone and CausalMER over several seeds, then "
                              "summarise both as mean ± std")
@@ -179,7 +185,8 @@ def resolve_train_config(args) -> dict:
                             "only applies to --model causalmer")
     cli = {"data.dir": args.data_dir, "data.task": args.task, "train.epochs": args.epochs,
            "data.aligned": False if args.unaligned else None,
-           "data.clean_nonfinite": True if args.clean_nonfinite else None}
+           "data.clean_nonfinite": True if args.clean_nonfinite else None,
+           "train.logger": args.logger}
     return load_config(args.dataset, args.config, backbone=backbone, model_name=model_name,
                        overrides=args.overrides, cli=cli)
 
@@ -268,8 +275,11 @@ def cmd_eval(args) -> dict:
 def cmd_analyze(args) -> dict:
     from src.train.inference import analyze_runs
 
+    if args.sample is not None and not args.attention:
+        raise UserError("--sample picks the sample of the attention maps; it needs --attention")
     return analyze_runs([Path(r) for r in args.runs], checkpoint=args.checkpoint, split=args.split,
-                        device=args.device, data_dir=args.data_dir, out_dir=args.out)
+                        device=args.device, data_dir=args.data_dir, out_dir=args.out, attention=args.attention,
+                        sample=args.sample)
 
 
 def cmd_summarize(args) -> None:
@@ -323,7 +333,8 @@ def plan_run(run_args, fresh: bool, flag: str) -> str:
     if not holds_run(run_dir):
         return "train"
     saved = ckpt_io.read_config_file(run_dir / "config.yaml")
-    difference = ckpt_io.first_difference(saved, resolve_train_config(run_args))
+    difference = ckpt_io.first_difference(ckpt_io.experiment_config(saved),
+                                          ckpt_io.experiment_config(resolve_train_config(run_args)))
     if difference is None:
         return "reuse" if (run_dir / "metrics.json").is_file() else "resume"
     if not fresh:

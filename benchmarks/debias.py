@@ -246,6 +246,7 @@ def measure(run_dir: Path, ctx) -> dict:
     """Everything reported about one trained run, from its best-validation checkpoint."""
     from src import metrics
     from src.analysis.contributions import removal_report, removal_scores_from_subsets, shapley_values
+    from src.analysis.margins import decision_margins
     from src.train.evaluate import evaluate, predict, subset_scores
     from src.train.inference import load_run
 
@@ -282,27 +283,8 @@ def measure(run_dir: Path, ctx) -> dict:
             record["mean_abs_nde"][split] = {m: float(abs(out[f"nde_{LETTERS[m]}"]).mean()) for m in MODALITIES}
             record["mean_abs_nde"][split]["te"] = float(abs(out["te"]).mean())
             if split == "test":
-                record["margins"] = decision_margins(out)
+                record["margins"] = decision_margins(out, task)
     return record
-
-
-def decision_margins(out: dict) -> dict:
-    """What can actually change a decision: the (present − absent) margin of each emotion pair.
-
-    A constant added to both logits of a pair (e.g. the class-independent Y_0 term) moves |NDE| but
-    never a decision; only the part of NDE_m that differs between "present" and "absent" does. We
-    report the mean |margin| of TE and of each NDE_m, and how often TIE decides differently from TE.
-    """
-    import numpy as np
-
-    def margin(logits):
-        pairs = np.asarray(logits).reshape(len(logits), -1, 2)
-        return pairs[..., 1] - pairs[..., 0]
-
-    result = {m: float(np.abs(margin(out[f"nde_{LETTERS[m]}"])).mean()) for m in MODALITIES}
-    result["te"] = float(np.abs(margin(out["logits_te"])).mean())
-    result["tie_te_flip_rate"] = float(np.mean(np.sign(margin(out["logits_tie"])) != np.sign(margin(out["logits_te"]))))
-    return result
 
 
 def remeasure(record: dict, work_dir: Path) -> dict:

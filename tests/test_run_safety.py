@@ -169,17 +169,17 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(caps
                                                                             monkeypatch):
     from src.causal.model import CausalMER
 
-    original, calls = CausalMER.loss, []
+    original, calls = CausalMER.loss_terms, []
 
     def loss_turning_nan_in_epoch_2(self, out, target):
-        loss = original(self, out, target)
+        terms = original(self, out, target)
         if self.training:
             calls.append(1)
             if len(calls) >= 2:  # one training batch per epoch: the first step of epoch 2
-                return loss * float("nan")
-        return loss
+                terms["task_te"] = terms["task_te"] * float("nan")
+        return terms
 
-    monkeypatch.setattr(CausalMER, "loss", loss_turning_nan_in_epoch_2)
+    monkeypatch.setattr(CausalMER, "loss_terms", loss_turning_nan_in_epoch_2)
     code, _, err = run(capsys, *train_args(synthetic_data(), tmp_path, "r", 1, 3))
     assert_refused(code, err, "epoch 2, step 1 of 1", "checkpoints of epoch 1", "train.grad_clip_norm",
                    "--clean-nonfinite", "lower learning rate")

@@ -86,11 +86,7 @@ def _grouped_bars(runs: dict, categories: list, tick_labels: list, path, title: 
     if len(labels) > 1 or legend_labels:
         axes.legend(frameon=False, fontsize=8)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with replacing(path) as tmp:
-        figure.savefig(tmp, format="png")
-    return path
+    return _save(figure, path)
 
 
 def plot_contributions(runs: dict, path, title: str = "Modality contributions",
@@ -124,3 +120,165 @@ def plot_removal_drops(runs: dict, path, title: str = "Score drop when modalitie
         else:
             legend_labels.append(str(label))
     return _grouped_bars(runs, categories, tick_labels, path, title, ylabel, legend_labels)
+
+
+# --- training curves ------------------------------------------------------------------------------
+
+def _percent(key: str, value: float) -> float:
+    """Accuracies and F1 in percent, as the text tables show them; other metrics unchanged."""
+    from src.metrics import is_fraction_metric
+
+    return 100.0 * value if is_fraction_metric(key) else value
+
+
+def plot_curves(history: list, path, headline_key: str) -> Path | None:
+    """curves.png of a run's per-epoch history: losses (with the training loss's parts), the validation
+    headline of each prediction, every learning rate, and the counterfactual constants.
+
+    Returns the PNG path, or None when matplotlib is not installed.
+    """
+    if not history:
+        raise ValueError("nothing to plot: the run has no epochs")
+    figure = _new_figure(11.0, 7.5)
+    if figure is None:
+        return None
+    epochs = [entry["epoch"] for entry in history]
+    losses, scores, rates, constants = (figure.add_subplot(2, 2, i) for i in range(1, 5))
+
+    losses.plot(epochs, [e["train_loss"] for e in history], marker="o", label="train loss", linewidth=2)
+    losses.plot(epochs, [e["valid_loss"] for e in history], marker="o", label="valid loss", linewidth=2)
+    for term in history[-1].get("train_terms", {}):
+        losses.plot(epochs, [e.get("train_terms", {}).get(term, math.nan) for e in history], linestyle="--",
+                    linewidth=1, label=f"train {term}")
+    # The KL term is orders of magnitude above the task terms: a log axis shows both.
+    if all(v > 0 for line in losses.get_lines() for v in line.get_ydata() if not math.isnan(v)):
+        losses.set_yscale("log")
+    losses.set_title("loss (train parts dashed)")
+
+    unit = " (%)" if _percent(headline_key, 1.0) == 100.0 else ""
+    predictions = list(history[-1].get("valid_scores", {}).get(headline_key, {}))
+    for prediction in predictions:
+        scores.plot(epochs, [_percent(headline_key, e["valid_scores"][headline_key][prediction]) for e in history],
+                    marker="o", label=prediction)
+    if not predictions:  # a history written before per-prediction scores were kept
+        scores.plot(epochs, [_percent(headline_key, e[f"valid_{headline_key}"]) for e in history], marker="o")
+    scores.set_title(f"valid {headline_key}{unit}")
+
+    for group in history[-1].get("lrs", {"lr": None}):
+        values = [e["lrs"][group] for e in history] if "lrs" in history[-1] else [e["lr"] for e in history]
+        rates.plot(epochs, values, marker="o", label=group)
+    rates.set_yscale("log")
+    rates.set_title("learning rate")
+
+    if "constants" in history[-1]:
+        for name in history[-1]["constants"]:
+            constants.plot(epochs, [e["constants"][name] for e in history], marker="o", label=name)
+        constants.set_title("counterfactual constants")
+    else:
+        constants.text(0.5, 0.5, "no causal head (backbone alone)", ha="center", va="center",
+                       transform=constants.transAxes)
+        constants.set_title("counterfactual constants")
+
+    from matplotlib.ticker import MaxNLocator
+
+    for axes in (losses, scores, rates, constants):
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(frameon=False, fontsize=7)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def _save(figure, path) -> Path:
+    """The figure as a PNG at `path`, through the atomic writer."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return path
+
+
+# --- confusion matrices ---------------------------------------------------------------------------
+
+def plot_confusion(matrices: dict, path, title: str, class_labels: list, panel_labels: list | None = None,
+                   accuracy_name: str = "acc") -> Path | None:
+    """Confusion matrices as heatmaps, cells in percent of all samples (so the diagonal sums to the
+    accuracy of the text tables), with the counts beneath.
+
+    ``matrices``: ``{prediction: counts}`` with counts (C, C), rows the true class, columns the
+    predicted one; or (D, 2, 2) for D binary decisions (IEMOCAP's emotions, named by ``panel_labels``),
+    drawn one panel per prediction and decision. Returns the PNG path, or None without matplotlib.
+    """
+    import numpy as np
+
+    if not matrices:
+        raise ValueError("nothing to plot: no confusion matrices given")
+    first = np.asarray(next(iter(matrices.values())))
+    per_decision = first.ndim == 3
+    # Per-decision matrices: one row per prediction, one column per decision; otherwise side by side.
+    rows = len(matrices) if per_decision else 1
+    cols = first.shape[0] if per_decision else len(matrices)
+    size = 2.3 if per_decision else max(3.8, 0.55 * first.shape[-1] + 1.5)
+    figure = _new_figure(size * cols + 0.5, size * rows + 0.6)
+    if figure is None:
+        return None
+    for r, (prediction, counts) in enumerate(matrices.items()):
+        counts = np.asarray(counts)
+        panels = counts if per_decision else counts[None]
+        for c, panel in enumerate(panels):
+            index = r * cols + c + 1 if per_decision else r + 1
+            axes = figure.add_subplot(rows, cols, index)
+            total = max(1, int(panel.sum()))
+            percent = 100.0 * panel / total
+            axes.imshow(percent, cmap="Blues", vmin=0.0, vmax=max(1e-9, percent.max()))
+            for (i, j), value in np.ndenumerate(percent):
+                colour = "white" if value > 0.6 * percent.max() else "black"
+                axes.text(j, i, f"{value:.1f}\n({int(panel[i, j])})", ha="center", va="center",
+                          fontsize=7 if per_decision else 6, color=colour)
+            ticks = range(panel.shape[0])
+            axes.set_xticks(list(ticks))
+            axes.set_yticks(list(ticks))
+            axes.set_xticklabels(class_labels, fontsize=7)
+            axes.set_yticklabels(class_labels, fontsize=7)
+            name = f"{panel_labels[c]}, " if per_decision and panel_labels else ""
+            axes.set_title(f"{prediction}: {name}{accuracy_name} {np.trace(percent):.1f}", fontsize=8)
+            if c == 0:
+                axes.set_ylabel("true", fontsize=8)
+            if r == rows - 1 or not per_decision:
+                axes.set_xlabel("predicted", fontsize=8)
+    figure.suptitle(title + " (% of samples, counts in brackets)", fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 0.96))
+    return _save(figure, path)
+
+
+# --- crossmodal attention -------------------------------------------------------------------------
+
+def plot_attention_grid(maps: dict, path, title: str, labels: dict | None = None) -> Path | None:
+    """The crossmodal attention maps (query steps x key steps) as a grid of heatmaps, two per row.
+
+    ``maps``: ``{encoder name: (T_q, T_k) array}``; ``labels``: a readable title per encoder.
+    Returns the PNG path, or None when matplotlib is not installed.
+    """
+    import numpy as np
+
+    if not maps:
+        raise ValueError("nothing to plot: no attention maps given")
+    cols = 2
+    rows = math.ceil(len(maps) / cols)
+    figure = _new_figure(4.2 * cols, 3.4 * rows + 0.4)
+    if figure is None:
+        return None
+    for index, (name, weights) in enumerate(maps.items()):
+        axes = figure.add_subplot(rows, cols, index + 1)
+        weights = np.asarray(weights)
+        image = axes.imshow(weights, cmap="viridis", aspect="auto", interpolation="nearest", vmin=0.0)
+        figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+        axes.set_title((labels or {}).get(name, name), fontsize=9)
+        axes.set_xlabel("key step (source)", fontsize=8)
+        axes.set_ylabel("query step (target)", fontsize=8)
+        axes.tick_params(labelsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, path)

@@ -77,11 +77,22 @@ def kl_term(out: dict, groups: int = 1) -> torch.Tensor:
     return h("te", "nde") + between_modalities + h("te", "nde_t") + h("te", "nde_a") + h("te", "nde_v")
 
 
-def causal_loss(out: dict, target: torch.Tensor, alpha: float = 0.1, beta: float = 1.0, kl: str = "all") -> torch.Tensor:
-    """The scalar training loss for a CausalHead output dict and its target."""
+# The weighted parts of L by name: the fused prediction's task loss, each branch's, and the KL term.
+TASK_TERMS = {"task_te": "logits_te", "task_text": "logits_t", "task_audio": "logits_a", "task_vision": "logits_v"}
+
+
+def causal_loss_terms(out: dict, target: torch.Tensor, alpha: float = 0.1, beta: float = 1.0,
+                      kl: str = "all") -> dict:
+    """The parts of the training loss, weighted, by name: their sum is `causal_loss`."""
     check_kl(kl)
-    task_terms = sum(task_loss(out[key], target) for key in ("logits_te", "logits_t", "logits_a", "logits_v"))
+    terms = {name: alpha * task_loss(out[key], target) for name, key in TASK_TERMS.items()}
     groups = 1
     if kl == "pair" and target_kind(out["te"], target) == "binary":
         groups = target.shape[1]
-    return alpha * task_terms + beta * kl_term(out, groups)
+    terms["kl"] = beta * kl_term(out, groups)
+    return terms
+
+
+def causal_loss(out: dict, target: torch.Tensor, alpha: float = 0.1, beta: float = 1.0, kl: str = "all") -> torch.Tensor:
+    """The scalar training loss for a CausalHead output dict and its target."""
+    return sum(causal_loss_terms(out, target, alpha=alpha, beta=beta, kl=kl).values())

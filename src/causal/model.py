@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from src.causal.head import CausalHead
-from src.causal.loss import causal_loss, check_kl
+from src.causal.loss import causal_loss_terms, check_kl
 from src.models.contract import backbone_aux_loss, backbone_validation_aux_loss, split_backbone_output
 
 
@@ -47,12 +47,20 @@ class CausalMER(nn.Module):
         out["extras"] = extras
         return out
 
-    def loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:
-        total = causal_loss(out, target, alpha=self.alpha, beta=self.beta, kl=self.kl)
+    def loss_terms(self, out: dict, target: torch.Tensor) -> dict:
+        """The weighted parts of the loss by name (task_te, task_text, task_audio, task_vision, kl, and
+        aux when the backbone has an auxiliary loss); `loss` is their sum."""
+        terms = causal_loss_terms(out, target, alpha=self.alpha, beta=self.beta, kl=self.kl)
         aux = backbone_aux_loss(self.backbone, out["extras"], target)
-        return total if aux is None else total + aux
+        if aux is not None:
+            terms["aux"] = aux
+        return terms
+
+    def loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:
+        return sum(self.loss_terms(out, target).values())
 
     def validation_loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:
-        total = causal_loss(out, target, alpha=self.alpha, beta=self.beta, kl=self.kl)
+        """The causal loss, plus the backbone's auxiliary loss where the backbone counts it (contract.py)."""
+        total = sum(causal_loss_terms(out, target, alpha=self.alpha, beta=self.beta, kl=self.kl).values())
         aux = backbone_validation_aux_loss(self.backbone, out["extras"], target)
         return total if aux is None else total + aux

@@ -1,7 +1,7 @@
 """BackboneOnly: a backbone trained on its own, the baseline CausalMER is compared against.
 
-It speaks the same interface as CausalMER (forward -> dict, loss(out, target), validation_loss(out,
-target)) so both train and evaluate with the same loop; its prediction is `logits_m`.
+It speaks the same interface as CausalMER (forward -> dict, loss(out, target), loss_terms(out, target),
+validation_loss(out, target)) so both train and evaluate with the same loop; its prediction is `logits_m`.
 """
 import torch
 import torch.nn as nn
@@ -19,10 +19,16 @@ class BackboneOnly(nn.Module):
         logits_m, extras = split_backbone_output(self.backbone(text, audio, vision))
         return {"logits_m": logits_m, "extras": extras}
 
-    def loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:
-        total = task_loss(out["logits_m"], target)
+    def loss_terms(self, out: dict, target: torch.Tensor) -> dict:
+        """The parts of the loss by name (task_m, and aux when the backbone has one); `loss` is their sum."""
+        terms = {"task_m": task_loss(out["logits_m"], target)}
         aux = backbone_aux_loss(self.backbone, out["extras"], target)
-        return total if aux is None else total + aux
+        if aux is not None:
+            terms["aux"] = aux
+        return terms
+
+    def loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:
+        return sum(self.loss_terms(out, target).values())
 
     def validation_loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:
         """The task loss of `logits_m`, plus the auxiliary loss where the backbone counts it (contract.py)."""

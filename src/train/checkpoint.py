@@ -234,9 +234,15 @@ def read_config_file(path: Path) -> dict:
     return upgrade_config(cfg, str(path))
 
 
+def experiment_config(cfg: dict) -> dict:
+    """A run's config without where the run is watched (train.logger), which changes no result."""
+    return {**cfg, "train": {k: v for k, v in (cfg.get("train") or {}).items() if k != "logger"}}
+
+
 def check_same_config(saved: dict, requested: dict, path: Path) -> None:
-    """--resume must continue the same experiment: any difference in the resolved config is refused."""
-    difference = first_difference(saved, requested)
+    """--resume must continue the same experiment: any difference in the resolved config but the
+    logger is refused."""
+    difference = first_difference(experiment_config(saved), experiment_config(requested))
     if difference:
         key, got, want = difference
         raise CheckpointError(f"--resume: the run in {Path(path).parent} was started with {key} = {got!r}, "

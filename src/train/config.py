@@ -53,6 +53,7 @@ SCHEMA = {
         "accumulation": str,
         "plateau": {"factor": NUM, "patience": int},
         "early_stop": (int, type(None)),
+        "logger": str,
     },
 }
 # Keys earlier versions wrote that no longer mean anything (train.num_workers was never read): dropped when
@@ -248,6 +249,10 @@ def validate(cfg: dict) -> dict:
         from src.train.accumulation import check_policy
 
         check_policy(train["accumulation"])
+    if "logger" in train:
+        from src.train.tracking import check_logger
+
+        check_logger(train["logger"])
     if not 0 < train["plateau"]["factor"] < 1:
         raise ConfigError(f"train.plateau.factor must be in (0, 1), got {train['plateau']['factor']}")
     return cfg

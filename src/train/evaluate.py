@@ -16,6 +16,7 @@ from src.modalities import LETTERS, MODALITIES, REMOVALS
 from src.train.distributed import Context, gather_objects
 
 PREDICTIONS = {"tie": "logits_tie", "te": "logits_te", "m": "logits_m"}
+PREDICTION_KEYS = tuple(PREDICTIONS.values())
 
 
 def parse_removal(text: str | None) -> tuple[str, ...]:
@@ -54,7 +55,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def predict(model, dataset, batch_size: int, ctx: Context, remove=(), amp: bool = False,
-            keys=("logits_tie", "logits_te", "logits_m")) -> dict:
+            keys=PREDICTION_KEYS) -> dict:
     """Outputs for every sample of `dataset`, in dataset order, on every rank.
 
     Ranks take disjoint strided shards (no padding samples), so after gathering each sample appears
@@ -98,9 +99,20 @@ def score_predictions(pred: dict, task: str) -> dict:
     return results
 
 
-def evaluate(model, dataset, batch_size: int, ctx: Context, remove=(), amp: bool = False) -> dict:
-    pred = predict(model, dataset, batch_size, ctx, remove=remove, amp=amp)
-    return {"loss": pred["loss"], "predictions": score_predictions(pred, dataset.task)}
+def evaluate(model, dataset, batch_size: int, ctx: Context, remove=(), amp: bool = False,
+             margins: bool = False) -> dict:
+    """Loss and metrics of every prediction; with `margins`, also the causal head's decision margins
+    (src/analysis/margins.py; None for the backbone alone and for regression)."""
+    keys = PREDICTION_KEYS
+    if margins:
+        from src.analysis.margins import MARGIN_KEYS, decision_margins
+
+        keys = tuple(dict.fromkeys(PREDICTION_KEYS + MARGIN_KEYS))
+    pred = predict(model, dataset, batch_size, ctx, remove=remove, amp=amp, keys=keys)
+    result = {"loss": pred["loss"], "predictions": score_predictions(pred, dataset.task)}
+    if margins:
+        result["margins"] = decision_margins(pred, dataset.task)
+    return result
 
 
 def main_prediction(model) -> str:

@@ -11,13 +11,16 @@ from src.train import checkpoint as ckpt_io
 from src.train import distributed
 from src.train.config import model_signature
 from src.train.evaluate import (
-    evaluate,
     main_prediction,
     parse_removal,
     predict,
     removal_sweep,
+    score_predictions,
     subset_scores,
 )
+from src.analysis.confusion import confusion_matrices, write_confusion_png
+from src.analysis.plots import PLOTS_HINT
+from src.analysis.report import write_report
 from src.train.loop import load_data, make_model
 from src.train.report import prediction_table, print_removal_report
 
@@ -97,15 +100,22 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test
                 result = report
             else:
                 removed = parse_removal(remove)
-                result = evaluate(model, dataset, batch_size, ctx, remove=removed, amp=amp)
+                pred = predict(model, dataset, batch_size, ctx, remove=removed, amp=amp)
+                result = {"loss": pred["loss"], "predictions": score_predictions(pred, dataset.task)}
                 if ctx.is_main:
                     what = f", without {' and '.join(removed)}" if removed else ""
                     print(f"{cfg['dataset']} {split} split ({name}, epoch {saved['epoch']}{what}):")
                     print(prediction_table(result["predictions"]))
                     suffix = f"_no_{remove}" if remove else ""
+                    matrices = confusion_matrices(pred, dataset.task)
+                    confusion = {prediction: counts.tolist() for prediction, counts in matrices.items()}
                     out = Path(run_dir) / f"eval_{tag}_{split}{suffix}.json"
-                    write_text(out, json.dumps({**origin, "removed": list(removed), **result}, indent=2))
+                    write_text(out, json.dumps({**origin, "removed": list(removed), **result, "confusion": confusion},
+                                               indent=2))
                     print(f"wrote {out}")
+                    png = write_confusion_png(matrices, dataset.task, Path(run_dir) / f"confusion_{tag}_{split}{suffix}.png",
+                                              f"{cfg['dataset']} {split} ({name}, epoch {saved['epoch']}{what})")
+                    print(f"plots skipped: {PLOTS_HINT}" if png is None else f"wrote {png}")
         if analyze:
             analyze_runs([Path(run_dir)], checkpoint=checkpoint, split=split, device=device, data_dir=data_dir)
         return result
@@ -113,8 +123,10 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test
         distributed.teardown(ctx)
 
 
-def analyze_run(run_dir: Path, checkpoint: str, split: str, ctx, data_dir: str | None) -> dict:
-    """Shapley contributions, NDE shares, balance and robustness of one run's main prediction."""
+def analyze_run(run_dir: Path, checkpoint: str, split: str, ctx, data_dir: str | None, attention: bool = False,
+                sample: int | None = None) -> dict:
+    """Shapley contributions, NDE shares, balance and robustness of one run's main prediction; with
+    `attention`, also its crossmodal attention maps (written to the run directory)."""
     from src.analysis.contributions import (balance_index, nde_shares, removal_report,
                                             removal_scores_from_subsets, shapley_values)
     from src import metrics
@@ -138,11 +150,37 @@ def analyze_run(run_dir: Path, checkpoint: str, split: str, ctx, data_dir: str |
         shares = nde_shares(pred["nde_t"], pred["nde_a"], pred["nde_v"])
         result["nde_shares"] = shares
         result["nde_balance"] = balance_index(shares)
+    if attention and ctx.is_main:
+        tag = result_tag(run_dir, checkpoint, data_dir, dataset.source)
+        result["attention"] = write_attention(model, dataset, cfg, Path(run_dir), tag, split, ctx.device, sample)
     return result
 
 
+def write_attention(model, dataset, cfg: dict, run_dir: Path, tag: str, split: str, device,
+                    sample: int | None) -> dict | None:
+    """attention_<tag>_<split>[_sample<N>].npz and .png in the run directory; None for a backbone
+    without crossmodal encoders (PMR)."""
+    from src.analysis.attention import LABELS, attention_maps, has_crossmodal_attention, write_attention_npz
+    from src.analysis.plots import PLOTS_HINT, plot_attention_grid
+
+    if not has_crossmodal_attention(model):
+        print(f"attention maps skipped for {run_dir}: the {cfg['model']['backbone']} backbone has no MulT "
+              "crossmodal encoders (maps are for mult and dmd)")
+        return None
+    # Each batch holds (B, H, T_q, T_k) weights per encoder: long unaligned sequences need small batches.
+    maps = attention_maps(model, dataset, min(cfg["train"]["eval_batch_size"], 16), device, sample)
+    stem = f"attention_{tag}_{split}" + ("" if sample is None else f"_sample{sample}")
+    npz = write_attention_npz(maps, run_dir / f"{stem}.npz")
+    what = f"sample {sample}" if sample is not None else f"mean over {len(dataset)} samples"
+    png = plot_attention_grid(maps, run_dir / f"{stem}.png", f"last-layer crossmodal attention, {split} split "
+                              f"({tag}), mean over heads, {what}", LABELS)
+    print(f"wrote {npz}" + (f" and {png}" if png else f" (PNG skipped: {PLOTS_HINT})"))
+    return {"npz": npz.name, "png": png.name if png else None, "sample": sample}
+
+
 def analyze_runs(run_dirs: list[Path], checkpoint: str = "best_acc", split: str = "test", device: str = "auto",
-                 data_dir: str | None = None, out_dir: str | None = None) -> dict:
+                 data_dir: str | None = None, out_dir: str | None = None, attention: bool = False,
+                 sample: int | None = None) -> dict:
     from src.analysis.plots import PLOTS_HINT, plot_contributions, plot_removal_drops
 
     check_same_data(run_dirs)
@@ -155,14 +193,14 @@ def analyze_runs(run_dirs: list[Path], checkpoint: str = "best_acc", split: str 
         results = {}
         for run_dir in run_dirs:
             label = f"{Path(run_dir).parent.name}/{Path(run_dir).name}"
-            results[label] = analyze_run(Path(run_dir), checkpoint, split, ctx, data_dir)
+            results[label] = analyze_run(Path(run_dir), checkpoint, split, ctx, data_dir, attention, sample)
         # Into the first run's directory, the analysis of another checkpoint or other data is named apart
         # (as eval's results are), so it never replaces the run's own.
         first = next(iter(results.values()))
         tag = result_tag(run_dirs[0], checkpoint, data_dir, first["data"])
         suffix = "" if out_dir or tag == checkpoint_path(run_dirs[0], checkpoint).stem else f"_{tag}"
         files = {name: out / f"{name}{suffix}.{ext}" for name, ext in
-                 (("analysis", "json"), ("contributions", "png"), ("removal_drops", "png"))}
+                 (("analysis", "json"), ("contributions", "png"), ("removal_drops", "png"), ("report", "md"))}
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -179,6 +217,10 @@ def analyze_runs(run_dirs: list[Path], checkpoint: str = "best_acc", split: str 
         else:
             plot_removal_drops(drops, files["removal_drops"], "Drop when modalities are removed")
             print(f"wrote {files['contributions']} and {files['removal_drops']}")
+        report = write_report(files["report"], [Path(r) for r in run_dirs], results,
+                              charts={"Shapley contribution per modality": files["contributions"],
+                                      "Drop when modalities are removed": files["removal_drops"]})
+        print(f"wrote {report}")
         return results
     finally:
         distributed.teardown(ctx)

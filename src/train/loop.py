@@ -28,6 +28,7 @@ from src.train.build import build_model, make_optimizer
 from src.train.config import dump_config, model_signature
 from src.train.distributed import Context, barrier
 from src.train.evaluate import autocast, evaluate, iterate_batches, main_prediction, to_device, unwrap
+from src.train.tracking import make_logger, require_logger
 
 log = logging.getLogger("causalmer")
 
@@ -57,6 +58,7 @@ def prepare(cfg: dict, ctx: Context, seed: int) -> dict:
     """Seed, open the data, build the model and its optimiser: everything a mistake in the input can
     break, done before the run directory is created, so a refused run leaves nothing behind."""
     tcfg = cfg["train"]
+    require_logger(tcfg.get("logger", "none"))
     seed_everything(seed)
     splits = load_data(cfg)
     model = make_model(cfg, splits["train"], ctx.device)
@@ -102,16 +104,20 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
     prediction = main_prediction(model)
     headline_key, _ = metrics.headline(splits["train"].task)
     config_text = dump_config(cfg)
+    logger = make_logger(tcfg.get("logger", "none"), run_dir, ctx.is_main, first_epoch=state["epoch"] + 1)
     for epoch in range(state["epoch"] + 1, tcfg["epochs"] + 1):
         started = time.time()
-        train_loss = train_epoch(trained, optimizer, splits["train"], tcfg, ctx, seed, epoch, amp)
-        valid = evaluate(trained, splits["valid"], tcfg["eval_batch_size"], ctx, amp=amp)
+        train_loss, train_terms = train_epoch(trained, optimizer, splits["train"], tcfg, ctx, seed, epoch, amp)
+        train_seconds = time.time() - started
+        valid = evaluate(trained, splits["valid"], tcfg["eval_batch_size"], ctx, amp=amp, margins=True)
         stop_if_nonfinite(valid["loss"], "validation loss", epoch)
         scheduler.step(valid["loss"])
         score = valid["predictions"][prediction][headline_key]
         entry = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid["loss"],
                  f"valid_{headline_key}": score, "lr": optimizer.param_groups[0]["lr"],
                  "seconds": round(time.time() - started, 2)}
+        entry.update(epoch_details(model, optimizer, valid, headline_key, train_terms,
+                                   trained_samples(len(splits["train"]), ctx) / max(train_seconds, 1e-9)))
         state["history"].append(entry)
         state["epoch"] = epoch
         improved_loss = valid["loss"] < state["best_loss"]
@@ -136,15 +142,53 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
         log.info("epoch %d | train loss %.4f | valid loss %.4f | valid %s (%s) %.4f%s%s | %.1fs", epoch, train_loss,
                  valid["loss"], headline_key, prediction, score, " *loss" if improved_loss else "",
                  " *score" if improved_score else "", entry["seconds"])
+        logger.log_epoch(entry)
         barrier(ctx)
         if tcfg.get("early_stop") and state["since_best"] >= tcfg["early_stop"]:
             log.info("early stop: %d epochs without a better validation loss", state["since_best"])
             break
 
-    return final_evaluation(model, splits, cfg, run_dir, ctx, amp, state)
+    results = final_evaluation(model, splits, cfg, run_dir, ctx, amp, state)
+    logger.log_final(results, cfg, headline_key)
+    logger.close()
+    if ctx.is_main:
+        write_curves(results["history"], run_dir / "curves.png", headline_key)
+    return results
 
 
-def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, epoch: int, amp: bool) -> float:
+def trained_samples(n: int, ctx: Context) -> int:
+    """Training samples one epoch sees over all ranks (train_epoch leaves out n mod world_size)."""
+    return n - n % ctx.world_size
+
+
+def epoch_details(model, optimizer, valid: dict, headline_key: str, train_terms: dict,
+                  samples_per_second: float) -> dict:
+    """What a history entry keeps beyond the headline numbers, for the curves and the logger."""
+    details = {"train_terms": train_terms,
+               "valid_scores": {headline_key: {name: values[headline_key]
+                                               for name, values in valid["predictions"].items()}},
+               "lrs": {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)},
+               "samples_per_second": round(samples_per_second, 2)}
+    head = getattr(unwrap(model), "head", None)
+    if head is not None:
+        details["constants"] = {f"c_{m}": float(getattr(head, f"constant_{m}").detach()) for m in "tav"}
+    if valid.get("margins") is not None:
+        details["margins"] = valid["margins"]
+    return details
+
+
+def write_curves(history: list, path: Path, headline_key: str) -> None:
+    from src.analysis.plots import PLOTS_HINT, plot_curves
+
+    if plot_curves(history, path, headline_key) is None:
+        log.info("curves.png skipped: %s", PLOTS_HINT)
+    else:
+        log.info("wrote %s", path)
+
+
+def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, epoch: int,
+                amp: bool) -> tuple[float, dict]:
+    """One epoch of training; returns the mean loss per sample and the mean of each of its parts."""
     model.train()
     order = epoch_order(len(dataset), seed, epoch)
     # Each rank takes an equal strided share; the few samples beyond a multiple of world_size wait for
@@ -154,7 +198,7 @@ def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, 
     batch_size = tcfg["batch_size"]
     n_batches = math.ceil(len(indices) / batch_size)
     plan = Accumulation(tcfg.get("accumulation", "corrected"), tcfg.get("accumulate", 1), n_batches)
-    total, count = torch.zeros((), device=ctx.device), 0
+    total, count, term_totals = torch.zeros((), device=ctx.device), 0, {}
     first_bad = torch.zeros((), dtype=torch.long, device=ctx.device)  # first step with a NaN/inf loss, 0: none
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(iterate_batches(dataset, indices, batch_size), total=n_batches, desc=f"epoch {epoch}",
@@ -163,7 +207,8 @@ def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, 
         batch = to_device(batch, ctx.device)
         with autocast(ctx.device, amp):
             out = model(batch["text"], batch["audio"], batch["vision"])
-            loss = unwrap(model).loss(out, batch["target"])
+            terms = unwrap(model).loss_terms(out, batch["target"])
+            loss = sum(terms.values())  # = model.loss
         first_bad = note_nonfinite(first_bad, loss, step)
         (loss * plan.loss_scale).backward()
         if plan.clips_after(step):
@@ -173,10 +218,12 @@ def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, 
             optimizer.zero_grad(set_to_none=True)
         n = len(batch["target"])
         total += loss.detach() * n  # summed on the device: no host sync per step
+        for key, value in terms.items():
+            term_totals[key] = term_totals.get(key, 0) + value.detach() * n
         count += n
     optimizer.zero_grad(set_to_none=True)  # a partial window that did not step is discarded
     stop_if_nonfinite(float(total), "training loss", epoch, step=int(first_bad), n_batches=n_batches)
-    return float(total) / max(1, count)
+    return float(total) / max(1, count), {key: float(value) / max(1, count) for key, value in term_totals.items()}
 
 
 def clip_gradients(model, tcfg: dict) -> None:
