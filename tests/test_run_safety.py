@@ -221,11 +221,15 @@ def test_bad_data_is_refused_before_the_run_directory_exists(capsys, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_run_that_failed_before_its_first_checkpoint_starts_again(capsys, synthetic_data, tmp_path):
+@pytest.mark.parametrize("best", [(), ("best_loss.pt",), ("best_loss.pt", "best_acc.pt")])
+def test_a_run_that_failed_before_its_first_checkpoint_starts_again(capsys, synthetic_data, tmp_path, best):
     run_dir = tmp_path / "iemocap" / "r" / "seed1"
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text("dataset: iemocap\n")  # what a killed first epoch leaves
+    # What a first epoch killed before it ended leaves (and, killed while saving, its best checkpoints).
+    (run_dir / "config.yaml").write_text("dataset: iemocap\n")
     (run_dir / "train.log").write_text("killed\n")
+    for name in best:
+        (run_dir / name).write_bytes(b"torn")
     code, _, err = run(capsys, *train_args(synthetic_data(), tmp_path))
     assert code == 0, err
     assert (run_dir / "metrics.json").is_file() and "train:" in (run_dir / "config.yaml").read_text()

@@ -141,7 +141,8 @@ def analyze_run(run_dir: Path, checkpoint: str, split: str, ctx, data_dir: str |
     full = subsets[frozenset(MODALITIES)]
     result = {"run": str(run_dir), "dataset": cfg["dataset"], "task": dataset.task,
               **provenance(run_dir, checkpoint, saved, dataset),
-              "model": cfg["model"]["name"], "backbone": cfg["model"]["backbone"], "prediction": prediction, "metric": key, "split": split,
+              "model": cfg["model"]["name"], "backbone": cfg["model"]["backbone"], "prediction": prediction,
+              "metric": key, "split": split,
               "subset_scores": {"+".join(sorted(s)) or "none": v for s, v in subsets.items()},
               "shapley": shapley, "shapley_balance": balance_index(shapley),
               "robustness": removal_report(full, removal_scores_from_subsets(subsets), higher_is_better)}

@@ -1,8 +1,9 @@
 """A run directory: whether it already holds a run, and one process at a time writing into it.
 
-A directory holds a run once its first epoch has ended, i.e. once it has a checkpoint (or the results
-of one). Before that it holds at most a config.yaml and a train.log of an attempt that failed or was
-killed, and starting the run again simply replaces them.
+A directory holds a run once its first epoch has ended, i.e. once it has `last.pt` (written last at the
+end of every epoch, so it is what --resume continues from) or the metrics of a finished run. Before that
+it holds at most a config.yaml, a train.log and the best-epoch checkpoints of an attempt that failed or
+was killed during its first epoch; it cannot be resumed, and starting the run again replaces them.
 
 Training holds an exclusive lock on the directory's `.lock` file for the whole run, and an evaluation
 that writes its results into the directory holds it while it runs, so a second process is refused
@@ -26,9 +27,9 @@ LOCK_NAME = ".lock"
 METRICS_NAME = "metrics.json"
 
 def holds_run(run_dir: Path) -> bool:
-    """True once the directory has a checkpoint or the metrics of a finished run."""
+    """True once the directory has last.pt or the metrics of a finished run."""
     run_dir = Path(run_dir)
-    return any((run_dir / name).is_file() for name in (*CHECKPOINT_NAMES.values(), METRICS_NAME))
+    return any((run_dir / name).is_file() for name in (CHECKPOINT_NAMES["last"], METRICS_NAME))
 
 
 def in_use_error(run_dir: Path) -> UserError:
