@@ -56,6 +56,10 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
     seed_everything(seed)
     splits = load_data(cfg)
     model = make_model(cfg, splits["train"], ctx.device)
+    if cfg["model"].get("init_from") and not resume:  # a resumed run's weights come from last.pt
+        from src.train.published import init_from_published
+
+        init_from_published(model, cfg["model"]["init_from"], cfg["dataset"])
     if cfg["model"]["name"] == "causalmer" and ctx.is_main:
         warn_if_constants_cannot_learn(splits["train"].output_dim, log)
     optimizer = make_optimizer(model, tcfg)
