@@ -24,6 +24,7 @@ run directory; `init_from_published` sets a new run's weights from such a file (
 """
 from __future__ import annotations
 
+import _compat_pickle
 import hashlib
 import inspect
 import io
@@ -223,8 +224,11 @@ class _Unpickler(pickle._Unpickler):
         }
 
     def find_class(self, module: str, name: str):
-        if module == "__builtin__":  # protocol 2 spells builtins the Python 2 way
-            module = "builtins"
+        # Protocol 2 writes Python 2 spellings (__builtin__.set, commands.call): read them as Python does.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         qualname = f"{module}.{name}"
         if qualname in self.functions:
             return _Global(qualname, "function", impl=self.functions[qualname])
