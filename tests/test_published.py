@@ -535,3 +535,85 @@ def test_init_from_refuses_a_changed_file_and_another_backbone(fixtures_dir, tmp
     pmr = build_model(_config(backbone="pmr"), (300, 74, 35), (20, 20, 20), 8)
     with pytest.raises(CheckpointError, match="backbone is a PMR"):
         init_from_published(pmr, init_record(fixtures_dir / FIXTURE), "iemocap")
+
+
+# ------------------------------------------------------------------------------- command line
+def _main(*argv):
+    import main
+
+    return main.main([str(a) for a in argv])
+
+
+@pytest.mark.slow
+def test_cli_import_of_the_fixture_then_eval_sweep_and_analyze(fixtures_dir, expected, synthetic_data, tmp_path):
+    import hashlib
+
+    import yaml
+    from src.train.inference import load_run
+
+    data_dir, runs = synthetic_data("iemocap"), tmp_path / "runs"
+    command = ["import-checkpoint", fixtures_dir / FIXTURE, "--dataset", "iemocap", "--name", "pub",
+               "--runs-dir", runs, "--data-dir", data_dir]
+    assert _main(*command) == 0
+    run = runs / "iemocap" / "pub" / "seed1"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["model"]["name"] == "backbone" and cfg["model"]["backbone_params"]["kernel_sizes"] == [3, 5, 3]
+    assert cfg["model"]["init_from"]["sha256"] == hashlib.sha256((fixtures_dir / FIXTURE).read_bytes()).hexdigest()
+    for which in ("best_acc", "best_loss"):  # how eval rebuilds the run gives the published logits
+        _, _, model, _ = load_run(run, which, torch.device("cpu"))
+        with torch.no_grad():
+            logits = model.eval()(**expected["inputs"])["logits_m"]
+        assert torch.allclose(logits, expected["logits"], atol=1e-5, rtol=0)
+    evaluate = ["eval", "--dataset", "iemocap", "--name", "pub", "--runs-dir", runs, "--device", "cpu"]
+    assert _main(*evaluate, "--remove", "sweep") == 0
+    assert set(json.loads((run / "robustness_best_acc_test.json").read_text())["removals"]) == \
+        {"t", "a", "v", "ta", "tv", "av"}
+    assert _main("analyze", run, "--device", "cpu") == 0
+    assert "shapley" in json.loads((run / "analysis.json").read_text())["pub/seed1"]
+    assert _main(*command) == 2  # the run exists: refused, nothing overwritten
+
+
+@pytest.mark.slow
+def test_cli_import_of_a_causalmer_then_eval(synthetic_data, tmp_path):
+    from src.train.inference import load_run
+
+    fake, reference = published_causalmer(fusion="mask")
+    path = save_published(fake, tmp_path / "causalmer_best_valid_acc.pt")
+    data_dir, runs = synthetic_data("iemocap"), tmp_path / "runs"
+    assert _main("import-checkpoint", path, "--dataset", "iemocap", "--name", "cm", "--runs-dir", runs,
+                 "--data-dir", data_dir) == 0
+    run = runs / "iemocap" / "cm" / "seed1"
+    _, splits, model, _ = load_run(run, "best_acc", torch.device("cpu"))
+    inputs = random_inputs()
+    with torch.no_grad():
+        got, want = model.eval()(*inputs), published_causal_outputs(fake, reference, *inputs)
+    assert torch.allclose(got["logits_tie"], want["logits_causal_mer"], atol=1e-5, rtol=0)
+    assert _main("eval", "--dataset", "iemocap", "--name", "cm", "--runs-dir", runs, "--device", "cpu",
+                 "--remove", "a") == 0
+    result = json.loads((run / "eval_best_acc_test_no_a.json").read_text())
+    assert {"tie", "te", "m"} <= set(result["predictions"])
+
+
+def test_cli_train_init_from_starts_from_the_file(fixtures_dir, expected, synthetic_data, tmp_path):
+    import yaml
+
+    data_dir, runs = synthetic_data("iemocap"), tmp_path / "runs"
+    # Learning rate 0: the trained weights are the initial ones, so the checkpoint shows what the run started from.
+    assert _main("train", "--dataset", "iemocap", "--name", "init", "--runs-dir", runs, "--data-dir", data_dir,
+                 "--device", "cpu", "--model", "mult", "--epochs", 1, "--set", "train.lr.backbone=0",
+                 "--init-from", fixtures_dir / FIXTURE) == 0
+    run = runs / "iemocap" / "init" / "seed1"
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["init_from"]["path"] == \
+        str((fixtures_dir / FIXTURE).resolve())
+    state = torch.load(run / "best_loss.pt", weights_only=True)["model"]
+    for key in ("proj_l.weight", "trans_a_with_v.layers.3.fc1.weight", "out_layer.bias"):
+        assert torch.equal(state[f"backbone.{key}"], expected["state_dict"][key]), key
+
+
+def test_cli_init_from_a_file_that_is_not_a_published_model_is_refused(tmp_path, capsys):
+    bad = tmp_path / "weights.pt"
+    torch.save({"proj_l.weight": torch.zeros(1)}, bad)
+    assert _main("train", "--dataset", "iemocap", "--name", "x", "--runs-dir", tmp_path / "runs", "--device", "cpu",
+                 "--init-from", bad) == 2
+    assert "does not hold a pickled model" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
