@@ -126,7 +126,7 @@ def published_mult(dims=(300, 74, 35), kernels=(1, 3, 3), d_model=20, output_dim
     attrs = {**MULT_ATTRIBUTES, **attributes}
     torch.manual_seed(seed)
     reference = MulT(orig_dims=dims, kernel_sizes=kernels, d_model=d_model, output_dim=output_dim,
-                     **{k: v for k, v in attrs.items()}).eval()
+                     use_configured_heads=attrs["num_heads"] != 10, **attrs).eval()
     with torch.no_grad():  # non-zero biases, so that a mis-mapped bias shows
         for param in reference.parameters():
             param.add_(0.05 * torch.randn_like(param))
@@ -333,6 +333,16 @@ def test_other_mult_configuration_is_recovered_from_its_attributes(tmp_path, leg
     inputs = random_inputs(lengths=(12, 15, 9), dims=(300, 5, 20))
     with torch.no_grad():
         assert torch.allclose(model(*inputs)[0], reference(*inputs)[0], atol=1e-5, rtol=0)
+
+
+def test_head_count_comes_from_the_attention_records(tmp_path):
+    fake, reference = published_mult(num_heads=4)
+    path = save_published(fake, tmp_path / "mult.pt")
+    params = plan_import(read_published(path), "iemocap", str(path))["model"]["backbone_params"]
+    assert params["num_heads"] == 4 and params["use_configured_heads"] is True
+    inputs = random_inputs()
+    with torch.no_grad():
+        assert torch.allclose(import_published(path, "iemocap")(*inputs)[0], reference(*inputs)[0], atol=1e-5, rtol=0)
 
 
 def test_encoder_that_disagrees_with_its_mult_attributes_is_refused(tmp_path):

@@ -496,6 +496,12 @@ def read_published_state_dict(path) -> OrderedDict:
 # placeholders, and ALBERT's index tables (persistent in older transformers releases).
 WEIGHTLESS_SUFFIXES = (".version", ".embed_positions._float_tensor", "embeddings.position_ids",
                        "embeddings.token_type_ids")
+# The AlbertConfig attributes that define the network (not the generic output and bookkeeping options).
+ALBERT_FIELDS = ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers", "num_hidden_groups",
+                 "num_attention_heads", "intermediate_size", "inner_group_num", "hidden_act", "hidden_dropout_prob",
+                 "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size", "initializer_range",
+                 "layer_norm_eps", "classifier_dropout_prob", "position_embedding_type", "pad_token_id",
+                 "bos_token_id", "eos_token_id")
 MULT_DROPOUTS = ("attn_dropout", "attn_dropout_a", "attn_dropout_v", "relu_dropout", "res_dropout",
                  "embed_dropout", "out_dropout")
 
@@ -603,10 +609,9 @@ def _albert_config(text: Record, source: str) -> dict:
     if not (isinstance(config, Record) and config.cls.endswith(".AlbertConfig")):
         raise CheckpointError(f"{source}: the published text branch's ALBERT has no pickled AlbertConfig "
                               f"(found {_name(config)})")
-    fields = inspect.signature(_import_transformers().AlbertConfig.__init__).parameters
+    accepted = inspect.signature(_import_transformers().AlbertConfig.__init__).parameters
     plain = (bool, int, float, str, type(None))
-    return {k: v for k, v in config.state.items()
-            if k in fields and k not in ("self", "transformers_version", "architectures") and isinstance(v, plain)}
+    return {k: v for k, v in config.state.items() if k in ALBERT_FIELDS and k in accepted and isinstance(v, plain)}
 
 
 def _resnet_width(branch: Record, source: str, where: str) -> int:
