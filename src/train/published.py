@@ -92,9 +92,6 @@ class Record:
     def get(self, name: str, default=None):
         return self.state.get(name, default)
 
-    def module(self, name: str) -> "Record | None":
-        return self.state["_modules"].get(name)
-
 
 class _Global:
     """A global the file names. `kind` says what the file may do with it: instantiate it ("record"), call
@@ -595,9 +592,10 @@ def _mult_params(mult: Record, source: str) -> tuple[dict, tuple, int]:
         raise CheckpointError(f"{source}: the published MULTModel's attentions have head counts {sorted(map(str, heads))}")
     params["num_heads"] = heads.pop()
     params["use_configured_heads"] = params["num_heads"] != REFERENCE_NUM_HEADS
-    out_layer = _child(mult, "out_layer", source, where)
-    output_dim = out_layer.state["_parameters"]["weight"].shape[0]
-    return params, dims, output_dim
+    out_weight = _child(mult, "out_layer", source, where).state["_parameters"].get("weight")
+    if out_weight is None or out_weight.dim() != 2:
+        raise CheckpointError(f"{source}: the published MULTModel's out_layer has no (C, 6·d) weight")
+    return params, dims, int(out_weight.shape[0])
 
 
 def _albert_config(text: Record, source: str) -> dict:
