@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install bench clean-demo
+.PHONY: demo test install clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -20,11 +20,16 @@ import logging
 import sys
 from pathlib import Path
 
+from src.data.layout import DATASETS
 from src.errors import UserError
+from src.modalities import MODALITIES
+from src.models import BACKBONES
 
 log = logging.getLogger("causalmer")
-DATASET_CHOICES = ("iemocap", "mosei_senti", "mosi")
-MODEL_CHOICES = ("causalmer", "mult", "dmd", "pmr")
+# Choices come from the registries: a new dataset or backbone needs no edit here.
+DATASET_CHOICES = tuple(DATASETS)
+BACKBONE_CHOICES = tuple(BACKBONES)
+MODEL_CHOICES = ("causalmer", *BACKBONE_CHOICES)
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -39,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--unaligned", action="store_true", help="the unaligned layout (long audio/vision)")
     data.add_argument("--scale", type=float, default=0.1, help="fraction of the real number of samples")
     data.add_argument("--seed", type=int, default=0)
-    data.add_argument("--bias-modality", choices=("text", "audio", "vision"), default=None,
+    data.add_argument("--bias-modality", choices=MODALITIES, default=None,
                       help="plant a label shortcut in this modality (train/valid only)")
     data.add_argument("--bias-strength", type=float, default=0.0, help="0..1: how often the shortcut is right")
     data.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -56,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
         if name == "train":
             p.add_argument("--model", default="causalmer", choices=MODEL_CHOICES,
-                           help="causalmer (default), or a backbone trained alone: mult, dmd, pmr")
-            p.add_argument("--backbone", default=None, choices=("mult", "dmd", "pmr"),
+                           help=f"causalmer (default), or a backbone trained alone: {', '.join(BACKBONE_CHOICES)}")
+            p.add_argument("--backbone", default=None, choices=BACKBONE_CHOICES,
                            help="the backbone CausalMER wraps (default: the config's, mult)")
             p.add_argument("--config", default=None, help="a config file (default configs/<dataset>.yaml)")
             p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -87,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "summarise both as mean ± std")
     compare.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
     compare.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    compare.add_argument("--backbone", default="mult", choices=("mult", "dmd", "pmr"))
+    compare.add_argument("--backbone", default="mult", choices=BACKBONE_CHOICES)
     compare.add_argument("--name", default="compare", help="runs are <name>_<backbone> and <name>_causalmer_<backbone>")
     compare.add_argument("--runs-dir", default="checkpoints")
     compare.add_argument("--data-dir", default=None)
@@ -97,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--task", default=None)
     compare.add_argument("--epochs", type=int, default=None)
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    compare.add_argument("--fresh", action="store_true",
+                         help="move existing runs of another config aside (to <name>/replaced/) and train them again")
 
     summarize = sub.add_parser("summarize", help="mean ± std over seeds of every metric, groups side by side")
     summarize.add_argument("--group", action="append", required=True, metavar="LABEL=DIR",
@@ -108,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--runs-dir", default="checkpoints")
     demo.add_argument("--epochs", type=int, default=8)
     demo.add_argument("--device", default="cpu")
+    demo.add_argument("--fresh", action="store_true",
+                      help="move existing demo runs of another config aside (to <name>/replaced/) and train them again")
 
     # Checkpoints of the published code (src/train/published.py): import one as a run, or start from one.
     sub.choices["train"].add_argument("--init-from", default=None, metavar="FILE",
@@ -172,41 +181,58 @@ def cmd_make_data(args) -> None:
     print(f"wrote synthetic {args.dataset} ({'unaligned' if args.unaligned else 'aligned'}) to {path}")
 
 
+def check_run_start(args, cfg: dict, run_dir: Path) -> None:
+    """Refuse to start over a run, or to resume one that cannot be resumed or was started differently."""
+    from src.train import checkpoint as ckpt_io
+    from src.train.rundir import holds_run
+
+    if args.resume:
+        last = run_dir / ckpt_io.CHECKPOINT_NAMES["last"]
+        if not last.is_file():
+            raise UserError(f"--resume: no checkpoint to resume at {last}; start the run without --resume")
+        saved = ckpt_io.read_config_file(run_dir / "config.yaml")
+        ckpt_io.check_same_config(saved, cfg, run_dir / "config.yaml")
+    elif holds_run(run_dir):
+        raise UserError(f"run directory {run_dir} already holds a run; continue it with --resume, or choose "
+                        "another --name or --seed (nothing was overwritten)")
+
+
 def cmd_train(args) -> dict:
+    import contextlib
+
     from src.train import checkpoint as ckpt_io
     from src.train import distributed
     from src.train.config import dump_config
-    from src.train.loop import train
+    from src.train.loop import prepare, train
     from src.train.report import print_run_results
+    from src.train.rundir import check_seed, exclusive, refuse_if_in_use
 
     cfg = resolve_train_config(args)
     if getattr(args, "init_from", None):
         from src.train.published import init_record
 
         cfg["model"]["init_from"] = init_record(args.init_from)
+    check_seed(args.seed)
     run_dir = run_dir_of(args)
+    refuse_if_in_use(run_dir)
+    check_run_start(args, cfg, run_dir)
     ctx = distributed.setup(args.device)
     try:
-        last = run_dir / ckpt_io.CHECKPOINT_NAMES["last"]
-        if args.resume:
-            if not last.is_file():
-                raise UserError(f"--resume: no checkpoint to resume at {last}; start the run without --resume")
-            saved = ckpt_io.read_config_file(run_dir / "config.yaml")
-            ckpt_io.check_same_config(saved, cfg, run_dir / "config.yaml")
-        elif run_dir.exists() and any(run_dir.iterdir()):
-            raise UserError(f"run directory {run_dir} already holds a run; continue it with --resume, or choose "
-                            "another --name or --seed (nothing was overwritten)")
-        # Every rank has looked at the run directory before rank 0 writes into it; otherwise a slower
-        # rank could find rank 0's config.yaml and refuse the run as an existing one.
-        distributed.barrier(ctx)
-        if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt_io.atomic_write_text(dump_config(cfg), run_dir / "config.yaml")
-        distributed.barrier(ctx)
-        setup_logging(run_dir / "train.log", ctx.is_main)
-        log.info("run %s | %s on %s | device %s%s", run_dir, cfg["model"]["name"], cfg["model"]["backbone"],
-                 ctx.device, f" x{ctx.world_size}" if ctx.distributed else "")
-        results = train(cfg, run_dir, ctx, seed=args.seed, resume=args.resume, amp=args.amp)
+        # The data, the backbone's options and the model itself are checked before the run directory is
+        # created: a run refused for its input leaves nothing behind.
+        prepared = prepare(cfg, ctx, args.seed, resume=args.resume)
+        with exclusive(run_dir) if ctx.is_main else contextlib.nullcontext():
+            # Checked again under the lock: another process may have started this run meanwhile.
+            check_run_start(args, cfg, run_dir)
+            # Every rank has looked at the run directory before rank 0 writes into it.
+            distributed.barrier(ctx)
+            if ctx.is_main:
+                ckpt_io.atomic_write_text(dump_config(cfg), run_dir / "config.yaml")
+            distributed.barrier(ctx)
+            setup_logging(run_dir / "train.log", ctx.is_main)
+            log.info("run %s | %s on %s | device %s%s", run_dir, cfg["model"]["name"], cfg["model"]["backbone"],
+                     ctx.device, f" x{ctx.world_size}" if ctx.distributed else "")
+            results = train(cfg, run_dir, ctx, seed=args.seed, resume=args.resume, amp=args.amp, prepared=prepared)
         if ctx.is_main:
             print_run_results(results, cfg)
         return results
@@ -229,32 +255,84 @@ def cmd_analyze(args) -> dict:
 
 
 def cmd_summarize(args) -> None:
-    from src.analysis.summary import collect_runs, format_summary, summarize, write_csv
+    from src.analysis.summary import collect_runs
 
     groups = {}
     for item in args.group:
         if "=" not in item:
             raise UserError(f"--group expects LABEL=DIR, got '{item}'")
         label, directory = item.split("=", 1)
+        if label in groups:
+            raise UserError(f"--group label '{label}' is given twice; each group needs its own label")
         runs = collect_runs(Path(directory), "seed*")
         if not runs:
             raise UserError(f"--group {item}: no seed*/metrics.json under {directory}")
         groups[label] = runs
-    rows = summarize(groups)
     out = Path(args.out) if args.out else Path(args.group[0].split("=", 1)[1]) / "summary.csv"
+    summarize_groups(groups, out)
+
+
+def summarize_groups(groups: dict, out: Path) -> None:
+    from src.analysis.summary import check_groups, format_summary, summarize, write_csv
+
+    for warning in check_groups(groups):
+        print(f"warning: {warning}", file=sys.stderr)
+    rows = summarize(groups)
     write_csv(rows, out)
     print(format_summary(rows, list(groups)))
     print(f"\nwrote {out}")
 
 
-def train_or_resume(run_args) -> None:
-    """Train a run unless it is finished; continue it if it was interrupted."""
+def set_aside(run_dir: Path) -> Path:
+    """Move a run out of the way, beside its siblings but out of reach of the seed* pattern."""
+    import time
+
+    target = run_dir.parent / "replaced" / f"{run_dir.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.rename(target)
+    return target
+
+
+def plan_run(run_args, fresh: bool, flag: str) -> str:
+    """What to do with one run of compare/demo: 'train', 'resume' or 'reuse' (finished, same config).
+
+    An existing run is reused or continued only if it was started with exactly the config asked for now;
+    a run of another config is refused, naming the first difference, unless `fresh` lets it be moved aside."""
+    from src.train import checkpoint as ckpt_io
+    from src.train.rundir import holds_run
+
     run_dir = run_dir_of(run_args)
-    if (run_dir / "metrics.json").is_file():
-        print(f"{run_dir} is already trained (delete it to train again)")
+    if not holds_run(run_dir):
+        return "train"
+    saved = ckpt_io.read_config_file(run_dir / "config.yaml")
+    difference = ckpt_io.first_difference(saved, resolve_train_config(run_args))
+    if difference is None:
+        return "reuse" if (run_dir / "metrics.json").is_file() else "resume"
+    if not fresh:
+        key, got, want = difference
+        raise UserError(f"{run_dir} holds a run started with {key} = {got!r}, but this command asks for "
+                        f"{want!r}; nothing was trained. Add {flag} to move the runs of another config aside "
+                        f"(to {run_dir.parent / 'replaced'}/) and train them again, or use another --name")
+    return "replace"
+
+
+def run_planned(run_args, plan: str) -> None:
+    run_dir = run_dir_of(run_args)
+    if plan == "reuse":
+        print(f"{run_dir} is already trained with this config; its results are reused")
         return
-    run_args.resume = (run_dir / "last.pt").is_file()
+    if plan == "replace":
+        print(f"{run_dir} was trained with another config; moved it to {set_aside(run_dir)}")
+    run_args.resume = plan == "resume"
     cmd_train(run_args)
+
+
+def train_all(runs: list, fresh: bool, flag: str) -> None:
+    """Train (or continue, or reuse) every run; every existing run is checked before anything is trained."""
+    plans = [plan_run(run_args, fresh, flag) for run_args in runs]
+    for run_args, plan in zip(runs, plans):
+        print(f"\n=== {run_args.name}, seed {run_args.seed} ===")
+        run_planned(run_args, plan)
 
 
 def cmd_compare(args) -> None:
@@ -270,13 +348,12 @@ def cmd_compare(args) -> None:
         common += ["--set", override]
     names = {f"{args.name}_{args.backbone}": ["--model", args.backbone],
              f"{args.name}_causalmer_{args.backbone}": ["--model", "causalmer", "--backbone", args.backbone]}
-    for seed in args.seeds:
-        for name, model in names.items():
-            print(f"\n=== {name}, seed {seed} ===")
-            train_or_resume(parser.parse_args(["train", *common, *model, "--name", name, "--seed", str(seed)]))
-    groups = [f"{name}={Path(args.runs_dir) / args.dataset / name}" for name in names]
-    out = Path(args.runs_dir) / args.dataset / f"{args.name}_{args.backbone}_summary.csv"
-    cmd_summarize(parser.parse_args(["summarize", *sum((["--group", g] for g in groups), []), "--out", str(out)]))
+    runs = [parser.parse_args(["train", *common, *model, "--name", name, "--seed", str(seed)])
+            for seed in args.seeds for name, model in names.items()]
+    train_all(runs, args.fresh, "--fresh")
+    # Exactly the runs of this command: other seeds in the same directories may be of another config.
+    groups = {name: [run_dir_of(r) for r in runs if r.name == name] for name in names}
+    summarize_groups(groups, Path(args.runs_dir) / args.dataset / f"{args.name}_{args.backbone}_summary.csv")
 
 
 def cmd_demo(args) -> None:
@@ -290,10 +367,8 @@ def cmd_demo(args) -> None:
     parser = build_parser()
     common = ["--dataset", "iemocap", "--seed", "1", "--data-dir", args.data_dir, "--runs-dir", args.runs_dir,
               "--device", args.device]
-    for model, name in (("mult", "demo_mult"), ("causalmer", "demo_causalmer")):
-        print(f"\n=== training {name} ({model}) ===")
-        train_or_resume(parser.parse_args(["train", *common, "--name", name, "--model", model,
-                                           "--epochs", str(args.epochs)]))
+    train_all([parser.parse_args(["train", *common, "--name", name, "--model", model, "--epochs", str(args.epochs)])
+               for model, name in (("mult", "demo_mult"), ("causalmer", "demo_causalmer"))], args.fresh, "--fresh")
     eval_args = parser.parse_args(["eval", *common, "--name", "demo_causalmer", "--remove", "sweep"])
     print("\n=== missing-modality test of demo_causalmer ===")
     cmd_eval(eval_args)
@@ -315,19 +390,26 @@ def cmd_import_checkpoint(args) -> Path:
     from src.train import checkpoint as ckpt_io
     from src.train.config import dump_config
     from src.train.published import build_imported, published_run_config
+    from src.train.rundir import check_seed, exclusive, holds_run
 
+    check_seed(args.seed)
     run_dir = run_dir_of(args)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"run directory {run_dir} already holds a run; choose another --name or --seed "
-                        "(nothing was overwritten)")
+
+    def refuse_existing():
+        if holds_run(run_dir):
+            raise UserError(f"run directory {run_dir} already holds a run; choose another --name or --seed "
+                            "(nothing was overwritten)")
+
+    refuse_existing()
     cfg, plan = published_run_config(args.file, args.dataset, aligned=not args.unaligned, data_dir=args.data_dir)
     model = build_imported(plan, cfg["loss"])
     config_text = dump_config(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_io.atomic_write_text(config_text, run_dir / "config.yaml")
-    weights = {"model": model.state_dict(), "config": config_text, "epoch": 0}
-    for which in ("best_acc", "best_loss"):
-        ckpt_io.atomic_save(weights, run_dir / ckpt_io.CHECKPOINT_NAMES[which])
+    with exclusive(run_dir):
+        refuse_existing()  # again under the lock: another process may have written the run meanwhile
+        ckpt_io.atomic_write_text(config_text, run_dir / "config.yaml")
+        weights = {"model": model.state_dict(), "config": config_text, "epoch": 0}
+        for which in ("best_acc", "best_loss"):
+            ckpt_io.atomic_save(weights, run_dir / ckpt_io.CHECKPOINT_NAMES[which])
     what = "CausalMER" if plan["kind"] == "causalmer" else "MulT alone"
     print(f"imported {args.file} ({what}, {cfg['dataset']} {cfg['data']['task']}) into {run_dir}; evaluate it with "
           f"python main.py eval --dataset {args.dataset} --name {args.name} --seed {args.seed} --runs-dir {args.runs_dir}")

@@ -56,10 +56,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run as a script from anywhere: `src` is the project package
 
 RESULTS = REPO / "benchmarks" / "results"
-MODALITIES = ("text", "audio", "vision")
-LETTERS = {"text": "t", "audio": "a", "vision": "v"}
-FUSIONS = ("mask", "sum", "hm", "tanh")
-BRANCH_KINDS = ("pool", "transformer", "resnet18")
+from src.causal.head import FUSIONS  # noqa: E402  (imports after the sys.path line above)
+from src.models import BACKBONES, BRANCHES  # noqa: E402
+from src.modalities import LETTERS, MODALITIES  # noqa: E402
+
+# Branch kinds that train from scratch (albert stands for a pretrained text model and needs an extra).
+BRANCH_KINDS = tuple(kind for kind in BRANCHES if kind != "albert")
 
 # Model sizes. The published sizes (MulT d_model 40, 5 layers; 50 epochs on 2717 samples) take hours
 # on two CPU cores, so the default shrinks the backbone and the data, and says so in every result.
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-strength", type=float, nargs="+", default=None,
                    help="how often the shortcut is right in train/valid, one run per value (default 0.7 0.9)")
     p.add_argument("--fusion", choices=FUSIONS, nargs="+", default=None, help="causal-head fusions (default mask)")
-    p.add_argument("--backbone", choices=("mult", "pmr", "dmd"), default=None, help="default mult")
+    p.add_argument("--backbone", choices=tuple(BACKBONES), default=None, help="default mult")
     p.add_argument("--branches", choices=BRANCH_KINDS, nargs="+", default=None,
                    help="unimodal branch kinds, the same kind for all three modalities (default transformer)")
     p.add_argument("--scale", type=float, default=None, help="fraction of IEMOCAP's split sizes (default 0.3)")

@@ -19,3 +19,7 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, corrupt, or belongs to another model/config."""
+
+
+class NonFiniteError(UserError):
+    """Training produced a NaN or infinite loss, or a checkpoint holds non-finite weights."""

@@ -6,10 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from src.modalities import MODALITIES
+
 REPO = Path(__file__).resolve().parents[1]
-MODALITIES = ("text", "audio", "vision")
 
 
+@pytest.mark.slow
 def test_quick_run_writes_a_complete_report(tmp_path):
     output = tmp_path / "debias.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

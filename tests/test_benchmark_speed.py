@@ -32,6 +32,7 @@ def positive(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_machine_info_and_groups(results):
     machine = results["machine"]
     for key in ("cpu_count", "threads", "torch", "platform", "loadavg_start"):
@@ -44,6 +45,7 @@ def test_machine_info_and_groups(results):
         assert group["rows"]
 
 
+@pytest.mark.slow
 def test_model_rows_cover_every_layout_and_kind(results):
     layouts = results["groups"]["layouts"]["rows"]
     for layout in LAYOUTS:
@@ -56,6 +58,7 @@ def test_model_rows_cover_every_layout_and_kind(results):
     assert len(results["groups"]["pmr"]["rows"]) == 4
 
 
+@pytest.mark.slow
 def test_model_numbers_are_finite_and_positive(results):
     for name in ("reference", "layouts", "published", "pmr", "dmd"):
         for row_name, row in results["groups"][name]["rows"].items():
@@ -66,6 +69,7 @@ def test_model_numbers_are_finite_and_positive(results):
             assert row["train_repeats"] >= 1 and row["eval_repeats"] >= 1
 
 
+@pytest.mark.slow
 def test_data_path_numbers(results):
     data = results["groups"]["data"]["rows"]
     assert data["deleted"] is True
@@ -79,6 +83,7 @@ def test_data_path_numbers(results):
     assert positive(summary["train_peak_ratio_large_over_small"])
 
 
+@pytest.mark.slow
 def test_summary_compares_published_and_default(results):
     entry = results["summary"]["published_vs_default"]
     assert positive(entry["speedup_vs_published_measured"])
@@ -110,3 +115,34 @@ def test_a_row_measured_in_several_processes_keeps_the_median_one():
     assert speed.median_process([{"train_step_s": 0.1, "tag": "a"}, {"train_step_s": 0.2, "tag": "b"}])["tag"] == "a"
     assert speed.median_process([{"error": "x"}]) == {"error": "x"}
     assert "train_step_s_per_process" not in speed.median_process([{"train_step_s": 0.1}])
+
+
+@pytest.mark.slow
+def test_computed_columns_are_the_quotients_of_the_measured_ones(results):
+    for name in ("reference", "layouts", "published", "pmr", "dmd"):
+        for row_name, row in results["groups"][name]["rows"].items():
+            assert row["train_ms_per_sample"] == pytest.approx(1e3 * row["train_step_s"] / row["batch"], rel=1e-9), row_name
+    published = results["groups"]["published"]["rows"]
+    pub, default = published["published_iemocap_aligned"], published["default_iemocap_aligned"]
+    entry = results["summary"]["published_vs_default"]
+    assert entry["speedup_vs_published_measured"] == pytest.approx(
+        (pub["train_step_s"] / pub["batch"]) / (default["train_step_s"] / default["batch"]), rel=1e-9)
+    data = results["groups"]["data"]["rows"]
+    assert results["summary"]["data_path"]["train_peak_ratio_large_over_small"] == pytest.approx(
+        data["large"]["train"]["train_peak_rss_gb"] / data["small"]["train"]["train_peak_rss_gb"], rel=1e-9)
+
+
+def test_reference_speedup_and_memory_ratio_divide_the_right_way():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import speed
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    rows = {"mult_iemocap_aligned": {"batch": 32, "train_step_s": 0.12},
+            "mult_iemocap_unaligned": {"batch": 8, "train_step_s": 2.0, "train_peak_rss_gb": 1.4}}
+    summary = speed.summarize({"reference": {"rows": rows}}, quick=False)
+    aligned, unaligned = summary["mult_iemocap_aligned"], summary["mult_iemocap_unaligned"]
+    assert aligned["speedup"] == pytest.approx(speed.REFERENCE["mult_iemocap_aligned"]["step_s"] / 0.12)
+    assert unaligned["speedup"] == pytest.approx(speed.REFERENCE["mult_iemocap_unaligned"]["step_s"] / 2.0)
+    assert unaligned["memory_ratio"] == pytest.approx(1.4 / speed.REFERENCE["mult_iemocap_unaligned"]["peak_rss_gb"])
+    assert "memory_ratio" not in aligned

@@ -140,6 +140,7 @@ def test_nothing_writable_is_a_clear_error(tmp_path, monkeypatch):
         load_splits(tmp_path, "mosi")
 
 
+@pytest.mark.slow
 def test_processes_starting_together_on_a_new_file_share_one_build(tmp_path):
     """DDP ranks or parallel runs that open a new pickle at once: one builds, the others wait and reuse."""
     import subprocess

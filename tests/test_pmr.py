@@ -106,14 +106,15 @@ def feed_forward_by_hand(unit, y):
 
 
 @torch.no_grad()
-def test_gate_one_is_the_crossmodal_path_and_zero_the_self_path():
+@pytest.mark.parametrize("fixed_gate", [1.0, 0.0])
+def test_gate_one_is_the_crossmodal_path_and_zero_the_self_path(fixed_gate, monkeypatch):
     unit, source, target = mru_and_inputs()
     cross_out, self_out = branches_by_hand(unit, source, target)
     assert not torch.allclose(cross_out, self_out)  # otherwise the test could not tell them apart
-    torch.testing.assert_close(unit(source, target, gate_override=1.0), feed_forward_by_hand(unit, cross_out),
-                               rtol=0, atol=0)
-    torch.testing.assert_close(unit(source, target, gate_override=0.0), feed_forward_by_hand(unit, self_out),
-                               rtol=0, atol=0)
+    # The learned gate replaced by a constant: G = 1 keeps only c, G = 0 only a.
+    monkeypatch.setattr(unit, "gate", lambda self_branch, cross_branch: torch.full_like(cross_branch, fixed_gate))
+    expected = cross_out if fixed_gate == 1.0 else self_out
+    torch.testing.assert_close(unit(source, target), feed_forward_by_hand(unit, expected), rtol=0, atol=0)
 
 
 @torch.no_grad()

@@ -99,6 +99,7 @@ def test_bad_removal_is_a_user_error(trained, removal, message):
     assert_user_error(result, message)
 
 
+@pytest.mark.slow
 def test_backbone_alone_uses_the_same_loop_and_seed_repeats_exactly(data_dir, tmp_path):
     args = ["train", "--dataset", "iemocap", "--model", "mult", "--seed", "5", "--data-dir", data_dir,
             "--runs-dir", tmp_path, "--device", "cpu", "--epochs", "2", *TINY]
@@ -111,6 +112,7 @@ def test_backbone_alone_uses_the_same_loop_and_seed_repeats_exactly(data_dir, tm
     assert [h["train_loss"] for h in first["history"]] == [h["train_loss"] for h in second["history"]]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(data_dir, tmp_path):
     """Kill a run during a later epoch, resume it, and compare with the uninterrupted run."""
     common = ["--dataset", "iemocap", "--seed", "7", "--data-dir", data_dir, "--device", "cpu",
@@ -136,6 +138,7 @@ def test_killed_run_resumes_to_the_same_result(data_dir, tmp_path):
     assert [h["valid_loss"] for h in cut["history"]] == [h["valid_loss"] for h in whole["history"]]
 
 
+@pytest.mark.slow
 def test_distributed_training_and_evaluation_count_every_sample_once(data_dir, tmp_path):
     """Two gloo processes on the CPU: the run trains, and its test scores equal a 1-process evaluation."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -155,6 +158,7 @@ def test_distributed_training_and_evaluation_count_every_sample_once(data_dir, t
             assert metrics["best_acc"]["test"]["predictions"][name][key] == pytest.approx(value, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_sentiment_tasks_train(tmp_path):
     data = tmp_path / "data"
     cli("make-data", "--dataset", "mosi", "--data-dir", data, "--scale", "0.02")
@@ -238,6 +242,7 @@ def mosei_dir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["pmr", "dmd"])
 def test_other_backbones_train_alone_and_wrapped_through_main(backbone, mosei_dir, tmp_path):
     common = ["--dataset", "mosei_senti", "--data-dir", mosei_dir, "--runs-dir", tmp_path, "--device", "cpu",
@@ -255,6 +260,7 @@ def test_other_backbones_train_alone_and_wrapped_through_main(backbone, mosei_di
     assert "acc7" in result.stdout
 
 
+@pytest.mark.slow
 def test_main_sh_and_inference_sh_pass_their_arguments_through(data_dir, tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     train = subprocess.run(["bash", "main.sh", "cpu", "shell", "4", "iemocap", "--data-dir", str(data_dir),
@@ -301,6 +307,7 @@ def test_inference_sh_analyze(trained):
     assert "Shapley contribution" in result.stdout and (trained / "analysis.json").is_file()
 
 
+@pytest.mark.slow
 def test_compare_trains_both_models_per_seed_and_summarises(data_dir, tmp_path):
     result = cli("compare", "--dataset", "iemocap", "--seeds", "1", "2", "--name", "cmp", "--runs-dir", tmp_path,
                  "--data-dir", data_dir, "--device", "cpu", "--epochs", "1", *TINY)
@@ -318,6 +325,7 @@ def test_compare_trains_both_models_per_seed_and_summarises(data_dir, tmp_path):
     assert "mult" in summary.stdout and (tmp_path / "s.csv").is_file()
 
 
+@pytest.mark.slow
 def test_demo_trains_both_models_and_compares_them(tmp_path):
     result = cli("demo", "--data-dir", tmp_path / "data", "--runs-dir", tmp_path / "runs", "--epochs", "1")
     assert (tmp_path / "data" / "iemocap_data.pkl").is_file()

@@ -25,9 +25,8 @@ import math
 
 import numpy as np
 
-MODALITIES = ("text", "audio", "vision")
-# Single-letter names used in removal keys and compact labels.
-MODALITY_LETTERS = {"text": "t", "audio": "a", "vision": "v"}
+from src.modalities import LETTERS as MODALITY_LETTERS
+from src.modalities import MODALITIES, REMOVALS
 
 # The 8 presence subsets, from the empty one to all three, each size in canonical modality order.
 SUBSETS: tuple[frozenset, ...] = tuple(
@@ -35,17 +34,6 @@ SUBSETS: tuple[frozenset, ...] = tuple(
     for size in range(len(MODALITIES) + 1)
     for combination in itertools.combinations(MODALITIES, size)
 )
-
-# Missing-modality removals: key -> the modalities zeroed. Every non-empty proper subset, i.e. the
-# evaluation keeps at least one modality.
-REMOVALS: dict[str, frozenset] = {
-    "t": frozenset({"text"}),
-    "a": frozenset({"audio"}),
-    "v": frozenset({"vision"}),
-    "ta": frozenset({"text", "audio"}),
-    "tv": frozenset({"text", "vision"}),
-    "av": frozenset({"audio", "vision"}),
-}
 
 
 def subset_label(subset) -> str:

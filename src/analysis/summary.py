@@ -18,12 +18,18 @@ import math
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from src.errors import UserError
 from src.metrics import format_value, is_fraction_metric
 
 METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"
 CSV_FIELDS = ("group", "metric", "n", "mean", "std")
+# Sections of metrics.json that say where the numbers came from; they are not metrics.
+PROVENANCE_KEYS = ("data",)
+# What a run is: runs averaged together must agree on all of these (they may differ in seed only).
+IDENTITY_KEYS = ("dataset", "data.task", "data.aligned", "model.name", "model.backbone")
 
 
 def flatten_metrics(tree: dict, prefix: str = "") -> dict[str, float]:
@@ -31,6 +37,8 @@ def flatten_metrics(tree: dict, prefix: str = "") -> dict[str, float]:
     flat: dict[str, float] = {}
     for key, value in tree.items():
         name = f"{prefix}/{key}" if prefix else str(key)
+        if not prefix and key in PROVENANCE_KEYS:
+            continue
         if isinstance(value, dict):
             flat.update(flatten_metrics(value, name))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -61,6 +69,67 @@ def collect_runs(root, pattern: str = "*") -> list[Path]:
     """
     root = Path(root)
     return sorted(path for path in root.glob(pattern) if path.is_dir() and (path / METRICS_FILE).is_file())
+
+
+def _flatten_config(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten_config(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def read_run_config(run_dir: Path) -> dict | None:
+    """A run's config.yaml as flat dotted keys, or None for a run directory without one."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} should hold a run config (a mapping), found {type(cfg).__name__}")
+    return _flatten_config(cfg)
+
+
+def check_groups(groups: dict[str, list]) -> list[str]:
+    """Refuse a group whose runs are not the same experiment; return warnings for what may still mislead.
+
+    A group is averaged, so its runs must agree on IDENTITY_KEYS (dataset, task, alignment, model,
+    backbone); any other config difference inside a group is a warning naming it, as is a side-by-side
+    of groups on different datasets or tasks. Runs without a config.yaml cannot be checked."""
+    warnings, firsts = [], {}
+    for group, run_dirs in groups.items():
+        reference = None
+        for run_dir in run_dirs:
+            cfg = read_run_config(run_dir)
+            if cfg is None:
+                warnings.append(f"{run_dir} has no {CONFIG_FILE}: group {group!r} cannot be checked for a mixture")
+                continue
+            if reference is None:
+                reference, firsts[group] = (run_dir, cfg), (run_dir, cfg)
+                continue
+            first_dir, first_cfg = reference
+            for key in IDENTITY_KEYS:
+                if cfg.get(key) != first_cfg.get(key):
+                    raise UserError(f"group {group!r} mixes runs of different experiments: {key} is "
+                                    f"{first_cfg.get(key)!r} in {first_dir} but {cfg.get(key)!r} in {run_dir}; "
+                                    "a group's runs should differ in seed only")
+            other = next((k for k in sorted(set(cfg) | set(first_cfg)) if cfg.get(k) != first_cfg.get(k)), None)
+            if other is not None:
+                warnings.append(f"group {group!r}: {other} is {first_cfg.get(other)!r} in {first_dir} but "
+                                f"{cfg.get(other)!r} in {run_dir}")
+    seen = {}
+    for group, (run_dir, cfg) in firsts.items():
+        what = (cfg.get("dataset"), cfg.get("data.task"))
+        for other_group, (other_dir, other_what) in seen.items():
+            if what != other_what:
+                warnings.append(f"groups {other_group!r} and {group!r} are on different data: {other_what[0]} "
+                                f"({other_what[1]}) vs {what[0]} ({what[1]}); their differences mean little")
+        seen[group] = (run_dir, what)
+    return warnings
 
 
 def summarize(groups: dict[str, list]) -> list[dict]:

@@ -57,7 +57,8 @@ class MultimodalDataset(Dataset):
     row of several id fields is joined with '/').
     """
 
-    def __init__(self, cache: CachedData, split: str, dataset: str, task: str, aligned: bool = True):
+    def __init__(self, cache: CachedData, split: str, dataset: str, task: str, aligned: bool = True,
+                 source: dict | None = None):
         spec = get_spec(dataset)
         self.dataset = dataset
         self.task = resolve_task(dataset, task)
@@ -71,10 +72,14 @@ class MultimodalDataset(Dataset):
         self.targets, self.scores = targets_from_labels(np.array(cache.open(split, "labels")), self.task)
         self.ids = (np.load(cache.path(split, ID_KEY)).tolist() if cache.has(split, ID_KEY) else None)
         self._length = len(self.targets)
+        self.source = source  # the data file the cache was built from: path, size, mtime_ns, sha1
         self._features: dict[str, np.ndarray] | None = None
+        # Open now, not at first use: a memory map keeps reading the file it opened even if the cache is
+        # rebuilt (from a replaced pickle) later, so every split of a run reads the same data.
+        self._arrays()
 
-    # Memory maps are opened lazily and dropped when pickled, so a DataLoader worker process opens
-    # its own instead of receiving a copy of the whole array.
+    # Memory maps are dropped when pickled, so a DataLoader worker process opens its own instead of
+    # receiving a copy of the whole array.
     def _arrays(self) -> dict[str, np.ndarray]:
         if self._features is None:
             self._features = {m: np.load(path, mmap_mode="r") for m, path in self._paths.items()}
@@ -165,4 +170,5 @@ def load_splits(data_dir: str | Path, dataset: str, aligned: bool = True, task: 
     task = resolve_task(dataset, task)
     path = require_data_file(data_dir, dataset, aligned)
     cache = prepare_cache(path, spec, clean_nonfinite=clean_nonfinite)
-    return {split: MultimodalDataset(cache, split, dataset, task, aligned) for split in SPLITS}
+    source = {"path": str(Path(path).resolve()), **cache.manifest["source"]}
+    return {split: MultimodalDataset(cache, split, dataset, task, aligned, source) for split in SPLITS}

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.errors import ConfigError, DataError
+from src.modalities import MODALITIES
 
 SPLITS = ("train", "valid", "test")
-MODALITIES = ("text", "audio", "vision")
 # `id` is optional: the IEMOCAP files carry none.
 REQUIRED_KEYS = MODALITIES + ("labels",)
 ID_KEY = "id"

@@ -68,12 +68,7 @@ class FeedForward(nn.Module):
 
 
 class ModalityReinforcementUnit(nn.Module):
-    """MRU(source S, target X) -> X' with X's shape; S and X are (T_S, B, d) and (T_X, B, d).
-
-    `forward(source, target, gate_override=None)`: `gate_override` replaces the learned gate G by a
-    fixed value (a float or a tensor broadcastable to X), so that tests can check each branch alone;
-    leave it None everywhere else.
-    """
+    """MRU(source S, target X) -> X' with X's shape; S and X are (T_S, B, d) and (T_X, B, d)."""
 
     def __init__(self, d_model: int, num_heads: int, attn_dropout: float, relu_dropout: float,
                  res_dropout: float):
@@ -105,10 +100,10 @@ class ModalityReinforcementUnit(nn.Module):
         """G = σ(a·W_a + c·W_c + b), per time step and feature."""
         return torch.sigmoid(self.gate_self(self_out) + self.gate_cross(cross_out))
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor, gate_override=None) -> torch.Tensor:
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         cross_out = self.crossmodal_branch(source, target)
         self_out = self.self_branch(target)
-        gate = self.gate(self_out, cross_out) if gate_override is None else gate_override
+        gate = self.gate(self_out, cross_out)
         mixed = gate * cross_out + (1 - gate) * self_out
         return mixed + self.feed_forward(mixed)
 
@@ -166,7 +161,6 @@ class PMR(nn.Module):
             raise ValueError(f"PMR needs at least one layer, got layers={layers}")
         d_text, d_audio, d_vision = orig_dims
         k_text, k_audio, k_vision = kernel_sizes
-        self.d_model = d_model
         self.embed_scale = d_model ** 0.5
         self.embed_dropout = embed_dropout
         self.out_dropout = out_dropout

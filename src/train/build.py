@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 
 from src.models import backbone_class, branch_class, build_backbone, build_branch
+from src.modalities import MODALITIES
 from src.train.config import check_kwargs
-
-MODALITIES = ("text", "audio", "vision")
 
 
 def build_model(cfg: dict, dims, seq_lens, output_dim: int) -> torch.nn.Module:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import yaml
 
-from src.errors import CheckpointError
+from src.errors import CheckpointError, NonFiniteError
+from src.train.config import model_signature
 
 CHECKPOINT_NAMES = {"last": "last.pt", "best_loss": "best_loss.pt", "best_acc": "best_acc.pt"}
 
@@ -93,27 +94,37 @@ def checkpoint_config(ckpt: dict) -> dict:
     return yaml.safe_load(ckpt["config"])
 
 
-def check_compatible(ckpt: dict, path: Path, expected_signature: dict, signature_fn) -> None:
+def check_compatible(ckpt: dict, path: Path, expected_signature: dict) -> None:
     """Refuse a checkpoint whose model-defining config differs from the run's, naming the first difference."""
-    found = signature_fn(checkpoint_config(ckpt))
-    difference = _first_difference(found, expected_signature)
+    found = model_signature(checkpoint_config(ckpt))
+    difference = first_difference(found, expected_signature)
     if difference:
         key, got, want = difference
         raise CheckpointError(f"checkpoint {path} was trained with a different model or config: {key} is "
                               f"{got!r} there but {want!r} here. Use the matching config, or another run name.")
 
 
-def _first_difference(a, b, prefix=""):
+def first_difference(a, b, prefix=""):
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
-            found = _first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+            found = first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
             if found:
                 return found
         return None
     return None if a == b else (prefix, a, b)
 
 
+def check_finite_weights(state: dict, path: Path) -> None:
+    """Refuse weights holding NaN or inf: every prediction of such a model is meaningless."""
+    for name, tensor in (state.items() if isinstance(state, dict) else ()):
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteError(f"checkpoint {path} holds non-finite weights: {name} has {bad} NaN or inf "
+                                 f"value(s) of {tensor.numel()}; it cannot be evaluated or resumed")
+
+
 def load_model_state(model: torch.nn.Module, state: dict, path: Path) -> None:
+    check_finite_weights(state, path)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -142,7 +153,7 @@ def read_config_file(path: Path) -> dict:
 
 def check_same_config(saved: dict, requested: dict, path: Path) -> None:
     """--resume must continue the same experiment: any difference in the resolved config is refused."""
-    difference = _first_difference(saved, requested)
+    difference = first_difference(saved, requested)
     if difference:
         key, got, want = difference
         raise CheckpointError(f"--resume: the run in {Path(path).parent} was started with {key} = {got!r}, "

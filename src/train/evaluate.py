@@ -12,13 +12,10 @@ import numpy as np
 import torch
 
 from src import metrics
+from src.modalities import LETTERS, MODALITIES, REMOVALS
 from src.train.distributed import Context, gather_objects
 
 PREDICTIONS = {"tie": "logits_tie", "te": "logits_te", "m": "logits_m"}
-MODALITIES = ("text", "audio", "vision")
-REMOVAL_LETTERS = {"t": "text", "a": "audio", "v": "vision"}
-# The six non-empty proper removals of the missing-modality test, in a fixed order.
-REMOVALS = ("t", "a", "v", "ta", "tv", "av")
 
 
 def parse_removal(text: str | None) -> tuple[str, ...]:
@@ -28,11 +25,12 @@ def parse_removal(text: str | None) -> tuple[str, ...]:
     if not text:
         return ()
     letters = list(text)
-    if any(c not in REMOVAL_LETTERS for c in letters) or len(set(letters)) != len(letters):
+    known = set(LETTERS.values())
+    if any(c not in known for c in letters) or len(set(letters)) != len(letters):
         raise UserError(f"--remove takes letters t, a, v (e.g. a, tv) or 'sweep', got '{text}'")
-    if len(letters) == 3:
+    if len(letters) == len(MODALITIES):
         raise UserError("--remove tav would remove every modality; remove at most two")
-    return tuple(REMOVAL_LETTERS[c] for c in "tav" if c in letters)
+    return tuple(m for m in MODALITIES if LETTERS[m] in letters)
 
 
 def iterate_batches(dataset, indices, batch_size: int):

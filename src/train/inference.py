@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from src.errors import UserError
+from src.modalities import MODALITIES
 from src.train import checkpoint as ckpt_io
 from src.train import distributed
 from src.train.config import model_signature
@@ -20,52 +21,90 @@ from src.train.loop import load_data, make_model
 from src.train.report import prediction_table, print_removal_report
 
 
+def checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
+    """best_acc, best_loss, last (the run's own checkpoints) or a path to any .pt file."""
+    if checkpoint.endswith(".pt"):
+        return Path(checkpoint)
+    if checkpoint not in ckpt_io.CHECKPOINT_NAMES:
+        raise UserError(f"--checkpoint '{checkpoint}' is unknown; use best_acc, best_loss, last or a .pt path")
+    return Path(run_dir) / ckpt_io.CHECKPOINT_NAMES[checkpoint]
+
+
 def load_run(run_dir: Path, checkpoint: str, device, data_dir: str | None = None):
-    """(config, splits, model with the checkpoint's weights) of a run directory."""
+    """(config, splits, model with the checkpoint's weights, checkpoint) of a run directory."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} not found; train it first with main.py train (or main.sh)")
     cfg = ckpt_io.read_config_file(run_dir / "config.yaml")
     if data_dir is not None:
         cfg["data"]["dir"] = data_dir
-    path = Path(checkpoint) if checkpoint.endswith(".pt") else run_dir / ckpt_io.CHECKPOINT_NAMES.get(checkpoint, "")
-    if checkpoint not in ckpt_io.CHECKPOINT_NAMES and not checkpoint.endswith(".pt"):
-        raise UserError(f"--checkpoint '{checkpoint}' is unknown; use best_acc, best_loss, last or a .pt path")
+    path = checkpoint_path(run_dir, checkpoint)
     saved = ckpt_io.load_checkpoint(path)
-    ckpt_io.check_compatible(saved, path, model_signature(cfg), model_signature)
+    ckpt_io.check_compatible(saved, path, model_signature(cfg))
     splits = load_data(cfg)
     model = make_model(cfg, splits["train"], device)
     ckpt_io.load_model_state(model, saved["model"], path)
     return cfg, splits, model, saved
 
 
+def provenance(run_dir: Path, checkpoint: str, saved: dict, dataset) -> dict:
+    """What a result came from: the checkpoint (path, epoch) and the data file, for its result file."""
+    return {"checkpoint": {"path": str(checkpoint_path(run_dir, checkpoint).resolve()), "epoch": saved["epoch"]},
+            "data": dataset.source, "split": dataset.split}
+
+
+def result_tag(run_dir: Path, checkpoint: str, data_dir: str | None, source: dict) -> str:
+    """The name part of a result file: the checkpoint's name for the run's own checkpoint on its own data;
+    otherwise also a digest of the checkpoint and data file, so a foreign evaluation never overwrites
+    the run's own results (and two foreign ones of different origin never overwrite each other)."""
+    import hashlib
+
+    path = checkpoint_path(run_dir, checkpoint).resolve()
+    own_checkpoint = path.parent == Path(run_dir).resolve() and path.name in ckpt_io.CHECKPOINT_NAMES.values()
+    run_data = ckpt_io.read_config_file(Path(run_dir) / "config.yaml")["data"]["dir"]
+    own_data = data_dir is None or Path(data_dir).resolve() == Path(run_data).resolve()
+    if own_checkpoint and own_data:
+        return path.stem
+    digest = hashlib.sha1(f"{path}\n{source['path']}".encode()).hexdigest()[:8]
+    return f"{path.stem}-{digest}"
+
+
 def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test", remove: str | None = None,
                  device: str = "auto", amp: bool = False, data_dir: str | None = None, analyze: bool = False) -> dict:
+    import contextlib
+
+    from src.train.rundir import exclusive
+
     ctx = distributed.setup(device)
     try:
         cfg, splits, model, saved = load_run(run_dir, checkpoint, ctx.device, data_dir)
         dataset = splits[split]
         batch_size = cfg["train"]["eval_batch_size"]
-        tag = Path(checkpoint).stem
-        if remove == "sweep":
-            report = removal_sweep(model, dataset, batch_size, ctx, amp=amp)
-            if ctx.is_main:
-                print(f"missing-modality test on {split} ({tag}, epoch {saved['epoch']}); scores in %:")
-                print_removal_report(report)
-                out = Path(run_dir) / f"robustness_{tag}_{split}.json"
-                ckpt_io.atomic_write_text(json.dumps(report, indent=2), out)
-                print(f"\nwrote {out}")
-            result = report
-        else:
-            removed = parse_removal(remove)
-            result = evaluate(model, dataset, batch_size, ctx, remove=removed, amp=amp)
-            if ctx.is_main:
-                what = f", without {' and '.join(removed)}" if removed else ""
-                print(f"{cfg['dataset']} {split} split ({tag}, epoch {saved['epoch']}{what}):")
-                print(prediction_table(result["predictions"]))
-                suffix = f"_no_{remove}" if remove else ""
-                out = Path(run_dir) / f"eval_{tag}_{split}{suffix}.json"
-                ckpt_io.atomic_write_text(json.dumps(result, indent=2), out)
+        origin = provenance(run_dir, checkpoint, saved, dataset)
+        tag = result_tag(run_dir, checkpoint, data_dir, dataset.source)
+        name = Path(checkpoint).stem
+        # The results are written into the run directory: not while a training run is writing there.
+        with exclusive(run_dir) if ctx.is_main else contextlib.nullcontext():
+            if remove == "sweep":
+                report = removal_sweep(model, dataset, batch_size, ctx, amp=amp)
+                if ctx.is_main:
+                    print(f"missing-modality test on {split} ({name}, epoch {saved['epoch']}); scores in %:")
+                    print_removal_report(report)
+                    out = Path(run_dir) / f"robustness_{tag}_{split}.json"
+                    ckpt_io.atomic_write_text(json.dumps({**origin, **report}, indent=2), out)
+                    print(f"\nwrote {out}")
+                result = report
+            else:
+                removed = parse_removal(remove)
+                result = evaluate(model, dataset, batch_size, ctx, remove=removed, amp=amp)
+                if ctx.is_main:
+                    what = f", without {' and '.join(removed)}" if removed else ""
+                    print(f"{cfg['dataset']} {split} split ({name}, epoch {saved['epoch']}{what}):")
+                    print(prediction_table(result["predictions"]))
+                    suffix = f"_no_{remove}" if remove else ""
+                    out = Path(run_dir) / f"eval_{tag}_{split}{suffix}.json"
+                    ckpt_io.atomic_write_text(json.dumps({**origin, "removed": list(removed), **result}, indent=2), out)
+                    print(f"wrote {out}")
         if analyze:
             analyze_runs([Path(run_dir)], checkpoint=checkpoint, split=split, device=device, data_dir=data_dir)
         return result
@@ -86,9 +125,10 @@ def analyze_run(run_dir: Path, checkpoint: str, split: str, ctx, data_dir: str |
     key, higher_is_better = metrics.headline(dataset.task)
     subsets = subset_scores(model, dataset, batch_size, ctx)[prediction]
     shapley = shapley_values(subsets)
-    full = subsets[frozenset(("text", "audio", "vision"))]
-    result = {"run": str(run_dir), "model": cfg["model"]["name"], "backbone": cfg["model"]["backbone"],
-              "prediction": prediction, "metric": key, "split": split,
+    full = subsets[frozenset(MODALITIES)]
+    result = {"run": str(run_dir), "dataset": cfg["dataset"], "task": dataset.task,
+              **provenance(run_dir, checkpoint, saved, dataset),
+              "model": cfg["model"]["name"], "backbone": cfg["model"]["backbone"], "prediction": prediction, "metric": key, "split": split,
               "subset_scores": {"+".join(sorted(s)) or "none": v for s, v in subsets.items()},
               "shapley": shapley, "shapley_balance": balance_index(shapley),
               "robustness": removal_report(full, removal_scores_from_subsets(subsets), higher_is_better)}
@@ -104,6 +144,7 @@ def analyze_runs(run_dirs: list[Path], checkpoint: str = "best_acc", split: str 
                  data_dir: str | None = None, out_dir: str | None = None) -> dict:
     from src.analysis.plots import PLOTS_HINT, plot_contributions, plot_removal_drops
 
+    check_same_data(run_dirs)
     ctx = distributed.setup(device)
     try:
         results = {}
@@ -111,22 +152,46 @@ def analyze_runs(run_dirs: list[Path], checkpoint: str = "best_acc", split: str 
             label = f"{Path(run_dir).parent.name}/{Path(run_dir).name}"
             results[label] = analyze_run(Path(run_dir), checkpoint, split, ctx, data_dir)
         out = Path(out_dir) if out_dir else Path(run_dirs[0])
+        # Into the first run's directory, the analysis of another checkpoint or other data is named apart
+        # (as eval's results are), so it never replaces the run's own.
+        first = next(iter(results.values()))
+        tag = result_tag(run_dirs[0], checkpoint, data_dir, first["data"])
+        suffix = "" if out_dir or tag == checkpoint_path(run_dirs[0], checkpoint).stem else f"_{tag}"
+        files = {name: out / f"{name}{suffix}.{ext}" for name, ext in
+                 (("analysis", "json"), ("contributions", "png"), ("removal_drops", "png"))}
         out.mkdir(parents=True, exist_ok=True)
         print_analysis(results)
-        ckpt_io.atomic_write_text(json.dumps(results, indent=2), out / "analysis.json")
-        print(f"\nwrote {out / 'analysis.json'}")
+        ckpt_io.atomic_write_text(json.dumps(results, indent=2), files["analysis"])
+        print(f"\nwrote {files['analysis']}")
         contributions = {label: r["shapley"] for label, r in results.items()}
         drops = {label: {k: v["drop"] for k, v in r["robustness"]["removals"].items()}
                  for label, r in results.items()}
-        png = plot_contributions(contributions, out / "contributions.png", "Shapley contribution per modality")
+        png = plot_contributions(contributions, files["contributions"], "Shapley contribution per modality")
         if png is None:
             print(f"plots skipped: {PLOTS_HINT}")
         else:
-            plot_removal_drops(drops, out / "removal_drops.png", "Drop when modalities are removed")
-            print(f"wrote {out / 'contributions.png'} and {out / 'removal_drops.png'}")
+            plot_removal_drops(drops, files["removal_drops"], "Drop when modalities are removed")
+            print(f"wrote {files['contributions']} and {files['removal_drops']}")
         return results
     finally:
         distributed.teardown(ctx)
+
+
+def check_same_data(run_dirs: list[Path]) -> None:
+    """Contributions and scores are only comparable on the same dataset and task: refuse a mixture."""
+    first = None
+    for run_dir in run_dirs:
+        if not (Path(run_dir) / "config.yaml").is_file():
+            continue  # load_run says what is missing
+        cfg = ckpt_io.read_config_file(Path(run_dir) / "config.yaml")
+        if not isinstance(cfg, dict):
+            continue
+        what = (cfg.get("dataset"), (cfg.get("data") or {}).get("task"))
+        if first is None:
+            first = (run_dir, what)
+        elif what != first[1]:
+            raise UserError(f"analyze puts runs side by side on the same data, but {first[0]} is {first[1][0]} "
+                            f"({first[1][1]}) and {run_dir} is {what[0]} ({what[1]}); analyze them separately")
 
 
 def print_analysis(results: dict) -> None:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from src import metrics
 from src.causal import warn_if_constants_cannot_learn
 from src.data import load_splits
+from src.errors import NonFiniteError
 from src.train import checkpoint as ckpt_io
 from src.train.build import build_model, make_optimizer
 from src.train.config import dump_config, model_signature
@@ -50,8 +51,9 @@ def make_model(cfg: dict, dataset, device: torch.device) -> torch.nn.Module:
     return build_model(cfg, dataset.dims, dataset.seq_lens, dataset.output_dim).to(device)
 
 
-def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = False, amp: bool = False) -> dict:
-    """Train (or resume) the run in run_dir; return the final metrics dict written to metrics.json."""
+def prepare(cfg: dict, ctx: Context, seed: int, resume: bool = False) -> dict:
+    """Seed, open the data, build the model and its optimiser: everything a mistake in the input can
+    break, done before the run directory is created, so a refused run leaves nothing behind."""
     tcfg = cfg["train"]
     seed_everything(seed)
     splits = load_data(cfg)
@@ -60,21 +62,35 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
         from src.train.published import init_from_published
 
         init_from_published(model, cfg["model"]["init_from"], cfg["dataset"])
-    if cfg["model"]["name"] == "causalmer" and ctx.is_main:
-        warn_if_constants_cannot_learn(splits["train"].output_dim, log)
     optimizer = make_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=tcfg["plateau"]["factor"], patience=tcfg["plateau"]["patience"])
-    state = {"epoch": 0, "best_loss": math.inf, "best_score": -math.inf, "since_best": 0, "history": []}
+    return {"splits": splits, "model": model, "optimizer": optimizer, "scheduler": scheduler}
+
+
+def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = False, amp: bool = False,
+          prepared: dict | None = None) -> dict:
+    """Train (or resume) the run in run_dir; return the final metrics dict written to metrics.json.
+
+    `prepared` is what prepare(cfg, ctx, seed) returned, when the caller has already checked the input."""
+    tcfg = cfg["train"]
+    prepared = prepared or prepare(cfg, ctx, seed, resume)
+    splits, model = prepared["splits"], prepared["model"]
+    optimizer, scheduler = prepared["optimizer"], prepared["scheduler"]
+    if cfg["model"]["name"] == "causalmer" and ctx.is_main:
+        warn_if_constants_cannot_learn(splits["train"].output_dim, log)
+    state = {"epoch": 0, "best_loss": math.inf, "best_acc": -math.inf, "since_best": 0, "history": []}
     signature = model_signature(cfg)
 
     if resume:
         last = ckpt_io.load_checkpoint(run_dir / ckpt_io.CHECKPOINT_NAMES["last"])
-        ckpt_io.check_compatible(last, run_dir / "last.pt", signature, model_signature)
+        ckpt_io.check_compatible(last, run_dir / "last.pt", signature)
         ckpt_io.load_model_state(model, last["model"], run_dir / "last.pt")
         ckpt_io.load_optimizer_state(optimizer, last["optimizer"], run_dir / "last.pt")
         scheduler.load_state_dict(last["scheduler"])
         state = last["state"]
+        if "best_score" in state:  # runs saved before the key was named after its checkpoint, best_acc.pt
+            state["best_acc"] = state.pop("best_score")
         ckpt_io.set_rng_state(last["rng"])
         log.info("resumed from %s after epoch %d", run_dir / "last.pt", state["epoch"])
 
@@ -90,6 +106,7 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
         started = time.time()
         train_loss = train_epoch(trained, optimizer, splits["train"], tcfg, ctx, seed, epoch, amp)
         valid = evaluate(trained, splits["valid"], tcfg["eval_batch_size"], ctx, amp=amp)
+        stop_if_nonfinite(valid["loss"], "validation loss", epoch)
         scheduler.step(valid["loss"])
         score = valid["predictions"][prediction][headline_key]
         entry = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid["loss"],
@@ -98,7 +115,7 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
         state["history"].append(entry)
         state["epoch"] = epoch
         improved_loss = valid["loss"] < state["best_loss"]
-        improved_score = score > state["best_score"]
+        improved_score = score > state["best_acc"]
         state["since_best"] = 0 if improved_loss else state["since_best"] + 1
         if ctx.is_main:
             weights = {"model": model.state_dict(), "config": config_text, "epoch": epoch}
@@ -106,7 +123,7 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
                 state["best_loss"] = valid["loss"]
                 ckpt_io.atomic_save(weights, run_dir / ckpt_io.CHECKPOINT_NAMES["best_loss"])
             if improved_score:
-                state["best_score"] = score
+                state["best_acc"] = score
                 ckpt_io.atomic_save(weights, run_dir / ckpt_io.CHECKPOINT_NAMES["best_acc"])
             # `last` is written after the best ones: a run killed in between resumes this epoch's end
             # from the previous `last` and rewrites both, so they never disagree with it.
@@ -115,7 +132,7 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
                                 run_dir / ckpt_io.CHECKPOINT_NAMES["last"])
         else:
             state["best_loss"] = min(state["best_loss"], valid["loss"])
-            state["best_score"] = max(state["best_score"], score)
+            state["best_acc"] = max(state["best_acc"], score)
         log.info("epoch %d | train loss %.4f | valid loss %.4f | valid %s (%s) %.4f%s%s | %.1fs", epoch, train_loss,
                  valid["loss"], headline_key, prediction, score, " *loss" if improved_loss else "",
                  " *score" if improved_score else "", entry["seconds"])
@@ -137,6 +154,7 @@ def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, 
     batch_size, accumulate = tcfg["batch_size"], tcfg.get("accumulate", 1)
     n_batches = math.ceil(len(indices) / batch_size)
     total, count = torch.zeros((), device=ctx.device), 0
+    first_bad = torch.zeros((), dtype=torch.long, device=ctx.device)  # first step with a NaN/inf loss, 0: none
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(iterate_batches(dataset, indices, batch_size), total=n_batches, desc=f"epoch {epoch}",
                leave=False, disable=None if ctx.is_main else True)
@@ -145,6 +163,7 @@ def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, 
         with autocast(ctx.device, amp):
             out = model(batch["text"], batch["audio"], batch["vision"])
             loss = unwrap(model).loss(out, batch["target"])
+        first_bad = note_nonfinite(first_bad, loss, step)
         (loss / accumulate).backward()
         if step % accumulate == 0 or step == n_batches:
             if tcfg.get("grad_clip_value"):
@@ -156,18 +175,39 @@ def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, 
         n = len(batch["target"])
         total += loss.detach() * n  # summed on the device: no host sync per step
         count += n
+    stop_if_nonfinite(float(total), "training loss", epoch, step=int(first_bad), n_batches=n_batches)
     return float(total) / max(1, count)
+
+
+def note_nonfinite(first_bad: torch.Tensor, loss: torch.Tensor, step: int) -> torch.Tensor:
+    """The first step whose loss is NaN or inf, kept on the device so that no step waits for the host."""
+    return torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+
+
+def stop_if_nonfinite(value: float, what: str, epoch: int, step: int = 0, n_batches: int = 0) -> None:
+    """End the run at the first NaN/inf loss, before this epoch's checkpoints replace the last good ones."""
+    if math.isfinite(value):
+        return
+    where = f"epoch {epoch}, step {step} of {n_batches}" if step else f"epoch {epoch}"
+    kept = (f"the checkpoints of epoch {epoch - 1}, the last good one, are kept" if epoch > 1 else
+            "no checkpoint was written, so the run may simply be started again")
+    raise NonFiniteError(
+        f"training stopped: the {what} is not finite (NaN or inf) at {where}; {kept}. To try again: a lower "
+        "learning rate (--set train.lr.backbone=...), gradient clipping (--set train.grad_clip_norm=1.0), "
+        "or check the data for NaN/inf (--clean-nonfinite replaces them by 0); a changed config needs another "
+        "--name, since --resume continues only the same config")
 
 
 def final_evaluation(model, splits, cfg, run_dir: Path, ctx: Context, amp: bool, state: dict) -> dict:
     """Evaluate the best-validation-loss and best-validation-score checkpoints on valid and test."""
     batch_size = cfg["train"]["eval_batch_size"]
-    results = {"history": state["history"]}
+    # Which file every number below came from: the data as it was when the run opened it.
+    results = {"data": splits["test"].source, "history": state["history"]}
     for which in ("best_loss", "best_acc"):
         path = run_dir / ckpt_io.CHECKPOINT_NAMES[which]
         saved = ckpt_io.load_checkpoint(path)
         ckpt_io.load_model_state(model, saved["model"], path)
-        results[which] = {"epoch": saved["epoch"]}
+        results[which] = {"epoch": saved["epoch"], "checkpoint": str(path)}
         for split in ("valid", "test"):
             results[which][split] = evaluate(model, splits[split], batch_size, ctx, amp=amp)
     if ctx.is_main:

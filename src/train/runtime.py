@@ -4,10 +4,10 @@ PyTorch's CPU allocator does not cache: every tensor is a malloc, and is freed w
 done. glibc serves large requests (above an adaptive threshold, 128 KiB at start) with fresh mmap'd
 pages and unmaps them on free, so the next step's tensor of the same size faults in every 4 KiB page
 again. A training step on small batches makes hundreds of such temporaries, and where the adaptive
-threshold settles differs from one process to the next: the same aligned IEMOCAP MulT step took
-140 to 185 ms depending on the process (2-core CPU). Serving large blocks from the heap and trimming
-only when much is free lets freed blocks be reused; the same step then took 131 to 145 ms. Peak
-memory is what the run needs at its peak either way; the heap just doesn't shrink right after it.
+threshold settles differs from one process to the next, and so did the time of the same training step.
+Serving large blocks from the heap and trimming only when much is free lets freed blocks be reused,
+which makes the step both faster and steadier across processes (figures in the README's speed notes).
+Peak memory is what the run needs at its peak either way; the heap just doesn't shrink right after it.
 """
 from __future__ import annotations
 
