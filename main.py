@@ -1,4 +1,4 @@
-"""CausalMER command line: make-data | train | eval | analyze | compare | summarize | demo.
+"""CausalMER command line: make-data | train | eval | analyze | compare | summarize | demo | import-checkpoint.
 
     python main.py demo                                   # synthetic data, train, evaluate (CPU, minutes)
     python main.py make-data --dataset iemocap            # a synthetic file in the MulT layout
@@ -7,6 +7,7 @@
     python main.py analyze checkpoints/iemocap/run/seed1 [checkpoints/iemocap/base/seed1]
     python main.py compare --dataset iemocap --seeds 1 2 3        # backbone alone vs CausalMER, mean ± std
     python main.py summarize --group causalmer=checkpoints/iemocap/run --group mult=checkpoints/iemocap/base
+    python main.py import-checkpoint checkpoint_iemocap_MULT.pt --dataset iemocap --name published   # SPEC §10
 
 Mistakes in input (files, configs, flags, checkpoints) end with a one-paragraph message and exit code 2;
 anything else is a bug and keeps its traceback.
@@ -136,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--fresh", action="store_true",
                       help="move existing demo runs of another config aside (to <name>/replaced/) and train them again")
+
+    # Checkpoints of the published code (src/train/published.py): import one as a run, or start from one.
+    sub.choices["train"].add_argument("--init-from", default=None, metavar="FILE",
+                                      help="start from a published checkpoint's weights (its MulT sets the "
+                                      "backbone; a CAUSALMER's branches and constants are used where the kinds match)")
+    imported = sub.add_parser("import-checkpoint", help="make a run directory from a checkpoint of the published "
+                              "code (torch.save of its MULTModel or CAUSALMER), read without running it")
+    imported.add_argument("file", help="the published .pt file")
+    imported.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
+    imported.add_argument("--name", required=True, help="run name: checkpoints/<dataset>/<name>/seed<seed>/")
+    imported.add_argument("--seed", type=seed_value, default=1)
+    imported.add_argument("--runs-dir", default="checkpoints")
+    imported.add_argument("--data-dir", default=None, help="where the pickles are (default: the config's data.dir)")
+    imported.add_argument("--unaligned", action="store_true", help="the model is evaluated on unaligned data")
     return parser
 
 
@@ -235,6 +250,10 @@ def cmd_train(args) -> dict:
     from src.train.rundir import exclusive, refuse_if_in_use
 
     cfg = resolve_train_config(args)
+    if getattr(args, "init_from", None):
+        from src.train.published import init_record
+
+        cfg["model"]["init_from"] = init_record(args.init_from)
     run_dir = run_dir_of(args)
     refuse_if_in_use(run_dir)
     check_run_start(args, cfg, run_dir)
@@ -243,7 +262,7 @@ def cmd_train(args) -> dict:
     try:
         # The data, the backbone's options and the model itself are checked before the run directory is
         # created: a run refused for its input leaves nothing behind.
-        prepared = prepare(cfg, ctx, args.seed)
+        prepared = prepare(cfg, ctx, args.seed, resume=args.resume)
         with exclusive(run_dir) if ctx.is_main else contextlib.nullcontext():
             # Checked again under the lock: another process may have started this run meanwhile.
             check_run_start(args, cfg, run_dir)
@@ -414,8 +433,41 @@ def cmd_demo(args) -> None:
           f"fused (te) {100 * causal['te']['avg_acc']:.1f}, its backbone (m) {100 * causal['m']['avg_acc']:.1f}")
 
 
+def cmd_import_checkpoint(args) -> Path:
+    """A run directory holding a published checkpoint's model: config.yaml, and best_acc.pt and best_loss.pt
+    with the same weights (one file gives one model), so eval, --remove and analyze work on it."""
+    from src.train import checkpoint as ckpt_io
+    from src.train.config import dump_config
+    from src.train.published import build_imported, published_run_config
+    from src.atomic import write_text
+    from src.train.rundir import exclusive, holds_run
+
+    run_dir = run_dir_of(args)
+
+    def refuse_existing():
+        if holds_run(run_dir):
+            raise UserError(f"run directory {run_dir} already holds a run; choose another --name or --seed "
+                            "(nothing was overwritten)")
+
+    refuse_existing()
+    cfg, plan = published_run_config(args.file, args.dataset, aligned=not args.unaligned, data_dir=args.data_dir)
+    model = build_imported(plan, cfg["loss"])
+    config_text = dump_config(cfg)
+    with exclusive(run_dir):
+        refuse_existing()  # again under the lock: another process may have written the run meanwhile
+        write_text(run_dir / "config.yaml", config_text)
+        weights = {"model": model.state_dict(), "config": config_text, "epoch": 0}
+        for which in ("best_acc", "best_loss"):
+            ckpt_io.atomic_save(weights, run_dir / ckpt_io.CHECKPOINT_NAMES[which])
+    what = "CausalMER" if plan["kind"] == "causalmer" else "MulT alone"
+    print(f"imported {args.file} ({what}, {cfg['dataset']} {cfg['data']['task']}) into {run_dir}; evaluate it with "
+          f"python main.py eval --dataset {args.dataset} --name {args.name} --seed {args.seed} --runs-dir {args.runs_dir}")
+    return run_dir
+
+
 COMMANDS = {"make-data": cmd_make_data, "train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze,
-            "compare": cmd_compare, "summarize": cmd_summarize, "demo": cmd_demo}
+            "compare": cmd_compare, "summarize": cmd_summarize, "demo": cmd_demo,
+            "import-checkpoint": cmd_import_checkpoint}
 
 
 def main(argv=None) -> int:

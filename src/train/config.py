@@ -39,6 +39,7 @@ SCHEMA = {
         "backbone_params": dict,
         "branches": {"text": dict, "audio": dict, "vision": dict},
         "head": {"fusion": str, "constant": NUM},
+        "init_from": {"path": str, "sha256": str},  # a published checkpoint the weights start from
     },
     "loss": {"alpha": NUM, "beta": NUM, "kl": str},
     "train": {

@@ -54,7 +54,7 @@ def make_model(cfg: dict, dataset, device: torch.device) -> torch.nn.Module:
     return build_model(cfg, dataset.dims, dataset.seq_lens, dataset.output_dim).to(device)
 
 
-def prepare(cfg: dict, ctx: Context, seed: int) -> dict:
+def prepare(cfg: dict, ctx: Context, seed: int, resume: bool = False) -> dict:
     """Seed, open the data, build the model and its optimiser: everything a mistake in the input can
     break, done before the run directory is created, so a refused run leaves nothing behind."""
     tcfg = cfg["train"]
@@ -62,6 +62,10 @@ def prepare(cfg: dict, ctx: Context, seed: int) -> dict:
     seed_everything(seed)
     splits = load_data(cfg)
     model = make_model(cfg, splits["train"], ctx.device)
+    if cfg["model"].get("init_from") and not resume:  # a resumed run's weights come from last.pt
+        from src.train.published import init_from_published
+
+        init_from_published(model, cfg["model"]["init_from"], cfg["dataset"])
     optimizer = make_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=tcfg["plateau"]["factor"], patience=tcfg["plateau"]["patience"])
@@ -74,7 +78,7 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
 
     `prepared` is what prepare(cfg, ctx, seed) returned, when the caller has already checked the input."""
     tcfg = cfg["train"]
-    prepared = prepared or prepare(cfg, ctx, seed)
+    prepared = prepared or prepare(cfg, ctx, seed, resume)
     splits, model = prepared["splits"], prepared["model"]
     optimizer, scheduler = prepared["optimizer"], prepared["scheduler"]
     if cfg["model"]["name"] == "causalmer" and ctx.is_main:
