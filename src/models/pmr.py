@@ -35,12 +35,17 @@ own self-attention only Σ_m T_m². So about 5·T_C² per layer, plus 4·T_C² p
 encoder, which runs over 2·T_C steps: cost grows with the square of the summed lengths, and
 attention over the hub dominates. The shared MultiheadAttention runs it through the fused SDPA
 kernel where one exists.
+
+`engine` (src/models/engine.py) applies to the final encoder: "fast" computes it as the engine does
+MulT's; the MRUs are plain modules whatever the engine.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.encoder import MultiheadAttention, TransformerEncoder, dropout, sinusoidal_positions
+from src.models.encoder import MultiheadAttention, TransformerEncoder, embed_input
+from src.models.engine import resolve_engine, run_encoders
+from src.models.heads import residual_head
 
 
 def _xavier_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
@@ -63,8 +68,8 @@ class FeedForward(nn.Module):
         self.res_dropout = res_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = dropout(F.relu(self.fc1(self.norm(x))), self.relu_dropout, self.training)
-        return dropout(self.fc2(hidden), self.res_dropout, self.training)
+        hidden = F.dropout(F.relu(self.fc1(self.norm(x))), p=self.relu_dropout, training=self.training)
+        return F.dropout(self.fc2(hidden), p=self.res_dropout, training=self.training)
 
 
 class ModalityReinforcementUnit(nn.Module):
@@ -94,12 +99,13 @@ class ModalityReinforcementUnit(nn.Module):
         """c = X + drop(CrossAttn(LN_c(X), LN_c(S)))."""
         query, key_value = self.cross_norm(target), self.cross_norm(source)
         attended = self.cross_attn(query, key_value, key_value)
-        return target + dropout(attended, self.res_dropout, self.training)
+        return target + F.dropout(attended, p=self.res_dropout, training=self.training)
 
     def self_branch(self, target: torch.Tensor) -> torch.Tensor:
         """a = X + drop(SelfAttn(LN_a(X)))."""
         normed = self.self_norm(target)
-        return target + dropout(self.self_attn(normed, normed, normed), self.res_dropout, self.training)
+        attended = self.self_attn(normed, normed, normed)
+        return target + F.dropout(attended, p=self.res_dropout, training=self.training)
 
     def gate(self, self_out: torch.Tensor, cross_out: torch.Tensor) -> torch.Tensor:
         """G = σ(a·W_a + c·W_c + b), per time step and feature."""
@@ -155,19 +161,20 @@ class PMR(nn.Module):
 
     `seq_lens` is accepted and ignored (the backbone contract): every part works at any length.
     `forward_with_details` returns the intermediate results too (hub, modalities, aggregation weights).
-    `attn_mask` applies to the final encoder only; the MRUs attend without a mask.
+    `attn_mask` applies to the final encoder only; the MRUs attend without a mask. `engine` ("auto",
+    "plain" or "fast") chooses how the final encoder is computed (the module docstring).
     """
 
     def __init__(self, orig_dims, output_dim=1, seq_lens=None, kernel_sizes=(3, 5, 3), d_model=40,
                  num_heads=10, layers=5, attn_dropout=0.1, relu_dropout=0.1, res_dropout=0.1,
-                 embed_dropout=0.25, out_dropout=0.0, attn_mask=True):
+                 embed_dropout=0.25, out_dropout=0.0, attn_mask=True, engine="auto"):
         super().__init__()
         if layers < 1:
             raise ValueError(f"PMR needs at least one layer, got layers={layers}")
         d_text, d_audio, d_vision = orig_dims
         k_text, k_audio, k_vision = kernel_sizes
-        self.d_model = d_model
-        self.embed_scale = d_model ** 0.5
+        resolve_engine(engine, "cpu")  # refuses an unknown name now rather than at the first forward
+        self.engine = engine
         self.embed_dropout = embed_dropout
         self.out_dropout = out_dropout
 
@@ -192,8 +199,7 @@ class PMR(nn.Module):
         x = conv(features.transpose(1, 2)).permute(2, 0, 1)
         # Positions come from the conv output's channel 0, so a zeroed modality gets no position
         # signal, exactly as in MulT's encoders.
-        x = self.embed_scale * x + sinusoidal_positions(x)
-        return dropout(x, self.embed_dropout, self.training)
+        return embed_input(x, self.embed_dropout, self.training)
 
     def forward_with_details(self, text, audio, vision) -> dict:
         """All outputs as a dict: `logits` (B, C), `hidden` h (B, d), `hub` (T_C, B, d),
@@ -207,10 +213,10 @@ class PMR(nn.Module):
             hub, modalities, weights = layer(hub, modalities)
             alphas.append(weights)
         x_l, x_a, x_v = modalities
-        encoded = self.final_encoder(torch.cat([hub, x_l, x_v, x_a], dim=0))  # SPEC §9's order
-        hidden = encoded[-1]
-        residual = self.proj2(dropout(F.relu(self.proj1(hidden)), self.out_dropout, self.training))
-        logits = self.out_layer(residual + hidden)
+        engine = resolve_engine(self.engine, self.proj_l.weight.device)
+        sequence = torch.cat([hub, x_l, x_v, x_a], dim=0)  # SPEC §9's order
+        (hidden,) = run_encoders([self.final_encoder], [sequence], last_step=True, engine=engine)
+        logits, _ = residual_head(hidden, self.proj1, self.proj2, self.out_layer, self.out_dropout, self.training)
         return {"logits": logits, "hidden": hidden, "hub": hub, "modalities": modalities,
                 "alphas": torch.stack(alphas, dim=1)}
 

@@ -123,6 +123,28 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
     return final_evaluation(model, splits, cfg, run_dir, ctx, amp, state)
 
 
+def train_step(model, optimizer, batch: dict, tcfg: dict, device: torch.device, amp: bool = False,
+               update: bool = True) -> torch.Tensor:
+    """One training batch: forward, loss, backward of loss / train.accumulate; with `update`, clip
+    the gradients as the config says, step the optimiser and clear the gradients.
+
+    Returns the batch's loss, detached. The speed benchmark times this function, so what it measures
+    is what training does.
+    """
+    with autocast(device, amp):
+        out = model(batch["text"], batch["audio"], batch["vision"])
+        loss = unwrap(model).loss(out, batch["target"])
+    (loss / tcfg.get("accumulate", 1)).backward()
+    if update:
+        if tcfg.get("grad_clip_value"):
+            torch.nn.utils.clip_grad_value_(model.parameters(), tcfg["grad_clip_value"])
+        if tcfg.get("grad_clip_norm"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip_norm"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, epoch: int, amp: bool) -> float:
     model.train()
     order = epoch_order(len(dataset), seed, epoch)
@@ -138,19 +160,10 @@ def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, 
                leave=False, disable=None if ctx.is_main else True)
     for step, batch in enumerate(bar, start=1):
         batch = to_device(batch, ctx.device)
-        with autocast(ctx.device, amp):
-            out = model(batch["text"], batch["audio"], batch["vision"])
-            loss = unwrap(model).loss(out, batch["target"])
-        (loss / accumulate).backward()
-        if step % accumulate == 0 or step == n_batches:
-            if tcfg.get("grad_clip_value"):
-                torch.nn.utils.clip_grad_value_(model.parameters(), tcfg["grad_clip_value"])
-            if tcfg.get("grad_clip_norm"):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip_norm"])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        update = step % accumulate == 0 or step == n_batches
+        loss = train_step(model, optimizer, batch, tcfg, ctx.device, amp, update=update)
         n = len(batch["target"])
-        total += loss.detach() * n  # summed on the device: no host sync per step
+        total += loss * n  # summed on the device: no host sync per step
         count += n
     return float(total) / max(1, count)
 
