@@ -160,7 +160,7 @@ def cmd_make_data(args) -> None:
 def cmd_train(args) -> dict:
     from src.train import checkpoint as ckpt_io
     from src.train import distributed
-    from src.train.config import dump_config
+    from src.train.config import dump_config, without_execution_keys
     from src.train.loop import train
     from src.train.report import print_run_results
 
@@ -173,7 +173,7 @@ def cmd_train(args) -> dict:
             if not last.is_file():
                 raise UserError(f"--resume: no checkpoint to resume at {last}; start the run without --resume")
             saved = ckpt_io.read_config_file(run_dir / "config.yaml")
-            ckpt_io.check_same_config(saved, cfg, run_dir / "config.yaml")
+            ckpt_io.check_same_config(without_execution_keys(saved), without_execution_keys(cfg), run_dir / "config.yaml")
         elif run_dir.exists() and any(run_dir.iterdir()):
             raise UserError(f"run directory {run_dir} already holds a run; continue it with --resume, or choose "
                             "another --name or --seed (nothing was overwritten)")

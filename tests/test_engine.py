@@ -8,6 +8,7 @@ fast engine is built from (its CPU dropout and attention with a hand-written bac
 import pytest
 import torch
 
+from src.errors import ConfigError
 from src.models import engine as eng
 from src.models.encoder import TransformerEncoder, embed_input, future_mask
 from src.models.engine import ENGINES, resolve_engine, run_encoders
@@ -168,9 +169,9 @@ def test_resolve_engine():
     assert resolve_engine("auto", "cpu") == "fast"
     assert resolve_engine("auto", torch.device("meta")) == "plain"
     assert resolve_engine("plain", "cpu") == "plain" and resolve_engine("fast", "cuda") == "fast"
-    with pytest.raises(ValueError, match="unknown engine 'quick'"):
+    with pytest.raises(ConfigError, match="unknown engine 'quick'.*model.backbone_params.engine"):
         resolve_engine("quick", "cpu")
-    with pytest.raises(ValueError, match="unknown engine"):
+    with pytest.raises(ConfigError, match="unknown engine"):
         MulT(orig_dims=(6, 5, 4), d_model=10, layers=1, engine="quick")
 
 
@@ -350,3 +351,58 @@ def test_attention_function_drops_only_within_its_runs(chunked, monkeypatch):
     want_alone = torch.autograd.grad(alone, (q, k, v), grad[2:4])
     for a, b in zip(got, want_alone):
         assert torch.allclose(a[2:4], b[2:4], atol=1e-5)
+
+
+# --- one checkpoint layout whatever the engine --------------------------------------------------------
+
+def tiny_run_config(data_dir, engine, epochs):
+    """A tiny MulT trained alone, every dropout 0: then the engines compute the same training run."""
+    from src.train.config import load_config
+
+    cfg = load_config("iemocap", backbone="mult", model_name="backbone")
+    cfg["data"]["dir"] = str(data_dir)
+    cfg["model"]["backbone_params"].update(
+        d_model=10, layers=1, engine=engine, attn_dropout=0.0, attn_dropout_a=0.0, attn_dropout_v=0.0,
+        relu_dropout=0.0, res_dropout=0.0, embed_dropout=0.0, out_dropout=0.0)
+    cfg["train"].update(epochs=epochs, batch_size=8, eval_batch_size=16)
+    return cfg
+
+
+@pytest.mark.slow
+def test_a_run_trained_with_one_engine_evaluates_and_resumes_with_the_other(synthetic_data, tmp_path):
+    from src.train import checkpoint as ckpt_io
+    from src.train import loop
+    from src.train.distributed import Context
+    from src.train.evaluate import evaluate
+
+    data_dir = synthetic_data(dataset="iemocap", scale=0.003)
+    ctx = Context(torch.device("cpu"))
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole.mkdir()
+    cut.mkdir()
+    loop.train(tiny_run_config(data_dir, "plain", 2), whole, ctx, seed=1)
+    loop.train(tiny_run_config(data_dir, "fast", 1), cut, ctx, seed=1)
+
+    # the fast run's checkpoint loads strictly into a plain model and evaluates to the same
+    saved = ckpt_io.load_checkpoint(cut / "last.pt")
+    splits = loop.load_data(tiny_run_config(data_dir, "plain", 1))
+    scores = []
+    for engine in ENGINES:
+        model = loop.make_model(tiny_run_config(data_dir, engine, 1), splits["train"], ctx.device)
+        ckpt_io.load_model_state(model, saved["model"], cut / "last.pt")
+        scores.append(evaluate(model, splits["valid"], 16, ctx)["loss"])
+    assert scores[0] == pytest.approx(scores[1], abs=1e-5)
+
+    # ... and the run resumes with the plain engine (model and Adam state), to the plain run's result
+    resumed = loop.train(tiny_run_config(data_dir, "plain", 2), cut, ctx, seed=1, resume=True)
+    reference = json_of(whole / "metrics.json")
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    for got, want in zip(resumed["history"], reference["history"]):
+        assert got["valid_loss"] == pytest.approx(want["valid_loss"], abs=1e-4)
+        assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-4)
+
+
+def json_of(path):
+    import json
+
+    return json.loads(path.read_text())

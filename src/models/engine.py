@@ -37,6 +37,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from src.errors import ConfigError
 from src.models.encoder import TransformerEncoder, embed_input, future_mask
 
 ENGINES = ("plain", "fast")
@@ -51,7 +52,7 @@ def resolve_engine(name: str, device) -> str:
     if name == "auto":
         return "fast" if torch.device(device).type == "cpu" else "plain"
     if name not in ENGINES:
-        raise ValueError(f"unknown engine {name!r}; valid: auto, {', '.join(ENGINES)}")
+        raise ConfigError(f"unknown engine {name!r} (model.backbone_params.engine); valid: auto, {', '.join(ENGINES)}")
     return name
 
 
