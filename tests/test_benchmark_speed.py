@@ -3,6 +3,7 @@
 Only structure and sanity are checked (numbers present, finite, positive); timings on a shared machine
 are too noisy for thresholds.
 """
+import inspect
 import json
 import math
 import subprocess
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from src.models.engine import ENGINES
 
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = ("reference", "published", "layouts", "pmr", "data", "dmd")
@@ -49,7 +52,10 @@ def test_model_rows_cover_every_layout_and_kind(results):
     for layout in LAYOUTS:
         for label in ("mult", "causalmer+pool", "causalmer+transformer", "causalmer+resnet18"):
             assert f"{layout}/{label}" in layouts
-    assert set(results["groups"]["reference"]["rows"]) == {"mult_iemocap_aligned", "mult_iemocap_unaligned"}
+    reference = results["groups"]["reference"]["rows"]
+    assert set(reference) == {f"mult_iemocap_{layout}/{engine}" for layout in ("aligned", "unaligned")
+                              for engine in ENGINES}
+    assert all(reference[name]["engine"] == name.split("/")[1] for name in reference)
     assert set(results["groups"]["published"]["rows"]) == {"published_iemocap_aligned", "default_iemocap_aligned"}
     assert results["groups"]["published"]["rows"]["published_iemocap_aligned"]["branches"] == {
         "text": "albert", "audio": "resnet18", "vision": "resnet18"}
@@ -110,3 +116,42 @@ def test_a_row_measured_in_several_processes_keeps_the_median_one():
     assert speed.median_process([{"train_step_s": 0.1, "tag": "a"}, {"train_step_s": 0.2, "tag": "b"}])["tag"] == "a"
     assert speed.median_process([{"error": "x"}]) == {"error": "x"}
     assert "train_step_s_per_process" not in speed.median_process([{"train_step_s": 0.1}])
+
+
+def speed_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import speed
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return speed
+
+
+def test_summary_figures_are_computed_from_the_rows():
+    """The speed-ups, the memory ratio and fast-vs-plain are the quotients of the rows' figures."""
+    speed = speed_module()
+    row = {"batch": 8, "lengths": [20, 400, 500]}
+    rows = {"mult_iemocap_aligned/plain": {**row, "train_step_s": 0.2, "train_peak_rss_gb": 0.6},
+            "mult_iemocap_aligned/fast": {**row, "train_step_s": 0.1, "train_peak_rss_gb": 0.5},
+            "mult_iemocap_unaligned/fast": {**row, "train_step_s": 2.0, "train_peak_rss_gb": 1.4}}
+    summary = speed.summarize({"reference": {"rows": rows}}, quick=False, default_engine="fast")
+    aligned, unaligned = summary["mult_iemocap_aligned"], summary["mult_iemocap_unaligned"]
+    assert aligned["engine"] == "fast" and aligned["step_s"] == 0.1
+    assert aligned["speedup"] == pytest.approx(0.24 / 0.1)
+    assert aligned["engines"]["plain"]["speedup"] == pytest.approx(0.24 / 0.2)
+    assert aligned["fast_over_plain"] == pytest.approx(2.0)
+    assert unaligned["speedup"] == pytest.approx(7.1 / 2.0)
+    assert unaligned["memory_ratio"] == pytest.approx(1.4 / 4.2)
+    assert "fast_over_plain" not in unaligned  # no plain row to compare with
+    assert speed.summarize({"reference": {"rows": rows}}, quick=False, default_engine="plain").keys() == {
+        "mult_iemocap_aligned"}
+
+
+def test_the_depth_parameter_comes_from_the_backbone():
+    from src.models import BACKBONES, backbone_class
+
+    speed = speed_module()
+    for name in BACKBONES:
+        cls = backbone_class(name)
+        assert speed.depth_parameter(cls) in inspect.signature(cls).parameters, name
+
