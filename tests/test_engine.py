@@ -203,6 +203,37 @@ def test_sdpa_attention_runs_keep_each_rows_dropout():
     assert not torch.allclose(attended[2:], plain[2:], atol=1e-3)
 
 
+def test_attend_runs_a_modules_attention_with_the_same_dropout_draw():
+    """With the same random draw, the fast attention equals softmax(q·kᵀ/√d)·keep @ v on the module's own
+    weights, in values and gradients; outside CPU training it is the module's forward."""
+    from src.models.encoder import MultiheadAttention
+
+    torch.manual_seed(0)
+    attention = MultiheadAttention(12, 3, attn_dropout=0.3).train()
+    with torch.no_grad():
+        attention.in_proj_bias.normal_()
+        attention.out_proj.bias.normal_()
+    query = torch.randn(5, 2, 12, requires_grad=True)
+    source = torch.randn(8, 2, 12, requires_grad=True)
+    torch.manual_seed(7)
+    out = eng.attend(attention, query, source, source, "fast")
+    torch.manual_seed(7)
+    keep = eng._keep_scale(eng._random_lanes((2 * 3, 5, 8), query.device), 0.3)
+
+    def heads(x, index):  # (T, B, E) -> (B·H, T, 4), batch-major as the function splits them
+        w, b = attention.in_proj_weight.chunk(3)[index], attention.in_proj_bias.chunk(3)[index]
+        return (x @ w.T + b).reshape(x.shape[0], 2 * 3, 4).transpose(0, 1)
+
+    weights = torch.softmax(heads(query, 0) @ heads(source, 1).transpose(1, 2) / 2.0, -1) * keep
+    expected = attention.out_proj((weights @ heads(source, 2)).transpose(0, 1).reshape(5, 2, 12))
+    assert torch.allclose(out, expected, atol=1e-5)
+    params = (query, source, attention.in_proj_weight)
+    for got, want in zip(torch.autograd.grad(out.square().sum(), params), torch.autograd.grad(expected.square().sum(), params)):
+        assert torch.allclose(got, want, atol=1e-4)
+    attention.eval()
+    assert torch.equal(eng.attend(attention, query, source, source, "fast"), attention(query, source, source))
+
+
 # --- the pieces: CPU dropout and attention with a hand-written backward -------------------------------
 
 def test_keep_rates_of_the_cpu_dropout_pieces():

@@ -26,7 +26,8 @@ of exactly the same thing.
   Its contract (tests/test_engine.py): equal to "plain" in eval outputs and in every parameter's
   gradient (training mode without dropout), the same dropout distribution in training.
 
-`resolve_engine("auto", device)` picks the one measured faster on that device type
+`attend(attention, query, key, value, engine)` does the same for one unmasked `MultiheadAttention`
+(PMR's units). `resolve_engine("auto", device)` picks the one measured faster on that device type
 (benchmarks/speed.py).
 """
 import math
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from src.errors import ConfigError
-from src.models.encoder import TransformerEncoder, embed_input, future_mask
+from src.models.encoder import MultiheadAttention, TransformerEncoder, embed_input, future_mask
 
 ENGINES = ("plain", "fast")
 
@@ -76,6 +77,26 @@ def run_encoders(encoders, queries, keys=None, last_step: bool = False, engine: 
         for i, out in zip(indices, _run_group(group, [queries[i] for i in indices], group_keys, last_step)):
             outputs[i] = out
     return outputs
+
+
+def attend(attention: MultiheadAttention, query, key, value, engine: str = "fast"):
+    """`attention(query, key, value)` without a mask, computed by `engine`: "fast" runs a CPU training
+    step's attention through `_DropoutAttention` on the module's own weights (SDPA would take its
+    unfused math path, which keeps several (B, H, T_q, T_k) tensors for backward); otherwise, and
+    with "plain", the module's forward."""
+    if engine == "plain" or not (attention.training and attention.attn_dropout > 0 and query.device.type == "cpu"):
+        return attention(query, key, value)
+    heads, head_dim = attention.num_heads, attention.head_dim
+    weights, biases = attention.in_proj_weight.chunk(3), attention.in_proj_bias.chunk(3)
+
+    def project(x, index):  # (T, B, E) -> (B·H, T, head_dim)
+        length, batch, _ = x.shape
+        return F.linear(x, weights[index], biases[index]).reshape(length, batch * heads, head_dim).transpose(0, 1)
+
+    attended = _DropoutAttention.apply(project(query, 0), project(key, 1), project(value, 2), None,
+                                       float(attention.attn_dropout), head_dim ** -0.5)
+    t_q, batch = query.shape[0], query.shape[1]
+    return attention.out_proj(attended.transpose(0, 1).reshape(t_q, batch, attention.embed_dim))
 
 
 # --- what the fast engine reads of a plain encoder ------------------------------------------------

@@ -36,15 +36,15 @@ encoder, which runs over 2·T_C steps: cost grows with the square of the summed 
 attention over the hub dominates. The shared MultiheadAttention runs it through the fused SDPA
 kernel where one exists.
 
-`engine` (src/models/engine.py) applies to the final encoder: "fast" computes it as the engine does
-MulT's; the MRUs are plain modules whatever the engine.
+`engine` (src/models/engine.py): "fast" computes the final encoder as the engine computes MulT's, and
+the MRUs' attentions in CPU training through its attention function; "plain" runs the modules' forward.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from src.models.encoder import MultiheadAttention, TransformerEncoder, embed_input
-from src.models.engine import resolve_engine, run_encoders
+from src.models.engine import attend, resolve_engine, run_encoders
 from src.models.heads import residual_head
 
 
@@ -75,7 +75,8 @@ class FeedForward(nn.Module):
 class ModalityReinforcementUnit(nn.Module):
     """MRU(source S, target X) -> X' with X's shape; S and X are (T_S, B, d) and (T_X, B, d).
 
-    `forward(source, target, gate_override=None)`: `gate_override` replaces the learned gate G by a
+    `forward(source, target, gate_override=None, engine="plain")`: `engine` computes the attentions
+    (src/models/engine.py `attend`); `gate_override` replaces the learned gate G by a
     fixed value (a float or a tensor broadcastable to X), so that tests can check each branch alone;
     leave it None everywhere else.
     """
@@ -95,25 +96,25 @@ class ModalityReinforcementUnit(nn.Module):
         self.gate_cross = _xavier_linear(d_model, d_model, bias=False)
         self.feed_forward = FeedForward(d_model, relu_dropout, res_dropout)
 
-    def crossmodal_branch(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def crossmodal_branch(self, source: torch.Tensor, target: torch.Tensor, engine: str = "plain") -> torch.Tensor:
         """c = X + drop(CrossAttn(LN_c(X), LN_c(S)))."""
         query, key_value = self.cross_norm(target), self.cross_norm(source)
-        attended = self.cross_attn(query, key_value, key_value)
+        attended = attend(self.cross_attn, query, key_value, key_value, engine)
         return target + F.dropout(attended, p=self.res_dropout, training=self.training)
 
-    def self_branch(self, target: torch.Tensor) -> torch.Tensor:
+    def self_branch(self, target: torch.Tensor, engine: str = "plain") -> torch.Tensor:
         """a = X + drop(SelfAttn(LN_a(X)))."""
         normed = self.self_norm(target)
-        attended = self.self_attn(normed, normed, normed)
+        attended = attend(self.self_attn, normed, normed, normed, engine)
         return target + F.dropout(attended, p=self.res_dropout, training=self.training)
 
     def gate(self, self_out: torch.Tensor, cross_out: torch.Tensor) -> torch.Tensor:
         """G = σ(a·W_a + c·W_c + b), per time step and feature."""
         return torch.sigmoid(self.gate_self(self_out) + self.gate_cross(cross_out))
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor, gate_override=None) -> torch.Tensor:
-        cross_out = self.crossmodal_branch(source, target)
-        self_out = self.self_branch(target)
+    def forward(self, source: torch.Tensor, target: torch.Tensor, gate_override=None, engine: str = "plain"):
+        cross_out = self.crossmodal_branch(source, target, engine)
+        self_out = self.self_branch(target, engine)
         gate = self.gate(self_out, cross_out) if gate_override is None else gate_override
         mixed = gate * cross_out + (1 - gate) * self_out
         return mixed + self.feed_forward(mixed)
@@ -122,8 +123,8 @@ class ModalityReinforcementUnit(nn.Module):
 class PMRLayer(nn.Module):
     """One round of hub -> modality reinforcement and modality -> hub collection (six MRUs).
 
-    `forward(hub, modalities)` with hub (T_C, B, d) and modalities a tuple (X_l, X_a, X_v) returns
-    (new hub, new modalities, α (B, 3) in the order l, a, v).
+    `forward(hub, modalities, engine="plain")` with hub (T_C, B, d) and modalities a tuple (X_l, X_a, X_v)
+    returns (new hub, new modalities, α (B, 3) in the order l, a, v).
     """
 
     def __init__(self, d_model: int, num_heads: int, attn_dropout: float, relu_dropout: float,
@@ -140,11 +141,11 @@ class PMRLayer(nn.Module):
         self.message_score = _xavier_linear(d_model, 1, bias=False)
         self.hub_feed_forward = FeedForward(d_model, relu_dropout, res_dropout)
 
-    def forward(self, hub: torch.Tensor, modalities: tuple):
+    def forward(self, hub: torch.Tensor, modalities: tuple, engine: str = "plain"):
         # 1. The same (incoming) hub reinforces every modality.
-        modalities = tuple(unit(hub, x) for unit, x in zip(self.hub_to_modality, modalities))
+        modalities = tuple(unit(hub, x, engine=engine) for unit, x in zip(self.hub_to_modality, modalities))
         # 2. Each reinforced modality proposes a candidate hub, all from the same incoming hub.
-        candidates = [unit(x, hub) for unit, x in zip(self.modality_to_hub, modalities)]
+        candidates = [unit(x, hub, engine=engine) for unit, x in zip(self.modality_to_hub, modalities)]
         # 3. Score each candidate by its time-average (SPEC §9's choice: fixed d×d size at any length).
         scores = torch.cat([
             self.message_score(torch.tanh(proj(z.mean(dim=0))))
@@ -162,7 +163,8 @@ class PMR(nn.Module):
     `seq_lens` is accepted and ignored (the backbone contract): every part works at any length.
     `forward_with_details` returns the intermediate results too (hub, modalities, aggregation weights).
     `attn_mask` applies to the final encoder only; the MRUs attend without a mask. `engine` ("auto",
-    "plain" or "fast") chooses how the final encoder is computed (the module docstring).
+    "plain" or "fast") chooses how the final encoder and the attentions are computed (the module
+    docstring); the result and the parameters are the same whichever runs.
     """
 
     def __init__(self, orig_dims, output_dim=1, seq_lens=None, kernel_sizes=(3, 5, 3), d_model=40,
@@ -208,12 +210,12 @@ class PMR(nn.Module):
         modalities = (self._embed(text, self.proj_l), self._embed(audio, self.proj_a),
                       self._embed(vision, self.proj_v))
         hub = torch.cat(modalities, dim=0)
+        engine = resolve_engine(self.engine, self.proj_l.weight.device)
         alphas = []
         for layer in self.layers:
-            hub, modalities, weights = layer(hub, modalities)
+            hub, modalities, weights = layer(hub, modalities, engine=engine)
             alphas.append(weights)
         x_l, x_a, x_v = modalities
-        engine = resolve_engine(self.engine, self.proj_l.weight.device)
         sequence = torch.cat([hub, x_l, x_v, x_a], dim=0)  # SPEC §9's order
         (hidden,) = run_encoders([self.final_encoder], [sequence], last_step=True, engine=engine)
         logits, _ = residual_head(hidden, self.proj1, self.proj2, self.out_layer, self.out_dropout, self.training)
