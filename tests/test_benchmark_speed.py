@@ -26,7 +26,7 @@ MODEL_ROW_NUMBERS = ("train_step_s", "train_ms_per_sample", "eval_samples_per_s"
 def results(tmp_path_factory):
     output = tmp_path_factory.mktemp("speed") / "x.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed.py"), "--quick", "--output", str(output)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+                          capture_output=True, text=True, cwd=REPO, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(output.read_text())
 
@@ -145,6 +145,12 @@ def test_summary_figures_are_computed_from_the_rows():
     assert "fast_over_plain" not in unaligned  # no plain row to compare with
     assert speed.summarize({"reference": {"rows": rows}}, quick=False, default_engine="plain").keys() == {
         "mult_iemocap_aligned"}
+    machine = {"cpu_count": 2, "processor": "x", "threads": 2, "torch": "t", "platform": "p", "device": "cpu"}
+    markdown = speed.render_markdown({"machine": machine, "command": "c", "started_utc": "a", "finished_utc": "b",
+                                      "groups": {"reference": {"rows": rows, "loadavg_start": [1.0, 1.0, 1.0]}},
+                                      "summary": summary})
+    assert "| aligned | plain | 8 | 0.200 | 0.24 | 1.20x |" in markdown
+    assert "| aligned | fast (default) | 8 | 0.100 | 0.24 | 2.40x |" in markdown and "| 2.00x |" in markdown
 
 
 def test_the_depth_parameter_comes_from_the_backbone():
