@@ -256,11 +256,6 @@ def timed(step, device: Device, warmup: int, min_repeats: int, max_repeats: int,
     return times
 
 
-def depth_parameter(backbone) -> str:
-    """The constructor keyword a backbone calls its depth: its DEPTH_PARAMETER, else "layers"."""
-    return getattr(backbone, "DEPTH_PARAMETER", "layers")
-
-
 def build_cfg(row: dict) -> dict:
     """The run config the trainer would use for this row (dataset yaml + backbone yaml), adapted."""
     from src.models import backbone_class
@@ -273,8 +268,13 @@ def build_cfg(row: dict) -> dict:
     if row.get("engine") is not None:
         cfg["model"]["backbone_params"]["engine"] = row["engine"]
     if row.get("shrink"):
-        # One layer of whatever the backbone calls its depth (the backbone contract, src/models/contract.py).
-        cfg["model"]["backbone_params"][depth_parameter(backbone_class(row["backbone"]))] = 1
+        # One layer of whatever the backbone calls its depth.
+        import inspect
+
+        accepted = inspect.signature(backbone_class(row["backbone"])).parameters
+        for depth in ("layers", "nlevels"):
+            if depth in accepted:
+                cfg["model"]["backbone_params"][depth] = 1
         for options in cfg["model"]["branches"].values():
             if options["kind"] == "resnet18":
                 options.setdefault("width", 8)
@@ -417,7 +417,6 @@ def child_data_train(payload: dict) -> dict:
     import torch
 
     from src.data import load_splits
-    from src.models import backbone_class
     from src.train.build import build_model
     from src.train.config import load_config
     from src.train.loop import train_step
@@ -430,7 +429,7 @@ def child_data_train(payload: dict) -> dict:
     cfg = load_config(DATA_DATASET)
     cfg["data"]["aligned"] = False
     if payload["quick"]:
-        cfg["model"]["backbone_params"][depth_parameter(backbone_class(cfg["model"]["backbone"]))] = 1
+        cfg["model"]["backbone_params"]["layers"] = 1
     torch.manual_seed(0)
     model = build_model(cfg, train.dims, train.seq_lens, train.output_dim).train()
     optimizer = make_optimizer(torch, model, cfg, "trainer")

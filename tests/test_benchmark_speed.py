@@ -3,7 +3,6 @@
 Only structure and sanity are checked (numbers present, finite, positive); timings on a shared machine
 are too noisy for thresholds.
 """
-import inspect
 import json
 import math
 import subprocess
@@ -151,13 +150,3 @@ def test_summary_figures_are_computed_from_the_rows():
                                       "summary": summary})
     assert "| aligned | plain | 8 | 0.200 | 0.24 | 1.20x |" in markdown
     assert "| aligned | fast (default) | 8 | 0.100 | 0.24 | 2.40x |" in markdown and "| 2.00x |" in markdown
-
-
-def test_the_depth_parameter_comes_from_the_backbone():
-    from src.models import BACKBONES, backbone_class
-
-    speed = speed_module()
-    for name in BACKBONES:
-        cls = backbone_class(name)
-        assert speed.depth_parameter(cls) in inspect.signature(cls).parameters, name
-

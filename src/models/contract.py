@@ -5,8 +5,6 @@ A backbone's forward(text, audio, vision) returns one of
     (logits, hidden)        hidden a tensor (e.g. MulT's last_hs): not needed for training, dropped
     (logits, extras)        extras a dict that only the backbone's own aux_loss reads
 and it may define aux_loss(extras, target) -> scalar tensor; absent means no auxiliary loss.
-Its constructor's depth keyword is `layers`, unless the class names another in DEPTH_PARAMETER
-(tools that shrink a model, such as benchmarks/speed.py --quick, read it).
 """
 import torch
 

@@ -208,8 +208,6 @@ class DMD(nn.Module):
     as in MulT; the result and the parameters are the same whichever runs.
     """
 
-    DEPTH_PARAMETER = "nlevels"  # the constructor keyword of its depth (src/models/contract.py)
-
     def __init__(self, orig_dims, seq_lens, output_dim=1, kernel_sizes=(5, 1, 3), d_model=30, num_heads=6,
                  nlevels=4, attn_dropout=0.4, attn_dropout_a=0.0, attn_dropout_v=0.0, relu_dropout=0.0,
                  res_dropout=0.0, embed_dropout=0.0, out_dropout=0.5, text_dropout=0.3, attn_mask=True,
