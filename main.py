@@ -346,14 +346,15 @@ def plan_run(run_args, fresh: bool, flag: str) -> str:
     An existing run is reused or continued only if it was started with exactly the config asked for now;
     a run of another config is refused, naming the first difference, unless `fresh` lets it be moved aside."""
     from src.train import checkpoint as ckpt_io
+    from src.train.config import without_execution_keys
     from src.train.rundir import holds_run
 
     run_dir = run_dir_of(run_args)
     if not holds_run(run_dir):
         return "train"
     saved = ckpt_io.read_config_file(run_dir / "config.yaml")
-    difference = ckpt_io.first_difference(ckpt_io.experiment_config(saved),
-                                          ckpt_io.experiment_config(resolve_train_config(run_args)))
+    difference = ckpt_io.first_difference(without_execution_keys(saved),
+                                          without_execution_keys(resolve_train_config(run_args)))
     if difference is None:
         return "reuse" if (run_dir / "metrics.json").is_file() else "resume"
     if not fresh:
@@ -440,7 +441,7 @@ def cmd_import_checkpoint(args) -> Path:
     from src.train.config import dump_config
     from src.train.published import build_imported, published_run_config
     from src.atomic import write_text
-    from src.train.rundir import exclusive, holds_run
+    from src.train.rundir import IMPORTED_NAME, exclusive, holds_run
 
     run_dir = run_dir_of(args)
 
@@ -459,6 +460,9 @@ def cmd_import_checkpoint(args) -> Path:
         weights = {"model": model.state_dict(), "config": config_text, "epoch": 0}
         for which in ("best_acc", "best_loss"):
             ckpt_io.atomic_save(weights, run_dir / ckpt_io.CHECKPOINT_NAMES[which])
+        # Written last: from here on the directory holds a run, which train and a second import refuse.
+        write_text(run_dir / IMPORTED_NAME, json.dumps({**cfg["model"]["init_from"],
+                                                        "kind": plan["kind"]}, indent=2))
     what = "CausalMER" if plan["kind"] == "causalmer" else "MulT alone"
     print(f"imported {args.file} ({what}, {cfg['dataset']} {cfg['data']['task']}) into {run_dir}; evaluate it with "
           f"python main.py eval --dataset {args.dataset} --name {args.name} --seed {args.seed} --runs-dir {args.runs_dir}")

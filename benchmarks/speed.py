@@ -3,8 +3,8 @@
 What one model row measures, on random inputs of a data layout's shape, for a model built from the
 project's configs by `src.train.build.build_model` (so what is measured is what trains):
 
-- training step: forward + loss + backward + gradient clipping (as the config sets it) + Adam step
-  with the trainer's parameter groups;
+- training step: the trainer's own `src.train.loop.train_step` (forward, loss, backward, gradient
+  clipping as the config sets it, optimiser step) with the trainer's Adam and parameter groups;
 - evaluation: samples per second of eval-mode, no-grad forward + loss;
 - peak memory: the subprocess's peak resident memory (ru_maxrss) after training and after evaluation,
   and on a GPU also torch.cuda.max_memory_allocated for each phase.
@@ -15,7 +15,8 @@ stops repeating once it has its minimum count and has used its time budget, and 
 
 Groups (`--only` picks some; the default runs all, in this order):
 
-    reference  MulT on IEMOCAP, aligned b32 and unaligned b8, against the reference implementation
+    reference  MulT on IEMOCAP, aligned b32 and unaligned b8, against the reference implementation,
+               once per engine (src/models/engine.py: plain modules, and the fast engine)
     published  the method's published configuration (ALBERT-base text, ResNet-18 audio and vision)
                against the default CausalMER of configs/iemocap.yaml
     layouts    each data layout (IEMOCAP, MOSEI, MOSI; aligned and unaligned): the MulT backbone alone
@@ -123,17 +124,17 @@ GB = 1e9
 
 
 def model_row(name, layout, backbone="mult", model="causalmer", branches=None, batch=None, eval_batch=None,
-              expensive=False, processes=1, warmup=None):
+              expensive=False, processes=1, warmup=None, engine=None):
     """A model row: `branches` is one kind for all three modalities, a per-modality dict, or None
     (the dataset config's branches); `batch`/`eval_batch` None means the config's sizes. A full run
     measures the row in `processes` separate processes and keeps the one with the median training
-    step; `warmup` overrides the policy's untimed steps."""
+    step; `warmup` overrides the policy's untimed steps; `engine` None means the backbone's default."""
     if isinstance(branches, str):
         branches = {m: {"kind": branches} for m in MODALITIES}
     dataset, aligned = LAYOUTS[layout]
     return dict(name=name, layout=layout, dataset=dataset, aligned=aligned, backbone=backbone, model=model,
                 branches=branches, batch=batch, eval_batch=eval_batch, expensive=expensive, processes=processes,
-                warmup=warmup)
+                warmup=warmup, engine=engine)
 
 
 def layout_batches(layout):
@@ -143,13 +144,17 @@ def layout_batches(layout):
 
 def group_rows(group: str) -> list[dict]:
     if group == "reference":
-        # The rows compared with fixed reference figures: on the 2-core machine the same step runs at
-        # one of two speeds about 25% apart from one process to the next, so each is measured in three
-        # processes and the median one is reported.
-        return [model_row("mult_iemocap_aligned", "iemocap_aligned", model="backbone", batch=32,
-                          processes=REFERENCE_PROCESSES, warmup=3),
-                model_row("mult_iemocap_unaligned", "iemocap_unaligned", model="backbone", batch=8, eval_batch=8,
-                          processes=REFERENCE_PROCESSES, warmup=2)]
+        # The rows compared with fixed reference figures, once per engine: on the 2-core machine the
+        # same step runs at one of two speeds from one process to the next, so each is measured in
+        # several processes and the median one is reported.
+        from src.models.engine import ENGINES
+
+        aligned = [model_row(f"mult_iemocap_aligned/{engine}", "iemocap_aligned", model="backbone", batch=32,
+                             processes=REFERENCE_PROCESSES, warmup=3, engine=engine) for engine in ENGINES]
+        unaligned = [model_row(f"mult_iemocap_unaligned/{engine}", "iemocap_unaligned", model="backbone", batch=8,
+                               eval_batch=8, processes=REFERENCE_PROCESSES, warmup=2, engine=engine)
+                     for engine in ENGINES]
+        return aligned + unaligned
     if group == "layouts":
         rows = []
         for layout in LAYOUTS:
@@ -262,6 +267,8 @@ def build_cfg(row: dict) -> dict:
     cfg["data"]["aligned"] = row["aligned"]
     if row["branches"] is not None:
         cfg["model"]["branches"] = row["branches"]
+    if row.get("engine") is not None:
+        cfg["model"]["backbone_params"]["engine"] = row["engine"]
     if row.get("shrink"):
         cfg["model"]["backbone_params"]["layers"] = 1  # every backbone calls its depth `layers`
         for options in cfg["model"]["branches"].values():
@@ -301,7 +308,9 @@ def measure_model_row(row: dict, settings: dict) -> dict:
     import torch
 
     from src.data.layout import get_spec, output_dim
+    from src.models.engine import resolve_engine
     from src.train.build import build_model
+    from src.train.loop import train_step
 
     device = Device(settings["device"])
     policy = dict(settings["policy"], **(EXPENSIVE if row.get("expensive") and not row.get("shrink") else {}))
@@ -323,26 +332,20 @@ def measure_model_row(row: dict, settings: dict) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg, spec.dims, lengths, output_dim(task)).to(device.device)
     optimizer = make_optimizer(torch, model, cfg, settings["optimizer"])
-    clip_value, clip_norm = cfg["train"].get("grad_clip_value"), cfg["train"].get("grad_clip_norm")
     inputs, target = random_batch(torch, batch, lengths, spec.dims, task, device.device)
+    training_batch = {**dict(zip(MODALITIES, inputs)), "target": target}
     result["parameters"] = sum(p.numel() for p in model.parameters())
     result["rss_after_build_gb"] = peak_rss_gb()
+    if row["backbone"] in ("mult", "dmd", "pmr") or row.get("engine") is not None:
+        result["engine"] = resolve_engine(cfg["model"]["backbone_params"].get("engine", "auto"), device.device)
 
-    def train_step():
-        out = model(*inputs)
-        loss = model.loss(out, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_value:
-            torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
-        if clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-        optimizer.step()
+    def one_step():
+        train_step(model, optimizer, training_batch, cfg["train"], device.device)
 
     model.train()
     device.reset_peak()
     warmup = policy["warmup"] if row.get("warmup") is None or row.get("shrink") else row["warmup"]
-    times = timed(train_step, device, warmup, policy["min_repeats"], policy["max_repeats"],
+    times = timed(one_step, device, warmup, policy["min_repeats"], policy["max_repeats"],
                   policy["budget_s"])
     result.update(train_step_s=statistics.median(times), train_step_s_min=min(times), train_repeats=len(times),
                   train_ms_per_sample=1e3 * statistics.median(times) / batch,
@@ -412,6 +415,7 @@ def child_data_train(payload: dict) -> dict:
     from src.data import load_splits
     from src.train.build import build_model
     from src.train.config import load_config
+    from src.train.loop import train_step
 
     torch.set_num_threads(payload["threads"])
     started = time.perf_counter()
@@ -425,19 +429,13 @@ def child_data_train(payload: dict) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg, train.dims, train.seq_lens, train.output_dim).train()
     optimizer = make_optimizer(torch, model, cfg, "trainer")
-    clip = cfg["train"].get("grad_clip_norm")
     rss_before = peak_rss_gb()
 
     times = []
     batches = train.iter_batches(payload["batch"], shuffle=True, generator=torch.Generator().manual_seed(0))
     for _, batch in zip(range(payload["steps"]), batches):
         begin = time.perf_counter()
-        loss = model.loss(model(batch["text"], batch["audio"], batch["vision"]), batch["target"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
+        train_step(model, optimizer, batch, cfg["train"], torch.device("cpu"))
         times.append(time.perf_counter() - begin)
     result = {"open_cache_s": open_s, "train_samples": len(train), "batch": payload["batch"], "steps": len(times),
               "step_s": statistics.median(times), "rss_after_build_gb": rss_before,
@@ -567,21 +565,29 @@ def run_data_group(args) -> dict:
     return out
 
 
-def summarize(groups: dict, quick: bool) -> dict:
-    """Comparisons against the reference figures and between rows."""
+def summarize(groups: dict, quick: bool, default_engine: str = "fast") -> dict:
+    """Comparisons against the reference figures and between rows. The reference rows' entry holds
+    every engine's figures; its top level is the default engine's (`default_engine`)."""
     summary = {}
     reference = groups.get("reference", {}).get("rows", {})
     for name in ("mult_iemocap_aligned", "mult_iemocap_unaligned"):
-        row = reference.get(name)
-        if not ok(row) or quick:
-            continue
+        if quick:
+            break
         ref = REFERENCE[name]
-        entry = {"batch": row["batch"], "step_s": row["train_step_s"], "reference_step_s": ref["step_s"],
-                 "speedup": ref["step_s"] / row["train_step_s"]}
-        if "peak_rss_gb" in ref:
-            entry.update(peak_rss_gb=row["train_peak_rss_gb"], reference_peak_rss_gb=ref["peak_rss_gb"],
-                         memory_ratio=row["train_peak_rss_gb"] / ref["peak_rss_gb"])
-        summary[name] = entry
+        engines = {}
+        for row_name, row in reference.items():
+            if row_name.startswith(name + "/") and ok(row):
+                entry = {"batch": row["batch"], "step_s": row["train_step_s"], "reference_step_s": ref["step_s"],
+                         "speedup": ref["step_s"] / row["train_step_s"]}
+                if "peak_rss_gb" in ref:
+                    entry.update(peak_rss_gb=row["train_peak_rss_gb"], reference_peak_rss_gb=ref["peak_rss_gb"],
+                                 memory_ratio=row["train_peak_rss_gb"] / ref["peak_rss_gb"])
+                engines[row_name.split("/", 1)[1]] = entry
+        if default_engine not in engines:
+            continue
+        summary[name] = {**engines[default_engine], "engine": default_engine, "engines": engines}
+        if "plain" in engines and "fast" in engines:
+            summary[name]["fast_over_plain"] = engines["plain"]["step_s"] / engines["fast"]["step_s"]
 
     published = groups.get("published", {}).get("rows", {})
     pub, default = published.get("published_iemocap_aligned"), published.get("default_iemocap_aligned")
@@ -651,13 +657,16 @@ def print_summary(summary: dict) -> None:
     print("\nsummary")
     for name in ("mult_iemocap_aligned", "mult_iemocap_unaligned"):
         if name in summary:
-            entry = summary[name]
-            line = (f"  {name} b{entry['batch']}: {entry['step_s']:.3f} s/step vs reference {entry['reference_step_s']} s "
-                    f"-> {entry['speedup']:.2f}x")
-            if "memory_ratio" in entry:
-                line += (f"; peak {entry['peak_rss_gb']:.2f} GB vs {entry['reference_peak_rss_gb']} GB "
-                         f"-> {entry['memory_ratio']:.2f}x the memory")
-            print(line)
+            for engine, entry in summary[name]["engines"].items():
+                default = " (default)" if engine == summary[name]["engine"] else ""
+                line = (f"  {name} {engine}{default} b{entry['batch']}: {entry['step_s']:.3f} s/step vs reference "
+                        f"{entry['reference_step_s']} s -> {entry['speedup']:.2f}x")
+                if "memory_ratio" in entry:
+                    line += (f"; peak {entry['peak_rss_gb']:.2f} GB vs {entry['reference_peak_rss_gb']} GB "
+                             f"-> {entry['memory_ratio']:.2f}x the memory")
+                print(line)
+            if "fast_over_plain" in summary[name]:
+                print(f"  {name}: the fast engine's step is {summary[name]['fast_over_plain']:.2f}x the plain modules' speed")
     if "published_vs_default" in summary:
         entry = summary["published_vs_default"]
         line = (f"  default CausalMER vs published configuration, per training sample: "
@@ -725,15 +734,19 @@ def render_markdown(results: dict) -> str:
              "Load average (1 min) at the start of each group: "
              + ", ".join(f"{g} {fmt(v['loadavg_start'][0])}" for g, v in groups.items()) + ".", ""]
     if any(k in summary for k in ("mult_iemocap_aligned", "mult_iemocap_unaligned")):
-        lines += ["| MulT alone, IEMOCAP | batch | s/step | reference s/step | speed-up | peak GB | reference GB | memory ratio |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| MulT alone, IEMOCAP | engine | batch | s/step | reference s/step | speed-up | peak GB | reference GB "
+                  "| memory ratio | fast vs plain |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name in ("mult_iemocap_aligned", "mult_iemocap_unaligned"):
             if name in summary:
-                e = summary[name]
-                ratio = f"{fmt(e['memory_ratio'])}x" if "memory_ratio" in e else "-"
-                lines.append(f"| {name.split('_')[-1]} | {e['batch']} | {fmt(e['step_s'], 3)} | {e['reference_step_s']} | "
-                             f"{fmt(e['speedup'])}x | {fmt(e.get('peak_rss_gb'))} | {e.get('reference_peak_rss_gb', '-')} | "
-                             f"{ratio} |")
+                for engine, e in summary[name]["engines"].items():
+                    label = f"{engine} (default)" if engine == summary[name]["engine"] else engine
+                    ratio = f"{fmt(e['memory_ratio'])}x" if "memory_ratio" in e else "-"
+                    versus = (f"{fmt(summary[name]['fast_over_plain'])}x"
+                              if engine == "fast" and "fast_over_plain" in summary[name] else "-")
+                    lines.append(f"| {name.split('_')[-1]} | {label} | {e['batch']} | {fmt(e['step_s'], 3)} | "
+                                 f"{e['reference_step_s']} | {fmt(e['speedup'])}x | {fmt(e.get('peak_rss_gb'))} | "
+                                 f"{e.get('reference_peak_rss_gb', '-')} | {ratio} | {versus} |")
         lines.append("")
     if "published_vs_default" in summary:
         e = summary["published_vs_default"]
@@ -862,7 +875,9 @@ def main(argv=None):
         entry["loadavg_end"] = list(os.getloadavg())
         results["groups"][group] = entry
 
-    results["summary"] = summarize(results["groups"], args.quick)
+    from src.models.engine import resolve_engine
+
+    results["summary"] = summarize(results["groups"], args.quick, resolve_engine("auto", args.device))
     results["finished_utc"] = utc_now()
     results["wall_s"] = time.time() - started
     print_summary(results["summary"])

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from src.models.engine import ENGINES
+
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = ("reference", "published", "layouts", "pmr", "data", "dmd")
 LAYOUTS = ("iemocap_aligned", "iemocap_unaligned", "mosei_aligned", "mosei_unaligned", "mosi_aligned",
@@ -23,7 +25,7 @@ MODEL_ROW_NUMBERS = ("train_step_s", "train_ms_per_sample", "eval_samples_per_s"
 def results(tmp_path_factory):
     output = tmp_path_factory.mktemp("speed") / "x.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed.py"), "--quick", "--output", str(output)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+                          capture_output=True, text=True, cwd=REPO, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(output.read_text())
 
@@ -51,7 +53,10 @@ def test_model_rows_cover_every_layout_and_kind(results):
     for layout in LAYOUTS:
         for label in ("mult", "causalmer+pool", "causalmer+transformer", "causalmer+resnet18"):
             assert f"{layout}/{label}" in layouts
-    assert set(results["groups"]["reference"]["rows"]) == {"mult_iemocap_aligned", "mult_iemocap_unaligned"}
+    reference = results["groups"]["reference"]["rows"]
+    assert set(reference) == {f"mult_iemocap_{layout}/{engine}" for layout in ("aligned", "unaligned")
+                              for engine in ENGINES}
+    assert all(reference[name]["engine"] == name.split("/")[1] for name in reference)
     assert set(results["groups"]["published"]["rows"]) == {"published_iemocap_aligned", "default_iemocap_aligned"}
     assert results["groups"]["published"]["rows"]["published_iemocap_aligned"]["branches"] == {
         "text": "albert", "audio": "resnet18", "vision": "resnet18"}
@@ -132,17 +137,36 @@ def test_computed_columns_are_the_quotients_of_the_measured_ones(results):
         data["large"]["train"]["train_peak_rss_gb"] / data["small"]["train"]["train_peak_rss_gb"], rel=1e-9)
 
 
-def test_reference_speedup_and_memory_ratio_divide_the_right_way():
+def speed_module():
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import speed
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    rows = {"mult_iemocap_aligned": {"batch": 32, "train_step_s": 0.12},
-            "mult_iemocap_unaligned": {"batch": 8, "train_step_s": 2.0, "train_peak_rss_gb": 1.4}}
-    summary = speed.summarize({"reference": {"rows": rows}}, quick=False)
+    return speed
+
+
+def test_summary_figures_are_computed_from_the_rows():
+    """The speed-ups, the memory ratio and fast-vs-plain are the quotients of the rows' figures."""
+    speed = speed_module()
+    row = {"batch": 8, "lengths": [20, 400, 500]}
+    rows = {"mult_iemocap_aligned/plain": {**row, "train_step_s": 0.2, "train_peak_rss_gb": 0.6},
+            "mult_iemocap_aligned/fast": {**row, "train_step_s": 0.1, "train_peak_rss_gb": 0.5},
+            "mult_iemocap_unaligned/fast": {**row, "train_step_s": 2.0, "train_peak_rss_gb": 1.4}}
+    summary = speed.summarize({"reference": {"rows": rows}}, quick=False, default_engine="fast")
     aligned, unaligned = summary["mult_iemocap_aligned"], summary["mult_iemocap_unaligned"]
-    assert aligned["speedup"] == pytest.approx(speed.REFERENCE["mult_iemocap_aligned"]["step_s"] / 0.12)
-    assert unaligned["speedup"] == pytest.approx(speed.REFERENCE["mult_iemocap_unaligned"]["step_s"] / 2.0)
-    assert unaligned["memory_ratio"] == pytest.approx(1.4 / speed.REFERENCE["mult_iemocap_unaligned"]["peak_rss_gb"])
-    assert "memory_ratio" not in aligned
+    assert aligned["engine"] == "fast" and aligned["step_s"] == 0.1
+    assert aligned["speedup"] == pytest.approx(0.24 / 0.1)
+    assert aligned["engines"]["plain"]["speedup"] == pytest.approx(0.24 / 0.2)
+    assert aligned["fast_over_plain"] == pytest.approx(2.0)
+    assert unaligned["speedup"] == pytest.approx(7.1 / 2.0)
+    assert unaligned["memory_ratio"] == pytest.approx(1.4 / 4.2)
+    assert "fast_over_plain" not in unaligned  # no plain row to compare with
+    assert speed.summarize({"reference": {"rows": rows}}, quick=False, default_engine="plain").keys() == {
+        "mult_iemocap_aligned"}
+    machine = {"cpu_count": 2, "processor": "x", "threads": 2, "torch": "t", "platform": "p", "device": "cpu"}
+    markdown = speed.render_markdown({"machine": machine, "command": "c", "started_utc": "a", "finished_utc": "b",
+                                      "groups": {"reference": {"rows": rows, "loadavg_start": [1.0, 1.0, 1.0]}},
+                                      "summary": summary})
+    assert "| aligned | plain | 8 | 0.200 | 0.24 | 1.20x |" in markdown
+    assert "| aligned | fast (default) | 8 | 0.100 | 0.24 | 2.40x |" in markdown and "| 2.00x |" in markdown

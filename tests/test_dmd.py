@@ -16,6 +16,7 @@ from src.errors import CheckpointError, ConfigError
 from src.models import build_backbone
 from src.models.dmd import (DMD, EDGES, ORDER, GraphDistillation, distillation_losses, load_official_state_dict,
                             margin_loss, orthogonality_loss)
+from src.models.engine import ENGINES
 from src.models.standalone import BackboneOnly
 from src.losses import task_loss
 
@@ -35,6 +36,12 @@ DATASETS = {
 OUTPUTS = {"binary": 8, "cls": 7, "regression": 1}
 TERMS = ("task", "homo_logit", "homo_reg", "homo_repr", "hetero_logit", "hetero_repr", "hetero_reg",
          "recon", "cycle", "margin", "orthogonality")
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request):
+    """The model tests run once per engine."""
+    return request.param
 
 
 def tiny_dmd(dims=(6, 5, 4), seq_lens=(7, 9, 8), kernels=(3, 1, 2), output_dim=3, dropout=0.0, **overrides):
@@ -63,12 +70,12 @@ def random_target(task, batch, seed=0):
 # ------------------------------------------------------------------------------------------ shapes
 @pytest.mark.parametrize("dataset", DATASETS)
 @pytest.mark.parametrize("layout", ["aligned", "unaligned"])
-def test_shapes_and_a_training_step_for_every_dataset_and_layout(dataset, layout):
+def test_shapes_and_a_training_step_for_every_dataset_and_layout(dataset, layout, engine):
     spec = DATASETS[dataset]
     lengths, task = spec[layout], spec["task"]
     torch.manual_seed(0)
     model = build_backbone("dmd", orig_dims=spec["dims"], seq_lens=lengths, output_dim=OUTPUTS[task],
-                           kernel_sizes=spec["kernels"], d_model=D_MODEL, num_heads=HEADS, layers=1)
+                           kernel_sizes=spec["kernels"], d_model=D_MODEL, num_heads=HEADS, layers=1, engine=engine)
     text, audio, vision = random_inputs(spec["dims"], lengths, batch=2)
     logits, extras = model(text, audio, vision)
     classes = OUTPUTS[task]
@@ -93,9 +100,9 @@ def test_shapes_and_a_training_step_for_every_dataset_and_layout(dataset, layout
     assert model.proj_l.weight.grad.abs().sum() > 0
 
 
-def test_regression_target_of_shape_b1_and_backbone_only_adds_the_aux_loss():
+def test_regression_target_of_shape_b1_and_backbone_only_adds_the_aux_loss(engine):
     torch.manual_seed(0)
-    model = tiny_dmd(output_dim=1).eval()
+    model = tiny_dmd(engine=engine, output_dim=1).eval()
     inputs = random_inputs((6, 5, 4), (7, 9, 8))
     target = torch.tensor([0.5, -1.0, 0.5])
     wrapped = BackboneOnly(model).eval()
@@ -107,23 +114,38 @@ def test_regression_target_of_shape_b1_and_backbone_only_adds_the_aux_loss():
         assert torch.allclose(model.aux_loss(extras, target.view(3, 1)), model.aux_loss(extras, target))
 
 
-def test_grouped_encoders_give_the_same_result_as_separate_ones():
-    torch.manual_seed(0)
-    grouped = tiny_dmd(seq_lens=(8, 8, 8), kernels=(1, 1, 1)).eval()
-    separate = tiny_dmd(seq_lens=(8, 8, 8), kernels=(1, 1, 1), group_encoders=False).eval()
-    separate.load_state_dict(grouped.state_dict())
-    inputs = random_inputs((6, 5, 4), (8, 8, 8))
-    with torch.no_grad():
-        a, extras_a = grouped(*inputs)
-        b, extras_b = separate(*inputs)
-    assert torch.allclose(a, b, atol=1e-5)
-    assert torch.allclose(extras_a["logits_c"], extras_b["logits_c"], atol=1e-5)
+@pytest.mark.parametrize("seq_lens,kernels", [((8, 8, 8), (1, 1, 1)), ((7, 30, 24), (3, 1, 2))])
+def test_fast_and_plain_engines_agree_in_values_and_gradients(seq_lens, kernels):
+    """Aligned lengths (encoders batched by the fast engine) and unaligned ones (each alone)."""
+    results = []
+    for engine in ("plain", "fast"):
+        torch.manual_seed(0)
+        model = tiny_dmd(seq_lens=seq_lens, kernels=kernels, engine=engine).train()  # every dropout 0
+        inputs = random_inputs((6, 5, 4), seq_lens)
+        target = torch.tensor([0, 1, 2])
+        logits, extras = model(*inputs)
+        (task_loss(logits, target) + model.aux_loss(extras, target)).backward()
+        with torch.no_grad():
+            eval_logits, eval_extras = model.eval()(*inputs)
+        results.append((logits, eval_logits, eval_extras["logits_c"], {n: p.grad for n, p in model.named_parameters()}))
+    for a, b in zip(results[0][:3], results[1][:3]):
+        assert torch.allclose(a, b, atol=1e-5)
+    for name, grad in results[0][3].items():
+        if grad is not None:
+            assert torch.allclose(grad, results[1][3][name], atol=1e-4), name
+
+
+def test_common_encoders_are_plain_modules_under_their_saved_names():
+    model = tiny_dmd()
+    assert {m: len(model.common_encoders[m].layers) for m in "lva"} == {"l": 1, "v": 1, "a": 1}
+    assert "common_encoders.v.layers.0.self_attn.in_proj_weight" in model.state_dict()
+    assert "trans_a_with_v.layer_norm.weight" in model.state_dict()
 
 
 # ------------------------------------------------------------------------------ graph distillation
-def test_edge_weights_of_each_graph_sum_to_one_per_sample():
+def test_edge_weights_of_each_graph_sum_to_one_per_sample(engine):
     torch.manual_seed(0)
-    model = tiny_dmd().eval()
+    model = tiny_dmd(engine=engine).eval()
     with torch.no_grad():
         _, extras = model(*random_inputs((6, 5, 4), (7, 9, 8), batch=5))
         for graph, logits, reprs in ((model.homo_graph, extras["logits_homo"], extras["repr_homo"]),
@@ -308,9 +330,9 @@ def test_orthogonality_axis_is_a_constructor_key_and_a_bad_value_is_refused():
 
 
 # ---------------------------------------------------------------------------------- auxiliary loss
-def test_aux_loss_is_the_weighted_sum_of_spec_terms():
+def test_aux_loss_is_the_weighted_sum_of_spec_terms(engine):
     torch.manual_seed(0)
-    model = tiny_dmd().eval()
+    model = tiny_dmd(engine=engine).eval()
     target = torch.tensor([0, 1, 2])
     with torch.no_grad():
         _, extras = model(*random_inputs((6, 5, 4), (7, 9, 8)))
@@ -325,9 +347,9 @@ def test_aux_loss_is_the_weighted_sum_of_spec_terms():
 
 
 @pytest.mark.parametrize("term", TERMS)
-def test_each_aux_term_is_finite_and_decreases_when_optimised(term):
+def test_each_aux_term_is_finite_and_decreases_when_optimised(term, engine):
     torch.manual_seed(0)
-    model = tiny_dmd()
+    model = tiny_dmd(engine=engine)
     inputs = random_inputs((6, 5, 4), (7, 9, 8), batch=6)
     target = torch.tensor([0, 1, 2, 0, 1, 2])
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -345,8 +367,8 @@ def test_each_aux_term_is_finite_and_decreases_when_optimised(term):
 
 
 # ------------------------------------------------------------------------------------ fixed lengths
-def test_data_of_another_length_is_refused_naming_both_lengths():
-    model = tiny_dmd(seq_lens=(7, 9, 8))
+def test_data_of_another_length_is_refused_naming_both_lengths(engine):
+    model = tiny_dmd(engine=engine, seq_lens=(7, 9, 8))
     text, audio, vision = random_inputs((6, 5, 4), (7, 9, 8))
     model(text, audio, vision)  # the built lengths work
     with pytest.raises(ConfigError) as err:

@@ -1,11 +1,10 @@
-"""The MulT encoder pieces: positions, the shifted future mask, attention, dropout, the encoder."""
+"""The plain MulT encoder: positions, the shifted future mask, attention (and its weights), the encoder."""
 import math
 
 import pytest
 import torch
 
-from src.models import encoder as enc
-from src.models.encoder import MultiheadAttention, TransformerEncoder, dropout, future_mask, sinusoidal_positions
+from src.models.encoder import MultiheadAttention, TransformerEncoder, embed_input, future_mask, sinusoidal_positions
 
 
 def reference_position(p: int, dim: int) -> torch.Tensor:
@@ -86,53 +85,7 @@ def nn_init_bias(attn):
         attn.out_proj.bias.normal_()
 
 
-def test_attention_dropout_path_matches_naive_values_and_gradients():
-    torch.manual_seed(0)
-    attn = MultiheadAttention(12, 3, attn_dropout=0.3).train()
-    nn_init_bias(attn)
-    q = torch.randn(5, 2, 12, requires_grad=True)
-    kv = torch.randn(8, 2, 12, requires_grad=True)
-    mask = future_mask(5, 8, q.device)
-    torch.manual_seed(7)
-    out = attn(q, kv, kv, attn_mask=mask)
-    grads = torch.autograd.grad(out.square().sum(), (q, kv, attn.in_proj_weight))
-    torch.manual_seed(7)  # the same random draw gives the same dropout mask
-    keep = enc._keep_scale(enc._random_lanes((2 * 3, 5, 8), q.device), 0.3)
-    expected = naive_attention(attn, q, kv, kv, mask, keep)
-    expected_grads = torch.autograd.grad(expected.square().sum(), (q, kv, attn.in_proj_weight))
-    assert torch.allclose(out, expected, atol=1e-5)
-    for got, want in zip(grads, expected_grads):
-        assert torch.allclose(got, want, atol=1e-4)
 
-
-def test_chunked_dropout_attention_equals_single_chunk(monkeypatch):
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(4, 9, 5, requires_grad=True) for _ in range(3))
-    mask = future_mask(9, 9, q.device)
-
-    def run():
-        torch.manual_seed(3)
-        out = enc._DropoutAttention.apply(q, k, v, mask, 0.2, 0.5)
-        return (out, *torch.autograd.grad(out.sum(), (q, k, v)))
-
-    whole = run()
-    monkeypatch.setattr(enc, "_SCORE_BLOCK_ELEMENTS", 40)  # two query rows per chunk
-    chunked = run()
-    for a, b in zip(whole, chunked):
-        assert torch.allclose(a, b, atol=1e-6)
-
-
-def test_dropout_statistics_and_gradient():
-    torch.manual_seed(0)
-    x = torch.ones(200, 100, requires_grad=True)
-    y = dropout(x, 0.25, training=True)
-    zero_fraction = (y == 0).float().mean().item()
-    assert abs(zero_fraction - 0.25) < 0.01
-    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.75))
-    y.sum().backward()
-    assert torch.equal(x.grad == 0, y == 0)
-    assert dropout(x, 0.25, training=False) is x
-    assert dropout(x, 0.0, training=True) is x
 
 
 def test_encoder_shapes_self_and_crossmodal_with_other_head_counts():
@@ -186,50 +139,7 @@ def test_encoder_runs_under_bf16_autocast_on_cpu():
     assert torch.isfinite(encoder.layers[0].self_attn.in_proj_weight.grad).all()
 
 
-def test_dropout_large_path_keeping_lanes_equals_small_path(monkeypatch):
-    x = torch.randn(30, 40, requires_grad=True)
 
-    def run():
-        torch.manual_seed(5)
-        y = dropout(x, 0.3, training=True)
-        return y, torch.autograd.grad(y.square().sum(), x)[0]
-
-    small = run()
-    monkeypatch.setattr(enc, "_KEEP_MULTIPLIER_ELEMENTS", 0)  # every tensor takes the int16-lanes path
-    large = run()
-    for a, b in zip(small, large):
-        assert torch.allclose(a, b, atol=1e-6)
-
-
-def test_add_dropout_is_residual_plus_dropout():
-    x, branch = torch.randn(50, 40), torch.randn(50, 40, requires_grad=True)
-    torch.manual_seed(3)
-    fused = enc.add_dropout(x, branch, 0.2, training=True)
-    torch.manual_seed(3)
-    separate = x + dropout(branch, 0.2, training=True)
-    assert torch.allclose(fused, separate, atol=1e-6)
-    dropped = (fused - x) == 0
-    assert 0.15 < dropped.float().mean().item() < 0.25
-    fused.sum().backward()
-    assert torch.equal(branch.grad == 0, dropped)
-    assert enc.add_dropout(x, branch, 0.2, training=False).equal(x + branch)
-
-
-@pytest.mark.parametrize("chunked", [False, True])
-def test_attention_function_without_dropout_matches_autograd(chunked, monkeypatch):
-    if chunked:
-        monkeypatch.setattr(enc, "_SCORE_BLOCK_ELEMENTS", 40)  # recompute in chunks of query rows
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(6, 5, 4, requires_grad=True) for _ in range(3))
-    mask = future_mask(5, 7, q.device)[:, 2:]  # a (5, 5) mask that blocks some keys
-    out = enc._DropoutAttention.apply(q, k, v, mask, 0.0, 0.5)
-    expected = torch.softmax(q @ k.transpose(1, 2) * 0.5 + mask, -1) @ v
-    assert torch.allclose(out, expected, atol=1e-6)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    want = torch.autograd.grad(expected, (q, k, v), grad)
-    for a, b in zip(got, want):
-        assert torch.allclose(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize("crossmodal", [True, False])
@@ -246,43 +156,45 @@ def test_last_step_equals_the_last_row_of_the_full_output(crossmodal):
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_relu_dropout_unscaled_is_relu_then_dropout_without_the_rescale():
-    x = torch.randn(60, 40, requires_grad=True)
-    torch.manual_seed(4)
-    unscaled = enc.relu_dropout_unscaled(x, 0.25, training=True)
-    torch.manual_seed(4)
-    reference = dropout(torch.relu(x), 0.25, training=True)
-    assert torch.allclose(unscaled / 0.75, reference, atol=1e-6)
-    kept = (reference != 0).float()
-    assert 0.3 < kept.mean().item() < 0.45  # about half the units are positive, a quarter of those dropped
-    grad = torch.randn_like(unscaled)
-    (got,) = torch.autograd.grad(unscaled, x, grad)
-    assert torch.equal(got, grad * kept)
-    assert torch.equal(enc.relu_dropout_unscaled(x, 0.25, training=False), torch.relu(x))
-    assert enc._dropout_rescale(0.25, True) == pytest.approx(1 / 0.75)
-    assert enc._dropout_rescale(0.25, False) == 1.0 and enc._dropout_rescale(1.0, True) == 1.0
-
-
-@pytest.mark.parametrize("chunked", [False, True])
-def test_attention_function_drops_only_within_its_runs(chunked, monkeypatch):
-    if chunked:
-        monkeypatch.setattr(enc, "_SCORE_BLOCK_ELEMENTS", 40)
+def test_attention_weights_on_request_are_the_softmax_rows():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(6, 5, 4, requires_grad=True) for _ in range(3))
-    plain = torch.softmax(q @ k.transpose(1, 2) * 0.5, -1) @ v
-    torch.manual_seed(1)
-    out = enc._DropoutAttention.apply(q, k, v, None, ((0.0, 0, 2), (0.6, 2, 4)), 0.5)
-    assert torch.allclose(out[:2], plain[:2], atol=1e-6) and torch.allclose(out[4:], plain[4:], atol=1e-6)
-    assert not torch.allclose(out[2:4], plain[2:4], atol=1e-3)
-    # the same rows with one probability for all of them draw the same mask
-    torch.manual_seed(1)
-    alone = enc._DropoutAttention.apply(q[2:4], k[2:4], v[2:4], None, 0.6, 0.5)
-    assert torch.allclose(out[2:4], alone, atol=1e-6)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    want_plain = torch.autograd.grad(plain, (q, k, v), grad)
-    for a, b in zip(got, want_plain):  # rows outside the run get plain attention's gradients
-        assert torch.allclose(a[:2], b[:2], atol=1e-5) and torch.allclose(a[4:], b[4:], atol=1e-5)
-    want_alone = torch.autograd.grad(alone, (q, k, v), grad[2:4])
-    for a, b in zip(got, want_alone):
-        assert torch.allclose(a[2:4], b[2:4], atol=1e-5)
+    attn = MultiheadAttention(20, 5).eval()
+    nn_init_bias(attn)
+    q, kv = torch.randn(4, 3, 20), torch.randn(7, 3, 20)
+    mask = future_mask(4, 7, q.device)
+    out, weights = attn(q, kv, kv, attn_mask=mask, need_weights=True)
+    assert weights.shape == (3, 5, 4, 7) and weights.dtype == torch.float32
+    assert torch.allclose(weights.sum(-1), torch.ones(3, 5, 4), atol=1e-6)
+    blocked = torch.isinf(mask).expand_as(weights)
+    assert blocked.any() and torch.all(weights[blocked] == 0)
+    assert torch.allclose(out, attn(q, kv, kv, attn_mask=mask), atol=1e-5)  # the same output either way
+    e = 20
+    w_q, w_k = attn.in_proj_weight[:e], attn.in_proj_weight[e:2 * e]
+    b_q, b_k = attn.in_proj_bias[:e], attn.in_proj_bias[e:2 * e]
+    scores = ((q @ w_q.T + b_q).view(4, 3, 5, 4).permute(1, 2, 0, 3)
+              @ (kv @ w_k.T + b_k).view(7, 3, 5, 4).permute(1, 2, 3, 0)) / 2.0 + mask
+    assert torch.allclose(weights, torch.softmax(scores, -1), atol=1e-6)
+
+
+def test_embed_input_is_scaled_input_plus_positions_then_dropout():
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 16)
+    x[3, 0] = 0.0  # a padded step: no position
+    expected = 4.0 * x + sinusoidal_positions(x)
+    assert torch.allclose(embed_input(x, 0.3, training=False), expected, atol=1e-6)
+    # the same on a batch-first, padded (G, B, T, E) layout (time axis 2), as the fast engine uses it
+    grouped = x.permute(1, 0, 2).unsqueeze(0)
+    assert torch.allclose(embed_input(grouped, 0.0, False, time_dim=2)[0].permute(1, 0, 2), expected, atol=1e-6)
+    dropped = embed_input(torch.ones(200, 10, 16), 1.0, training=True)
+    assert torch.all(dropped == 0)
+    kept = embed_input(torch.ones(400, 50, 16), 0.25, training=True) != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01  # 320k draws: the standard error is under 0.001
+
+
+def test_plain_layer_dropout_p_one_leaves_only_the_residual_path():
+    """res_dropout = 1 drops both residual branches entirely: a layer is then the identity."""
+    torch.manual_seed(0)
+    encoder = TransformerEncoder(20, 5, 2, attn_dropout=0.3, relu_dropout=0.3, res_dropout=1.0).train()
+    x = torch.randn(6, 2, 20)
+    assert torch.allclose(encoder.layers[0](x), x) and torch.allclose(encoder.layers[1](x, x, x), x)
+

@@ -61,7 +61,8 @@ def test_final_encoder_sees_hub_then_text_vision_audio():
         details = model.forward_with_details(*inputs)
         x_l, x_a, x_v = details["modalities"]
         encoded = model.final_encoder(torch.cat([details["hub"], x_l, x_v, x_a], dim=0))
-    torch.testing.assert_close(encoded[-1], details["hidden"], rtol=0, atol=0)
+    # to float rounding: the default engine computes the final encoder in its rearranged form
+    torch.testing.assert_close(encoded[-1], details["hidden"], rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
@@ -247,3 +248,17 @@ def test_inside_causalmer():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in backbone.parameters())
+
+
+def test_fast_and_plain_engines_agree_in_values_and_gradients():
+    results = []
+    for engine in ("plain", "fast"):
+        torch.manual_seed(0)
+        model = tiny_pmr(engine=engine).train()  # every dropout 0
+        logits, hidden = model(*random_inputs((6, 5, 4), UNALIGNED))
+        (logits.square().sum() + hidden.sum()).backward()
+        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    for name, grad in results[0][1].items():
+        assert torch.allclose(grad, results[1][1][name], atol=1e-4), name
+

@@ -6,8 +6,8 @@ one sample): a (query steps x key steps) map per encoder whose rows sum to 1 and
 entries (the shifted future mask) are 0. `attention_maps` aggregates, `write_attention_npz` and
 `src.analysis.plots.plot_attention_grid` write them.
 
-Everything model-specific is in `crossmodal_attention`: it reads the weights out of the model and is
-the one function to change when the encoders' storage changes.
+Everything model-specific is in `crossmodal_attention`: it reads the weights out of the model's
+plain encoder modules (`MultiheadAttention(..., need_weights=True)`).
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import torch
 
 from src.atomic import replacing
 from src.errors import UserError
+from src.models.encoder import TransformerEncoder
+from src.models.mult import CROSSMODAL_NAMES
 
-CROSSMODAL_NAMES = ("trans_l_with_a", "trans_l_with_v", "trans_a_with_l",
-                    "trans_a_with_v", "trans_v_with_l", "trans_v_with_a")
 _LETTER_NAMES = {"l": "text", "a": "audio", "v": "vision"}
 LABELS = {name: f"{_LETTER_NAMES[name[6]]} <- {_LETTER_NAMES[name[-1]]}" for name in CROSSMODAL_NAMES}
 
@@ -32,62 +32,42 @@ def _backbone(model: torch.nn.Module) -> torch.nn.Module:
 
 def has_crossmodal_attention(model: torch.nn.Module) -> bool:
     """Whether the model's backbone holds MulT's six crossmodal encoders (MulT, DMD; not PMR)."""
-    stack = getattr(_backbone(model), "crossmodal", None)
-    return stack is not None and tuple(getattr(stack, "names", ())) == CROSSMODAL_NAMES
+    backbone = _backbone(model)
+    return all(isinstance(getattr(backbone, name, None), TransformerEncoder) for name in CROSSMODAL_NAMES)
 
 
 @torch.no_grad()
 def crossmodal_attention(model: torch.nn.Module, text, audio, vision) -> dict:
     """{encoder name: last-layer attention weights (B, H, T_q, T_k)} for one batch, in eval mode.
 
-    Today the six encoders are one `EncoderStack` (`backbone.crossmodal`): a forward hook records the
-    sequences the backbone feeds it, and each encoder's last-layer attention is recomputed on a
-    standalone copy of that member (`member(name)`), layer by layer, exactly as its forward runs.
+    The model runs once with the plain engine, so that every encoder runs its own modules; a forward
+    hook on each crossmodal encoder's last attention asks that module, on the very inputs it was given,
+    for its weights (`need_weights=True`, through `forward` so that the hook does not call itself).
     """
     backbone = _backbone(model)
     if not has_crossmodal_attention(model):
         raise UserError(f"the {type(backbone).__name__} backbone has no MulT crossmodal encoders; attention maps "
                         "are for the mult and dmd backbones")
-    stack = backbone.crossmodal
-    seen = {}
+    weights = {}
 
-    def record(module, args, kwargs):
-        seen["queries"], seen["keys"] = args[0], args[1] if len(args) > 1 else kwargs.get("keys")
+    def keep_weights(name):
+        def hook(module, args, kwargs, output):
+            _, weights[name] = module.forward(*args, **{**kwargs, "need_weights": True})
+        return hook
 
-    was_training = model.training
+    handles = [getattr(backbone, name).layers[-1].self_attn.register_forward_hook(keep_weights(name), with_kwargs=True)
+               for name in CROSSMODAL_NAMES]
+    was_training, engine = model.training, backbone.engine
     model.eval()
-    handle = stack.register_forward_pre_hook(record, with_kwargs=True)
+    backbone.engine = "plain"
     try:
         model(text, audio, vision)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        backbone.engine = engine
         model.train(was_training)
-    weights = {}
-    for name, query, key in zip(stack.names, seen["queries"], seen["keys"]):
-        weights[name] = last_layer_attention(stack.member(name).eval(), query, key)
-    return weights
-
-
-def last_layer_attention(encoder, x_in, x_in_k) -> torch.Tensor:
-    """(B, H, T_q, T_k) attention probabilities of a `TransformerEncoder`'s last layer, in eval mode,
-    for query input (T_q, B, E) and key/value input (T_k, B, E)."""
-    from src.models.encoder import future_mask
-
-    x, x_k = encoder._embed(x_in), encoder._embed(x_in_k)
-    mask = future_mask(x.shape[0], x_k.shape[0], x.device, x.dtype) if encoder.attn_mask else None
-    for layer in encoder.layers[:-1]:
-        x = layer(x, x_k, x_k, mask=mask)
-    layer = encoder.layers[-1]
-    norm, attention = layer.layer_norms[0], layer.self_attn
-    embed_dim, heads = attention.embed_dim, attention.num_heads
-    weight, bias = attention.in_proj_weight, attention.in_proj_bias
-    q = torch.nn.functional.linear(norm(x), weight[:embed_dim], bias[:embed_dim])
-    k = torch.nn.functional.linear(norm(x_k), weight[embed_dim:2 * embed_dim], bias[embed_dim:2 * embed_dim])
-    q, k = attention._split_heads(q), attention._split_heads(k)  # (B, H, T, head_dim)
-    scores = q @ k.transpose(-1, -2) * attention.head_dim ** -0.5
-    if mask is not None:
-        scores = scores + mask
-    return torch.softmax(scores, dim=-1)
+    return {name: weights[name] for name in CROSSMODAL_NAMES}
 
 
 def aggregate(weights: torch.Tensor, sample: int | None = None) -> np.ndarray:

@@ -46,8 +46,9 @@ from torch import nn
 
 from src.errors import CheckpointError, ConfigError
 from src.losses import target_kind, task_loss
-from src.models.encoder import dropout
-from src.models.encoder_stack import EncoderStack, register_member_names
+from src.models.encoder import TransformerEncoder
+from src.models.engine import resolve_engine, run_encoders
+from src.models.heads import ResidualHead
 from src.models.mult import add_crossmodal_encoders, crossmodal_memories
 
 # DMD's modality order for its branches, graphs and concatenations.
@@ -192,21 +193,6 @@ def orthogonality_loss(specific: torch.Tensor, common: torch.Tensor, axis: str =
 
 # --- building blocks -----------------------------------------------------------------------------
 
-class ResidualHead(nn.Module):
-    """repr = proj2(dropout(relu(proj1(x)))) + x; logits = out_layer(repr). Width-preserving."""
-
-    def __init__(self, width: int, output_dim: int, out_dropout: float):
-        super().__init__()
-        self.proj1 = nn.Linear(width, width)
-        self.proj2 = nn.Linear(width, width)
-        self.out_layer = nn.Linear(width, output_dim)
-        self.out_dropout = out_dropout
-
-    def forward(self, x: torch.Tensor):
-        hidden = self.proj2(dropout(F.relu(self.proj1(x)), self.out_dropout, self.training)) + x
-        return self.out_layer(hidden), hidden
-
-
 class HomogeneousHead(nn.Module):
     """One modality's homogeneous branch over its flattened common features (B, d·T).
 
@@ -228,7 +214,7 @@ class HomogeneousHead(nn.Module):
         flat = common.reshape(common.shape[0], -1)
         # Post-ReLU, as the reference's in-place ReLU leaves it: its graph reads this representation.
         representation = F.relu(self.proj1(flat))
-        hidden = self.proj2(dropout(representation, self.out_dropout, self.training)) + flat
+        hidden = self.proj2(F.dropout(representation, p=self.out_dropout, training=self.training)) + flat
         return self.out_layer(hidden), representation, self.align(flat)
 
 
@@ -242,9 +228,9 @@ class DMD(nn.Module):
     orig_dims, seq_lens and kernel_sizes are in (text, audio, vision) order. The sequence lengths are
     fixed at construction: the homogeneous branch flattens each modality's whole sequence, so data
     of another length is refused with a ConfigError. The loss weights default to SPEC §8's.
-    `group_encoders` runs encoders of one shape as one batched computation when their lengths are
-    similar (same results; a speed option). `orthogonality_axis` is "batch" (the reference) or
-    "feature" (see `orthogonality_loss`).
+    `orthogonality_axis` is "batch" (the reference) or "feature" (see `orthogonality_loss`). `engine`
+    ("auto", "plain" or "fast", src/models/engine.py) chooses how the encoders are computed, as in MulT;
+    the result and the parameters are the same whichever runs.
 
     The validation loss is the fused output's task loss alone, as the reference selects on it: the
     auxiliary terms train DMD but do not judge it (`validation_uses_aux_loss`, src/models/contract.py).
@@ -257,7 +243,7 @@ class DMD(nn.Module):
                  res_dropout=0.0, embed_dropout=0.0, out_dropout=0.5, text_dropout=0.3, attn_mask=True,
                  gd_size_homo=64, gd_size_hetero=32, homo_distill_weight=0.05, hetero_distill_weight=0.05,
                  decouple_weight=0.1, similarity_weight=0.1, margin=0.15, orthogonality_axis="batch",
-                 group_encoders=True):
+                 engine="auto"):
         super().__init__()
         if seq_lens is None:
             raise ConfigError("the dmd backbone needs the sequence lengths (seq_lens): its homogeneous branch "
@@ -286,7 +272,8 @@ class DMD(nn.Module):
         self.similarity_weight = similarity_weight
         self.margin = margin
         self.orthogonality_axis = orthogonality_axis
-        self.group_encoders = group_encoders
+        resolve_engine(engine, "cpu")  # refuses an unknown name now rather than at the first forward
+        self.engine = engine
 
         self.proj_l = nn.Conv1d(dims["l"], d_model, kernel_size=kernels["l"], padding=0, bias=False)
         self.proj_a = nn.Conv1d(dims["a"], d_model, kernel_size=kernels["a"], padding=0, bias=False)
@@ -304,9 +291,9 @@ class DMD(nn.Module):
                       attn_mask=attn_mask)
         own_attn_dropout = {"l": attn_dropout, "a": attn_dropout_a, "v": attn_dropout_v}
         # One self-attention encoder per modality, saved as `common_encoders.<m>.layers...`.
-        self.common_encoders = EncoderStack([f"common_encoders.{m}" for m in ORDER], d_model, num_heads, layers,
-                                            [own_attn_dropout[m] for m in ORDER], **shared)
-        register_member_names(self)
+        self.common_encoders = nn.ModuleDict({
+            m: TransformerEncoder(d_model, num_heads, layers, attn_dropout=own_attn_dropout[m], **shared)
+            for m in ORDER})
         self.common_head = ResidualHead(3 * d_model, output_dim, out_dropout)
 
         # Heterogeneous branch: MulT's structure (and names); crossmodal attention dropout follows the source.
@@ -333,7 +320,7 @@ class DMD(nn.Module):
     def forward(self, text, audio, vision):
         """text/audio/vision (B, L_m, d_m) -> (logits (B, output_dim), extras for aux_loss)."""
         self._check_lengths(text, audio, vision)
-        text = dropout(text, self.text_dropout, self.training)
+        text = F.dropout(text, p=self.text_dropout, training=self.training)
         features = {  # X_m, (B, d, T_m): Conv1d wants channels first
             "l": self.proj_l(text.transpose(1, 2)),
             "a": self.proj_a(audio.transpose(1, 2)),
@@ -348,13 +335,14 @@ class DMD(nn.Module):
 
         # Common fusion: self-attention over each c_m, last time step, concatenated l, v, a.
         common_seq = [common[m].permute(2, 0, 1) for m in ORDER]
-        attended = self.common_encoders(common_seq, group=self.group_encoders, last_step=True)
+        engine = resolve_engine(self.engine, self.proj_l.weight.device)
+        attended = run_encoders([self.common_encoders[m] for m in ORDER], common_seq, last_step=True, engine=engine)
         common_fused = torch.cat(attended, dim=1)  # c_f (B, 3d)
         logits_c, _ = self.common_head(common_fused)
 
         # Heterogeneous branch over the specific features, as MulT does over its projections.
         x_l, x_a, x_v = (specific[m].permute(2, 0, 1) for m in ("l", "a", "v"))
-        memories = crossmodal_memories(self, x_l, x_a, x_v, self.group_encoders)
+        memories = crossmodal_memories(self, x_l, x_a, x_v, engine)
         last = dict(zip(("l", "a", "v"), memories))  # h_m (B, 2d)
         hetero = {m: self.hetero_heads[m](last[m]) for m in ORDER}  # (logits, repr)
 

@@ -35,12 +35,17 @@ own self-attention only Σ_m T_m². So about 5·T_C² per layer, plus 4·T_C² p
 encoder, which runs over 2·T_C steps: cost grows with the square of the summed lengths, and
 attention over the hub dominates. The shared MultiheadAttention runs it through the fused SDPA
 kernel where one exists.
+
+`engine` (src/models/engine.py): "fast" computes the final encoder as the engine computes MulT's, and
+the MRUs' attentions in CPU training through its attention function; "plain" runs the modules' forward.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.encoder import MultiheadAttention, TransformerEncoder, dropout, sinusoidal_positions
+from src.models.encoder import MultiheadAttention, TransformerEncoder, embed_input
+from src.models.engine import attend, resolve_engine, run_encoders
+from src.models.heads import residual_head
 
 
 def _xavier_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
@@ -63,12 +68,16 @@ class FeedForward(nn.Module):
         self.res_dropout = res_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = dropout(F.relu(self.fc1(self.norm(x))), self.relu_dropout, self.training)
-        return dropout(self.fc2(hidden), self.res_dropout, self.training)
+        hidden = F.dropout(F.relu(self.fc1(self.norm(x))), p=self.relu_dropout, training=self.training)
+        return F.dropout(self.fc2(hidden), p=self.res_dropout, training=self.training)
 
 
 class ModalityReinforcementUnit(nn.Module):
-    """MRU(source S, target X) -> X' with X's shape; S and X are (T_S, B, d) and (T_X, B, d)."""
+    """MRU(source S, target X) -> X' with X's shape; S and X are (T_S, B, d) and (T_X, B, d).
+
+    `forward(source, target, engine="plain")`: `engine` computes the attentions (src/models/engine.py
+    `attend`).
+    """
 
     def __init__(self, d_model: int, num_heads: int, attn_dropout: float, relu_dropout: float,
                  res_dropout: float):
@@ -85,24 +94,25 @@ class ModalityReinforcementUnit(nn.Module):
         self.gate_cross = _xavier_linear(d_model, d_model, bias=False)
         self.feed_forward = FeedForward(d_model, relu_dropout, res_dropout)
 
-    def crossmodal_branch(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def crossmodal_branch(self, source: torch.Tensor, target: torch.Tensor, engine: str = "plain") -> torch.Tensor:
         """c = X + drop(CrossAttn(LN_c(X), LN_c(S)))."""
         query, key_value = self.cross_norm(target), self.cross_norm(source)
-        attended = self.cross_attn(query, key_value, key_value)
-        return target + dropout(attended, self.res_dropout, self.training)
+        attended = attend(self.cross_attn, query, key_value, key_value, engine)
+        return target + F.dropout(attended, p=self.res_dropout, training=self.training)
 
-    def self_branch(self, target: torch.Tensor) -> torch.Tensor:
+    def self_branch(self, target: torch.Tensor, engine: str = "plain") -> torch.Tensor:
         """a = X + drop(SelfAttn(LN_a(X)))."""
         normed = self.self_norm(target)
-        return target + dropout(self.self_attn(normed, normed, normed), self.res_dropout, self.training)
+        attended = attend(self.self_attn, normed, normed, normed, engine)
+        return target + F.dropout(attended, p=self.res_dropout, training=self.training)
 
     def gate(self, self_out: torch.Tensor, cross_out: torch.Tensor) -> torch.Tensor:
         """G = σ(a·W_a + c·W_c + b), per time step and feature."""
         return torch.sigmoid(self.gate_self(self_out) + self.gate_cross(cross_out))
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        cross_out = self.crossmodal_branch(source, target)
-        self_out = self.self_branch(target)
+    def forward(self, source: torch.Tensor, target: torch.Tensor, engine: str = "plain") -> torch.Tensor:
+        cross_out = self.crossmodal_branch(source, target, engine)
+        self_out = self.self_branch(target, engine)
         gate = self.gate(self_out, cross_out)
         mixed = gate * cross_out + (1 - gate) * self_out
         return mixed + self.feed_forward(mixed)
@@ -111,8 +121,8 @@ class ModalityReinforcementUnit(nn.Module):
 class PMRLayer(nn.Module):
     """One round of hub -> modality reinforcement and modality -> hub collection (six MRUs).
 
-    `forward(hub, modalities)` with hub (T_C, B, d) and modalities a tuple (X_l, X_a, X_v) returns
-    (new hub, new modalities, α (B, 3) in the order l, a, v).
+    `forward(hub, modalities, engine="plain")` with hub (T_C, B, d) and modalities a tuple (X_l, X_a, X_v)
+    returns (new hub, new modalities, α (B, 3) in the order l, a, v).
     """
 
     def __init__(self, d_model: int, num_heads: int, attn_dropout: float, relu_dropout: float,
@@ -129,11 +139,11 @@ class PMRLayer(nn.Module):
         self.message_score = _xavier_linear(d_model, 1, bias=False)
         self.hub_feed_forward = FeedForward(d_model, relu_dropout, res_dropout)
 
-    def forward(self, hub: torch.Tensor, modalities: tuple):
+    def forward(self, hub: torch.Tensor, modalities: tuple, engine: str = "plain"):
         # 1. The same (incoming) hub reinforces every modality.
-        modalities = tuple(unit(hub, x) for unit, x in zip(self.hub_to_modality, modalities))
+        modalities = tuple(unit(hub, x, engine=engine) for unit, x in zip(self.hub_to_modality, modalities))
         # 2. Each reinforced modality proposes a candidate hub, all from the same incoming hub.
-        candidates = [unit(x, hub) for unit, x in zip(self.modality_to_hub, modalities)]
+        candidates = [unit(x, hub, engine=engine) for unit, x in zip(self.modality_to_hub, modalities)]
         # 3. Score each candidate by its time-average (SPEC §9's choice: fixed d×d size at any length).
         scores = torch.cat([
             self.message_score(torch.tanh(proj(z.mean(dim=0))))
@@ -150,18 +160,21 @@ class PMR(nn.Module):
 
     `seq_lens` is accepted and ignored (the backbone contract): every part works at any length.
     `forward_with_details` returns the intermediate results too (hub, modalities, aggregation weights).
-    `attn_mask` applies to the final encoder only; the MRUs attend without a mask.
+    `attn_mask` applies to the final encoder only; the MRUs attend without a mask. `engine` ("auto",
+    "plain" or "fast") chooses how the final encoder and the attentions are computed (the module
+    docstring); the result and the parameters are the same whichever runs.
     """
 
     def __init__(self, orig_dims, output_dim=1, seq_lens=None, kernel_sizes=(3, 5, 3), d_model=40,
                  num_heads=10, layers=5, attn_dropout=0.1, relu_dropout=0.1, res_dropout=0.1,
-                 embed_dropout=0.25, out_dropout=0.0, attn_mask=True):
+                 embed_dropout=0.25, out_dropout=0.0, attn_mask=True, engine="auto"):
         super().__init__()
         if layers < 1:
             raise ValueError(f"PMR needs at least one layer, got layers={layers}")
         d_text, d_audio, d_vision = orig_dims
         k_text, k_audio, k_vision = kernel_sizes
-        self.embed_scale = d_model ** 0.5
+        resolve_engine(engine, "cpu")  # refuses an unknown name now rather than at the first forward
+        self.engine = engine
         self.embed_dropout = embed_dropout
         self.out_dropout = out_dropout
 
@@ -186,8 +199,7 @@ class PMR(nn.Module):
         x = conv(features.transpose(1, 2)).permute(2, 0, 1)
         # Positions come from the conv output's channel 0, so a zeroed modality gets no position
         # signal, exactly as in MulT's encoders.
-        x = self.embed_scale * x + sinusoidal_positions(x)
-        return dropout(x, self.embed_dropout, self.training)
+        return embed_input(x, self.embed_dropout, self.training)
 
     def forward_with_details(self, text, audio, vision) -> dict:
         """All outputs as a dict: `logits` (B, C), `hidden` h (B, d), `hub` (T_C, B, d),
@@ -196,15 +208,15 @@ class PMR(nn.Module):
         modalities = (self._embed(text, self.proj_l), self._embed(audio, self.proj_a),
                       self._embed(vision, self.proj_v))
         hub = torch.cat(modalities, dim=0)
+        engine = resolve_engine(self.engine, self.proj_l.weight.device)
         alphas = []
         for layer in self.layers:
-            hub, modalities, weights = layer(hub, modalities)
+            hub, modalities, weights = layer(hub, modalities, engine=engine)
             alphas.append(weights)
         x_l, x_a, x_v = modalities
-        encoded = self.final_encoder(torch.cat([hub, x_l, x_v, x_a], dim=0))  # SPEC §9's order
-        hidden = encoded[-1]
-        residual = self.proj2(dropout(F.relu(self.proj1(hidden)), self.out_dropout, self.training))
-        logits = self.out_layer(residual + hidden)
+        sequence = torch.cat([hub, x_l, x_v, x_a], dim=0)  # SPEC §9's order
+        (hidden,) = run_encoders([self.final_encoder], [sequence], last_step=True, engine=engine)
+        logits, _ = residual_head(hidden, self.proj1, self.proj2, self.out_layer, self.out_dropout, self.training)
         return {"logits": logits, "hidden": hidden, "hub": hub, "modalities": modalities,
                 "alphas": torch.stack(alphas, dim=1)}
 

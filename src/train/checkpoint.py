@@ -16,7 +16,7 @@ import yaml
 
 from src.atomic import replacing, write_text
 from src.errors import CheckpointError, NonFiniteError
-from src.train.config import load_yaml, model_signature, upgrade_config
+from src.train.config import load_yaml, model_signature, upgrade_config, without_execution_keys
 
 CHECKPOINT_NAMES = {"last": "last.pt", "best_loss": "best_loss.pt", "best_acc": "best_acc.pt"}
 
@@ -234,15 +234,10 @@ def read_config_file(path: Path) -> dict:
     return upgrade_config(cfg, str(path))
 
 
-def experiment_config(cfg: dict) -> dict:
-    """A run's config without where the run is watched (train.logger), which changes no result."""
-    return {**cfg, "train": {k: v for k, v in (cfg.get("train") or {}).items() if k != "logger"}}
-
-
 def check_same_config(saved: dict, requested: dict, path: Path) -> None:
-    """--resume must continue the same experiment: any difference in the resolved config but the
-    logger is refused."""
-    difference = first_difference(experiment_config(saved), experiment_config(requested))
+    """--resume must continue the same experiment: any difference in the resolved config but its
+    execution keys (engine, compile, logger: src/train/config.py) is refused."""
+    difference = first_difference(without_execution_keys(saved), without_execution_keys(requested))
     if difference:
         key, got, want = difference
         raise CheckpointError(f"--resume: the run in {Path(path).parent} was started with {key} = {got!r}, "

@@ -332,7 +332,25 @@ def dump_config(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
+# Keys that choose how a run is computed or watched, not what it trains: the engine, compilation and
+# the logger change no checkpoint, optimiser state or result, so a run may resume or be evaluated with
+# other values of them.
+EXECUTION_KEYS = (("model", "backbone_params", "engine"), ("train", "compile"), ("train", "logger"))
+
+
+def without_execution_keys(cfg: dict) -> dict:
+    """A copy of cfg without EXECUTION_KEYS, for comparing what two configs train."""
+    cfg = copy.deepcopy(cfg)
+    for path in EXECUTION_KEYS:
+        node = cfg
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return cfg
+
+
 def model_signature(cfg: dict) -> dict:
     """The parts of a config that define a trained model: a checkpoint only loads into the same."""
     return {"dataset": cfg["dataset"], "aligned": cfg["data"]["aligned"], "task": cfg["data"]["task"],
-            "model": cfg["model"]}
+            "model": without_execution_keys(cfg)["model"]}

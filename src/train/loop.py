@@ -190,6 +190,28 @@ def write_curves(history: list, path: Path, headline_key: str) -> None:
         log.info("wrote %s", path)
 
 
+def train_step(model, optimizer, batch: dict, tcfg: dict, device: torch.device, amp: bool = False,
+               loss_scale: float = 1.0, clip: bool = True, update: bool = True) -> dict:
+    """One training batch: forward, the loss's parts, backward of their sum times `loss_scale`; then, as
+    the accumulation plan says, clip the gradients as the config asks (`clip`) and step the optimiser and
+    clear the gradients (`update`).
+
+    Returns the loss's parts, detached (their sum is the loss). The speed benchmark times this function,
+    so what it measures is what training does.
+    """
+    with autocast(device, amp):
+        out = model(batch["text"], batch["audio"], batch["vision"])
+        terms = unwrap(model).loss_terms(out, batch["target"])
+        loss = sum(terms.values())  # = model.loss
+    (loss * loss_scale).backward()
+    if clip:
+        clip_gradients(model, tcfg)
+    if update:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {key: value.detach() for key, value in terms.items()}
+
+
 def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, epoch: int,
                 amp: bool) -> tuple[float, dict]:
     """One epoch of training; returns the mean loss per sample and the mean of each of its parts."""
@@ -209,21 +231,14 @@ def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, 
                leave=False, disable=None if ctx.is_main else True)
     for step, batch in enumerate(bar, start=1):
         batch = to_device(batch, ctx.device)
-        with autocast(ctx.device, amp):
-            out = model(batch["text"], batch["audio"], batch["vision"])
-            terms = unwrap(model).loss_terms(out, batch["target"])
-            loss = sum(terms.values())  # = model.loss
+        terms = train_step(model, optimizer, batch, tcfg, ctx.device, amp, loss_scale=plan.loss_scale,
+                           clip=plan.clips_after(step), update=plan.steps_after(step))
+        loss = sum(terms.values())
         first_bad = note_nonfinite(first_bad, loss, step)
-        (loss * plan.loss_scale).backward()
-        if plan.clips_after(step):
-            clip_gradients(model, tcfg)
-        if plan.steps_after(step):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
         n = len(batch["target"])
-        total += loss.detach() * n  # summed on the device: no host sync per step
+        total += loss * n  # summed on the device: no host sync per step
         for key, value in terms.items():
-            term_totals[key] = term_totals.get(key, 0) + value.detach() * n
+            term_totals[key] = term_totals.get(key, 0) + value * n
         count += n
     optimizer.zero_grad(set_to_none=True)  # a partial window that did not step is discarded
     stop_if_nonfinite(float(total), "training loss", epoch, step=int(first_bad), n_batches=n_batches)

@@ -25,11 +25,14 @@ from src.train.checkpoint import CHECKPOINT_NAMES
 
 LOCK_NAME = ".lock"
 METRICS_NAME = "metrics.json"
+# What `import-checkpoint` writes beside the imported weights: which file they came from.
+IMPORTED_NAME = "imported.json"
+
 
 def holds_run(run_dir: Path) -> bool:
-    """True once the directory has last.pt or the metrics of a finished run."""
+    """True once the directory has last.pt, the metrics of a finished run, or an imported model."""
     run_dir = Path(run_dir)
-    return any((run_dir / name).is_file() for name in (CHECKPOINT_NAMES["last"], METRICS_NAME))
+    return any((run_dir / name).is_file() for name in (CHECKPOINT_NAMES["last"], METRICS_NAME, IMPORTED_NAME))
 
 
 def in_use_error(run_dir: Path) -> UserError:
