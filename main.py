@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", default=None, help="where the pickles are (default: the config's data.dir)")
         p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1")
         p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the model for training and evaluation (config train.compile)")
         if name == "train":
             p.add_argument("--model", default="causalmer", choices=MODEL_CHOICES,
                            help="causalmer (default), or a backbone trained alone: mult, dmd, pmr")
@@ -139,7 +141,8 @@ def resolve_train_config(args) -> dict:
                             "only applies to --model causalmer")
     cli = {"data.dir": args.data_dir, "data.task": args.task, "train.epochs": args.epochs,
            "data.aligned": False if args.unaligned else None,
-           "data.clean_nonfinite": True if args.clean_nonfinite else None}
+           "data.clean_nonfinite": True if args.clean_nonfinite else None,
+           "train.compile": True if args.compile else None}
     return load_config(args.dataset, args.config, backbone=backbone, model_name=model_name,
                        overrides=args.overrides, cli=cli)
 
@@ -199,7 +202,8 @@ def cmd_eval(args) -> dict:
     from src.train.inference import evaluate_run
 
     return evaluate_run(run_dir_of(args), checkpoint=args.checkpoint, split=args.split, remove=args.remove,
-                        device=args.device, amp=args.amp, data_dir=args.data_dir, analyze=args.analyze)
+                        device=args.device, amp=args.amp, data_dir=args.data_dir, analyze=args.analyze,
+                        compiled=args.compile)
 
 
 def cmd_analyze(args) -> dict:

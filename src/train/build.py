@@ -59,10 +59,10 @@ def make_optimizer(model: torch.nn.Module, tcfg: dict, fused: bool = True) -> to
     return torch.optim.Adam(param_groups(model, tcfg["lr"]), weight_decay=tcfg.get("weight_decay", 0.0), fused=fused)
 
 
-def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
     """torch.compile (train.compile, --compile) for the training step and evaluation.
 
     The compiled wrapper shares the module's parameters and stores the module as `_orig_mod`; callers
     keep the uncompiled module for state_dict and load_state_dict, so checkpoints have the same keys
     with or without compilation."""
-    return torch.compile(model)
+    return torch.compile(model, backend=backend)

@@ -140,9 +140,22 @@ def read_config_file(path: Path) -> dict:
         raise CheckpointError(f"{path} is not a readable run config: {err}") from None
 
 
+# Keys that say how a run executes, not what it computes: a run may resume with another value.
+EXECUTION_KEYS = (("train", "compile"),)
+
+
+def _without_execution_keys(cfg: dict) -> dict:
+    out = {key: dict(value) if isinstance(value, dict) else value for key, value in cfg.items()}
+    for section, key in EXECUTION_KEYS:
+        if isinstance(out.get(section), dict):
+            out[section].pop(key, None)
+    return out
+
+
 def check_same_config(saved: dict, requested: dict, path: Path) -> None:
-    """--resume must continue the same experiment: any difference in the resolved config is refused."""
-    difference = _first_difference(saved, requested)
+    """--resume must continue the same experiment: any difference in the resolved config is refused,
+    except in EXECUTION_KEYS (torch.compile on or off trains the same model)."""
+    difference = _first_difference(_without_execution_keys(saved), _without_execution_keys(requested))
     if difference:
         key, got, want = difference
         raise CheckpointError(f"--resume: the run in {Path(path).parent} was started with {key} = {got!r}, "

@@ -50,6 +50,7 @@ SCHEMA = {
         "plateau": {"factor": NUM, "patience": int},
         "early_stop": (int, type(None)),
         "num_workers": int,
+        "compile": bool,
     },
 }
 

@@ -21,7 +21,7 @@ from src import metrics
 from src.causal import warn_if_constants_cannot_learn
 from src.data import load_splits
 from src.train import checkpoint as ckpt_io
-from src.train.build import build_model, make_optimizer
+from src.train.build import build_model, compile_model, make_optimizer
 from src.train.config import dump_config, model_signature
 from src.train.distributed import Context, barrier
 from src.train.evaluate import autocast, evaluate, iterate_batches, main_prediction, to_device, unwrap
@@ -74,10 +74,13 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
         ckpt_io.set_rng_state(last["rng"])
         log.info("resumed from %s after epoch %d", run_dir / "last.pt", state["epoch"])
 
-    trained = model
+    # `run` is `model` compiled (train.compile) or `model` itself; `trained` adds the DDP wrapper.
+    # Checkpoints are written from and loaded into `model`, so their keys never depend on either.
+    run = compile_model(model) if tcfg.get("compile") else model
+    trained = run
     if ctx.distributed:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+        trained = torch.nn.parallel.DistributedDataParallel(run, device_ids=ids, find_unused_parameters=True)
 
     prediction = main_prediction(model)
     headline_key, _ = metrics.headline(splits["train"].task)
@@ -120,7 +123,7 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
             log.info("early stop: %d epochs without a better validation loss", state["since_best"])
             break
 
-    return final_evaluation(model, splits, cfg, run_dir, ctx, amp, state)
+    return final_evaluation(model, splits, cfg, run_dir, ctx, amp, state, run=run)
 
 
 def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, epoch: int, amp: bool) -> float:
@@ -155,8 +158,12 @@ def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, 
     return float(total) / max(1, count)
 
 
-def final_evaluation(model, splits, cfg, run_dir: Path, ctx: Context, amp: bool, state: dict) -> dict:
-    """Evaluate the best-validation-loss and best-validation-score checkpoints on valid and test."""
+def final_evaluation(model, splits, cfg, run_dir: Path, ctx: Context, amp: bool, state: dict, run=None) -> dict:
+    """Evaluate the best-validation-loss and best-validation-score checkpoints on valid and test.
+
+    The checkpoints load into `model`; `run` (default `model`) is what evaluates: `model` itself or
+    its compiled wrapper, which shares its parameters."""
+    run = model if run is None else run
     batch_size = cfg["train"]["eval_batch_size"]
     results = {"history": state["history"]}
     for which in ("best_loss", "best_acc"):
@@ -165,7 +172,7 @@ def final_evaluation(model, splits, cfg, run_dir: Path, ctx: Context, amp: bool,
         ckpt_io.load_model_state(model, saved["model"], path)
         results[which] = {"epoch": saved["epoch"]}
         for split in ("valid", "test"):
-            results[which][split] = evaluate(model, splits[split], batch_size, ctx, amp=amp)
+            results[which][split] = evaluate(run, splits[split], batch_size, ctx, amp=amp)
     if ctx.is_main:
         ckpt_io.atomic_write_text(json.dumps(results, indent=2), run_dir / "metrics.json")
     return results
