@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("reference", "published", "layouts", "pmr", "data", "dmd")
+GROUPS = ("reference", "published", "layouts", "pmr", "data", "compile", "dmd")
 LAYOUTS = ("iemocap_aligned", "iemocap_unaligned", "mosei_aligned", "mosei_unaligned", "mosi_aligned",
            "mosi_unaligned")
 MODEL_ROW_NUMBERS = ("train_step_s", "train_ms_per_sample", "eval_samples_per_s", "train_peak_rss_gb",
@@ -23,7 +23,7 @@ MODEL_ROW_NUMBERS = ("train_step_s", "train_ms_per_sample", "eval_samples_per_s"
 def results(tmp_path_factory):
     output = tmp_path_factory.mktemp("speed") / "x.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed.py"), "--quick", "--output", str(output)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(output.read_text())
 
@@ -64,6 +64,21 @@ def test_model_numbers_are_finite_and_positive(results):
                 assert positive(row[key]), f"{name}/{row_name}: {key} = {row.get(key)}"
             assert len(row["lengths"]) == 3 and all(positive(v) for v in row["lengths"])
             assert row["train_repeats"] >= 1 and row["eval_repeats"] >= 1
+
+
+def test_compile_rows_time_the_compiling_calls_apart(results):
+    rows = results["groups"]["compile"]["rows"]
+    assert set(rows) == {"iemocap_aligned/mult/eager", "iemocap_aligned/mult/compile"}  # --quick: aligned only
+    for name, row in rows.items():
+        assert "error" not in row, f"{name}: {row.get('error')}"
+        for key in MODEL_ROW_NUMBERS + ("compile_s", "eval_compile_s"):
+            assert positive(row[key]), f"{name}: {key} = {row.get(key)}"
+    assert rows["iemocap_aligned/mult/compile"]["compile"] is True
+    assert rows["iemocap_aligned/mult/compile"]["compile_backend"] == "eager"  # --quick traces, builds no kernels
+    assert rows["iemocap_aligned/mult/eager"]["compile"] is False
+    # The first call of a compiled model traces it: far longer than its timed steps.
+    compiled = rows["iemocap_aligned/mult/compile"]
+    assert compiled["compile_s"] > 3 * compiled["train_step_s"]
 
 
 def test_data_path_numbers(results):
