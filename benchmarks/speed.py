@@ -542,6 +542,7 @@ def measure_variant_row(row: dict, settings: dict) -> dict:
     clip_value, clip_norm = cfg["train"].get("grad_clip_value"), cfg["train"].get("grad_clip_norm")
     inputs, target = random_batch(torch, batch, lengths, spec.dims, task, device.device)
     result["parameters"] = sum(p.numel() for p in model.parameters())
+    result["module"] = type(run).__name__  # what the steps call: OptimizedModule when compiled
 
     def train_step():
         with autocast(device.device, row["amp"]):

@@ -73,12 +73,10 @@ def test_compile_rows_time_the_compiling_calls_apart(results):
         assert "error" not in row, f"{name}: {row.get('error')}"
         for key in MODEL_ROW_NUMBERS + ("compile_s", "eval_compile_s"):
             assert positive(row[key]), f"{name}: {key} = {row.get(key)}"
-    assert rows["iemocap_aligned/mult/compile"]["compile"] is True
-    assert rows["iemocap_aligned/mult/compile"]["compile_backend"] == "eager"  # --quick traces, builds no kernels
-    assert rows["iemocap_aligned/mult/eager"]["compile"] is False
-    # The first call of a compiled model traces it: far longer than its timed steps.
-    compiled = rows["iemocap_aligned/mult/compile"]
-    assert compiled["compile_s"] > 3 * compiled["train_step_s"]
+    compiled, eager = rows["iemocap_aligned/mult/compile"], rows["iemocap_aligned/mult/eager"]
+    assert compiled["compile"] is True and compiled["module"] == "OptimizedModule"
+    assert compiled["compile_backend"] == "eager"  # --quick traces the model, builds no kernels
+    assert eager["compile"] is False and eager["module"] == "BackboneOnly" and eager["compile_backend"] is None
 
 
 def test_data_path_numbers(results):
