@@ -138,7 +138,7 @@ def junit_counts(path: Path) -> dict:
 def part_speed(budget: float, device: str) -> dict:
     begin = time.perf_counter()
     deadline = begin + budget
-    settings = {"device": device, "threads": 4, "optimizer": "trainer", "policy": GPU_POLICY}
+    settings = {"device": device, "optimizer": "trainer", "policy": GPU_POLICY}
     rows, processes = {}, []
     for chunk in speed_rows():
         left = deadline - time.perf_counter()

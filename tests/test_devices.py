@@ -221,7 +221,8 @@ def test_cuda_equals_cpu(backbone, model_name, layout, engine, exact_fp32):
     on_cuda = copy.deepcopy(on_cpu).to(CUDA)
     batch = make_batch(cfg, layout)
     for train in (False, True):
-        on_cpu.train(train), on_cuda.train(train)
+        on_cpu.train(train)
+        on_cuda.train(train)
         assert_same(forward_backward(on_cpu, batch, torch.device("cpu")), forward_backward(on_cuda, batch, CUDA))
 
 
@@ -239,7 +240,8 @@ def test_engine_equals_plain_on_cuda(backbone, model_name, layout, engine, exact
     fast.load_state_dict(plain.state_dict())
     batch = make_batch(cfg, layout)
     for train in (False, True):
-        plain.train(train), fast.train(train)
+        plain.train(train)
+        fast.train(train)
         assert_same(forward_backward(plain, batch, CUDA), forward_backward(fast, batch, CUDA))
 
 
