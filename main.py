@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", default=None, help="where the pickles are (default: the config's data.dir)")
         p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1")
         p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the model for training and evaluation (config train.compile)")
         if name == "train":
             p.add_argument("--model", default="causalmer", choices=MODEL_CHOICES,
                            help=f"causalmer (default), or a backbone trained alone: {', '.join(BACKBONE_CHOICES)}")
@@ -201,7 +203,7 @@ def resolve_train_config(args) -> dict:
     cli = {"data.dir": args.data_dir, "data.task": args.task, "train.epochs": args.epochs,
            "data.aligned": False if args.unaligned else None,
            "data.clean_nonfinite": True if args.clean_nonfinite else None,
-           "train.logger": args.logger}
+           "train.logger": args.logger, "train.compile": True if args.compile else None}
     return load_config(args.dataset, args.config, backbone=backbone, model_name=model_name,
                        overrides=args.overrides, cli=cli)
 
@@ -288,7 +290,8 @@ def cmd_eval(args) -> dict:
 
     warn_if_amp_is_ignored(args)
     return evaluate_run(run_dir_of(args), checkpoint=args.checkpoint, split=args.split, remove=args.remove,
-                        device=args.device, amp=args.amp, data_dir=args.data_dir, analyze=args.analyze)
+                        device=args.device, amp=args.amp, data_dir=args.data_dir, analyze=args.analyze,
+                        compiled=args.compile)
 
 
 def cmd_analyze(args) -> dict:

@@ -24,6 +24,8 @@ Groups (`--only` picks some; the default runs all, in this order):
     pmr        PMR alone and CausalMER-wrapped, MOSEI aligned and unaligned
     data       a >= 2 GB synthetic pickle: conversion to the float32 cache (time, peak memory), and
                training memory from the memory-mapped cache against the same on a small file
+    compile    MulT alone on IEMOCAP, aligned b32 and unaligned b8, eager and torch.compiled (the
+               first calls, which compile, are timed apart from the steps)
     dmd        DMD alone and CausalMER-wrapped, MOSEI aligned and unaligned (a row whose model fails
                to build is recorded with its error; the rest of the run goes on)
 
@@ -62,7 +64,7 @@ if str(REPO) not in sys.path:
 from src.models import BRANCHES  # noqa: E402  (imports after the sys.path line above)
 from src.modalities import MODALITIES  # noqa: E402
 
-GROUPS = ("reference", "published", "layouts", "pmr", "data", "dmd")
+GROUPS = ("reference", "published", "layouts", "pmr", "data", "compile", "dmd")
 LAYOUTS = {  # name -> (dataset, aligned); lengths and dims come from src.data.layout (SPEC §1)
     "iemocap_aligned": ("iemocap", True),
     "iemocap_unaligned": ("iemocap", False),
@@ -143,6 +145,8 @@ def layout_batches(layout):
 
 
 def group_rows(group: str) -> list[dict]:
+    if group == "compile":
+        return compile_rows()
     if group == "reference":
         # The rows compared with fixed reference figures, once per engine: on the 2-core machine the
         # same step runs at one of two speeds from one process to the next, so each is measured in
@@ -375,8 +379,9 @@ def child_rows(payload: dict) -> dict:
     torch.set_num_threads(payload["settings"]["threads"])
     results = {}
     for row in payload["rows"]:
+        measure = measure_variant_row if "variant" in row else measure_model_row
         try:
-            results[row["name"]] = measure_model_row(row, payload["settings"])
+            results[row["name"]] = measure(row, payload["settings"])
         except Exception as error:  # a row that can't build or run is recorded, the others still run
             results[row["name"]] = {"error": f"{type(error).__name__}: {error}",
                                     "traceback": traceback.format_exc(limit=6)}
@@ -469,18 +474,140 @@ def run_child(args) -> None:
 
 
 # ==================================================================================================
+# Execution variants: torch.compile and bf16 autocast (the compile group here, benchmarks/gpu.py's rows)
+
+# The compiler backend of a --quick run: the benchmark's own code paths at the cost of tracing, not of
+# generating and building kernels (a full run uses the trainer's default, inductor).
+QUICK_COMPILE_BACKEND = "eager"
+
+
+def variant_row(name, layout, variant: str, compile=False, amp=False, engine=None, **options) -> dict:
+    """A model row run the way `main.py train [--amp] [--compile]` runs it: `compile` wraps the model
+    in torch.compile, `amp` trains and evaluates under the bf16 autocast (CUDA only), `engine` is
+    passed to the backbone when given."""
+    return dict(model_row(name, layout, **options), variant=variant, compile=compile, amp=amp, engine=engine)
+
+
+def compile_rows() -> list[dict]:
+    """Eager and compiled MulT on the reference layouts. A --quick run keeps the aligned pair: tracing
+    the unaligned model takes tens of seconds even at its tiny sizes."""
+    rows = []
+    for layout, batch in (("iemocap_aligned", 32), ("iemocap_unaligned", 8)):
+        for compiled in (False, True):
+            variant = "compile" if compiled else "eager"
+            row = variant_row(f"{layout}/mult/{variant}", layout, variant, compile=compiled, model="backbone",
+                              batch=batch, eval_batch=batch)
+            row["full_only"] = not LAYOUTS[layout][1]
+            rows.append(row)
+    return rows
+
+
+def measure_variant_row(row: dict, settings: dict) -> dict:
+    """measure_model_row's numbers for a variant row, plus compile_s and eval_compile_s: the first
+    training step and the first evaluation forward of a compiled model, which compile (eager rows
+    report their first calls too, for comparison). Timed steps start after them."""
+    import torch
+
+    from src.data.layout import get_spec, output_dim
+    from src.train.build import build_model, compile_model
+    from src.train.evaluate import autocast
+
+    device = Device(settings["device"])
+    policy = dict(settings["policy"], **(EXPENSIVE if row.get("expensive") and not row.get("shrink") else {}))
+    cfg = build_cfg(row)
+    if row.get("engine") is not None:
+        cfg["model"]["backbone_params"]["engine"] = row["engine"]
+    spec = get_spec(row["dataset"])
+    lengths = tuple(row.get("lengths") or spec.seq_lens(row["aligned"]))
+    task = cfg["data"]["task"]
+    batch = row["batch"] or cfg["train"]["batch_size"]
+    eval_batch = row["eval_batch"] or cfg["train"]["eval_batch_size"]
+    backend = QUICK_COMPILE_BACKEND if row.get("shrink") else "inductor"
+    result = {"loadavg": list(os.getloadavg()), "dataset": row["dataset"], "aligned": row["aligned"],
+              "backbone": row["backbone"], "model": row["model"], "variant": row["variant"],
+              "compile": row["compile"], "compile_backend": backend if row["compile"] else None,
+              "amp": row["amp"], "engine": row.get("engine"), "lengths": list(lengths), "batch": batch,
+              "eval_batch": eval_batch, "config_batch": cfg["train"]["batch_size"]}
+
+    torch.manual_seed(0)
+    model = build_model(cfg, spec.dims, lengths, output_dim(task)).to(device.device)
+    run = compile_model(model, backend=backend) if row["compile"] else model
+    optimizer = make_optimizer(torch, model, cfg, settings["optimizer"])
+    clip_value, clip_norm = cfg["train"].get("grad_clip_value"), cfg["train"].get("grad_clip_norm")
+    inputs, target = random_batch(torch, batch, lengths, spec.dims, task, device.device)
+    result["parameters"] = sum(p.numel() for p in model.parameters())
+    result["module"] = type(run).__name__  # what the steps call: OptimizedModule when compiled
+
+    def train_step():
+        with autocast(device.device, row["amp"]):
+            loss = model.loss(run(*inputs), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_value:
+            torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
+        if clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        optimizer.step()
+
+    def first_call(step) -> float:
+        begin = time.perf_counter()
+        step()
+        device.sync()
+        return time.perf_counter() - begin
+
+    run.train()
+    device.reset_peak()
+    result["compile_s"] = first_call(train_step)
+    times = timed(train_step, device, policy["warmup"], policy["min_repeats"], policy["max_repeats"], policy["budget_s"])
+    result.update(train_step_s=statistics.median(times), train_step_s_min=min(times), train_repeats=len(times),
+                  train_ms_per_sample=1e3 * statistics.median(times) / batch,
+                  train_peak_rss_gb=peak_rss_gb(), train_cuda_peak_gb=device.peak_gb())
+
+    eval_inputs, eval_target = random_batch(torch, eval_batch, lengths, spec.dims, task, device.device)
+    run.eval()
+
+    def eval_step():
+        with torch.no_grad(), autocast(device.device, row["amp"]):
+            model.loss(run(*eval_inputs), eval_target)
+
+    device.reset_peak()
+    result["eval_compile_s"] = first_call(eval_step)
+    times = timed(eval_step, device, policy["eval_warmup"], policy["eval_min_repeats"],
+                  policy["eval_max_repeats"], policy["eval_budget_s"])
+    result.update(eval_batch_s=statistics.median(times), eval_repeats=len(times),
+                  eval_samples_per_s=eval_batch / statistics.median(times),
+                  peak_rss_gb=peak_rss_gb(), eval_cuda_peak_gb=device.peak_gb())
+    return result
+
+
+def variant_table(rows: dict) -> list[str]:
+    """Variant rows side by side: first-call (compile) times apart from the timed steps."""
+    lines = ["| row | batch | first training step s | training step s | ms/sample | first eval s | eval samples/s | "
+             "peak RSS GB | CUDA peak GB (train) |", "|---" * 9 + "|"]
+    for name, row in rows.items():
+        if not ok(row):
+            lines.append(f"| {name} | failed: {row['error'][:120]} |" + " |" * 7)
+            continue
+        lines.append(f"| {name} | {row['batch']} | {fmt(row['compile_s'])} | {fmt(row['train_step_s'], 3)} | "
+                     f"{fmt(row['train_ms_per_sample'], 1)} | {fmt(row['eval_compile_s'])} | "
+                     f"{fmt(row['eval_samples_per_s'], 1)} | {fmt(row['peak_rss_gb'])} | "
+                     f"{fmt(row.get('train_cuda_peak_gb'))} |")
+    return lines
+
+
+# ==================================================================================================
 # The parent: subprocesses, tables, JSON
 
 
-def spawn(payload: dict, args) -> dict:
+def spawn(payload: dict, args, timeout: float = CHILD_TIMEOUT_S) -> dict:
     """Run one child; a crash, a kill (e.g. out of memory) or a timeout comes back as {"error": ...}."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(payload)]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS=str(args.threads))
     try:
-        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=CHILD_TIMEOUT_S)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {CHILD_TIMEOUT_S} s"}
+        return {"error": f"timed out after {timeout:.0f} s"}
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         tail = done.stderr.strip().splitlines()[-8:]
@@ -506,7 +633,7 @@ def policy_overrides(args) -> dict:
 def run_model_group(group: str, args) -> dict:
     rows = group_rows(group)
     if args.quick:
-        rows = [shrink_for_quick(row) for row in rows]
+        rows = [shrink_for_quick(row) for row in rows if not row.get("full_only")]
     settings = settings_for(args)
     results = {}
     # A full run gives every row its own process (its own peak memory); --quick shares one per group.
@@ -765,6 +892,8 @@ def render_markdown(results: dict) -> str:
     if "layouts" in groups:
         columns = {"MulT alone": "mult", **{f"CausalMER, {kind} branches": f"causalmer+{kind}" for kind in BRANCH_KINDS}}
         lines += pivot_table(groups["layouts"]["rows"], LAYOUTS, columns) + [""]
+    if "compile" in groups:
+        lines += variant_table(groups["compile"]["rows"]) + [""]
     for backbone in ("pmr", "dmd"):
         if backbone in groups:
             columns = {f"{backbone.upper()} alone": backbone, f"CausalMER + {backbone.upper()}": f"causalmer+{backbone}"}

@@ -14,7 +14,7 @@ import pytest
 from src.models.engine import ENGINES
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("reference", "published", "layouts", "pmr", "data", "dmd")
+GROUPS = ("reference", "published", "layouts", "pmr", "data", "compile", "dmd")
 LAYOUTS = ("iemocap_aligned", "iemocap_unaligned", "mosei_aligned", "mosei_unaligned", "mosi_aligned",
            "mosi_unaligned")
 MODEL_ROW_NUMBERS = ("train_step_s", "train_ms_per_sample", "eval_samples_per_s", "train_peak_rss_gb",
@@ -72,6 +72,20 @@ def test_model_numbers_are_finite_and_positive(results):
                 assert positive(row[key]), f"{name}/{row_name}: {key} = {row.get(key)}"
             assert len(row["lengths"]) == 3 and all(positive(v) for v in row["lengths"])
             assert row["train_repeats"] >= 1 and row["eval_repeats"] >= 1
+
+
+@pytest.mark.slow
+def test_compile_rows_time_the_compiling_calls_apart(results):
+    rows = results["groups"]["compile"]["rows"]
+    assert set(rows) == {"iemocap_aligned/mult/eager", "iemocap_aligned/mult/compile"}  # --quick: aligned only
+    for name, row in rows.items():
+        assert "error" not in row, f"{name}: {row.get('error')}"
+        for key in MODEL_ROW_NUMBERS + ("compile_s", "eval_compile_s"):
+            assert positive(row[key]), f"{name}: {key} = {row.get(key)}"
+    compiled, eager = rows["iemocap_aligned/mult/compile"], rows["iemocap_aligned/mult/eager"]
+    assert compiled["compile"] is True and compiled["module"] == "OptimizedModule"
+    assert compiled["compile_backend"] == "eager"  # --quick traces the model, builds no kernels
+    assert eager["compile"] is False and eager["module"] == "BackboneOnly" and eager["compile_backend"] is None
 
 
 @pytest.mark.slow

@@ -372,7 +372,8 @@ def test_causalmer_import_equals_the_published_forward(tmp_path, fusion):
     path = save_published(fake, tmp_path / "causalmer.pt")
     state = read_published_state_dict(path)
     assert list(state) == list(fake.state_dict())  # ALBERT's non-persistent index buffers excluded, as torch does
-    assert all(torch.equal(state[k], v) for k, v in fake.state_dict().items())
+    differing = {k: (state[k], v) for k, v in fake.state_dict().items() if not torch.equal(state[k], v)}
+    assert not differing, differing
 
     model = import_published(path, "iemocap")
     assert isinstance(model, CausalMER) and model.head.fusion == fusion and not model.training

@@ -214,7 +214,11 @@ def _random_lanes(shape, device) -> torch.Tensor:
     """Uniform random int16 values of the given shape.
 
     CPU random generation costs per draw, so each 64-bit draw is split into four 16-bit lanes.
+    Under torch.compile the lanes are drawn directly (the same distribution): the compiler cannot
+    return a view that reinterprets int64 storage as int16.
     """
+    if torch.compiler.is_compiling():
+        return torch.randint(-2 ** 15, 2 ** 15, tuple(shape), dtype=torch.int16, device=device)
     numel = math.prod(shape)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)
     return words.view(torch.int16)[:numel].view(shape)

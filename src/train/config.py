@@ -55,6 +55,7 @@ SCHEMA = {
         "plateau": {"factor": NUM, "patience": int},
         "early_stop": (int, type(None)),
         "logger": str,
+        "compile": bool,
     },
 }
 # Keys earlier versions wrote that no longer mean anything (train.num_workers was never read): dropped when

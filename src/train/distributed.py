@@ -74,8 +74,13 @@ def setup(device_name: str = "auto") -> Context:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend_for(device))
     return Context(device, rank, world_size)
+
+
+def backend_for(device: torch.device) -> str:
+    """The process group backend for a device: NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def teardown(ctx: Context) -> None:

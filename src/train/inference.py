@@ -9,6 +9,7 @@ from src.errors import UserError
 from src.modalities import MODALITIES
 from src.train import checkpoint as ckpt_io
 from src.train import distributed
+from src.train.build import compile_model
 from src.train.config import model_signature
 from src.train.evaluate import (
     main_prediction,
@@ -74,7 +75,9 @@ def result_tag(run_dir: Path, checkpoint: str, data_dir: str | None, source: dic
 
 
 def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test", remove: str | None = None,
-                 device: str = "auto", amp: bool = False, data_dir: str | None = None, analyze: bool = False) -> dict:
+                 device: str = "auto", amp: bool = False, data_dir: str | None = None, analyze: bool = False,
+                 compiled: bool = False) -> dict:
+    """Score a run's checkpoint; `compiled` (or the run's train.compile) evaluates it torch.compiled."""
     import contextlib
 
     from src.train.rundir import exclusive
@@ -82,6 +85,8 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test
     ctx = distributed.setup(device)
     try:
         cfg, splits, model, saved = load_run(run_dir, checkpoint, ctx.device, data_dir)
+        if compiled or cfg["train"].get("compile"):
+            model = compile_model(model)  # the weights were loaded into the module it wraps
         dataset = splits[split]
         batch_size = cfg["train"]["eval_batch_size"]
         origin = provenance(run_dir, checkpoint, saved, dataset)

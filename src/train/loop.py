@@ -24,7 +24,7 @@ from src.data import load_splits
 from src.errors import NonFiniteError
 from src.train import checkpoint as ckpt_io
 from src.train.accumulation import Accumulation, warn_if_no_step
-from src.train.build import build_model, make_optimizer
+from src.train.build import build_model, compile_model, make_optimizer
 from src.train.config import dump_config, model_signature
 from src.train.distributed import Context, barrier
 from src.train.evaluate import autocast, evaluate, iterate_batches, main_prediction, to_device, unwrap
@@ -100,10 +100,13 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
         ckpt_io.restore_rng_state(last["rng"], run_dir / "last.pt")
         log.info("resumed from %s after epoch %d", run_dir / "last.pt", state["epoch"])
 
-    trained = model
+    # `run` is `model` compiled (train.compile) or `model` itself; `trained` adds the DDP wrapper.
+    # Checkpoints are written from and loaded into `model`, so their keys never depend on either.
+    run = compile_model(model) if tcfg.get("compile") else model
+    trained = run
     if ctx.distributed:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+        trained = torch.nn.parallel.DistributedDataParallel(run, device_ids=ids, find_unused_parameters=True)
 
     prediction = main_prediction(model)
     headline_key, _ = metrics.headline(splits["train"].task)
@@ -152,7 +155,7 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
             log.info("early stop: %d epochs without a better validation loss", state["since_best"])
             break
 
-    results = final_evaluation(model, splits, cfg, run_dir, ctx, amp, state)
+    results = final_evaluation(model, splits, cfg, run_dir, ctx, amp, state, run=run)
     logger.log_final(results, cfg, headline_key)
     logger.close()
     if ctx.is_main:
@@ -271,8 +274,12 @@ def stop_if_nonfinite(value: float, what: str, epoch: int, step: int = 0, n_batc
         "--name, since --resume continues only the same config")
 
 
-def final_evaluation(model, splits, cfg, run_dir: Path, ctx: Context, amp: bool, state: dict) -> dict:
-    """Evaluate the best-validation-loss and best-validation-score checkpoints on valid and test."""
+def final_evaluation(model, splits, cfg, run_dir: Path, ctx: Context, amp: bool, state: dict, run=None) -> dict:
+    """Evaluate the best-validation-loss and best-validation-score checkpoints on valid and test.
+
+    The checkpoints load into `model`; `run` (default `model`) is what evaluates: `model` itself or
+    its compiled wrapper, which shares its parameters."""
+    run = model if run is None else run
     batch_size = cfg["train"]["eval_batch_size"]
     # Which file every number below came from: the data as it was when the run opened it.
     results = {"data": splits["test"].source, "history": state["history"]}
@@ -282,7 +289,7 @@ def final_evaluation(model, splits, cfg, run_dir: Path, ctx: Context, amp: bool,
         ckpt_io.load_model_state(model, saved["model"], path)
         results[which] = {"epoch": saved["epoch"], "checkpoint": str(path)}
         for split in ("valid", "test"):
-            results[which][split] = evaluate(model, splits[split], batch_size, ctx, amp=amp)
+            results[which][split] = evaluate(run, splits[split], batch_size, ctx, amp=amp)
     if ctx.is_main:
         write_text(run_dir / "metrics.json", json.dumps(results, indent=2))
     return results
