@@ -351,9 +351,7 @@ def measure_model_row(row: dict, settings: dict) -> dict:
     warmup = policy["warmup"] if row.get("warmup") is None or row.get("shrink") else row["warmup"]
     times = timed(one_step, device, warmup, policy["min_repeats"], policy["max_repeats"],
                   policy["budget_s"])
-    result.update(train_step_s=statistics.median(times), train_step_s_min=min(times), train_repeats=len(times),
-                  train_ms_per_sample=1e3 * statistics.median(times) / batch,
-                  train_peak_rss_gb=peak_rss_gb(), train_cuda_peak_gb=device.peak_gb())
+    result.update(training_figures(times, batch, device))
 
     # The training batch's inputs, gradients and optimizer state stay alive, as they would between a
     # training epoch and its validation pass.
@@ -559,9 +557,7 @@ def measure_variant_row(row: dict, settings: dict) -> dict:
     device.reset_peak()
     result["compile_s"] = first_call(train_step)
     times = timed(train_step, device, policy["warmup"], policy["min_repeats"], policy["max_repeats"], policy["budget_s"])
-    result.update(train_step_s=statistics.median(times), train_step_s_min=min(times), train_repeats=len(times),
-                  train_ms_per_sample=1e3 * statistics.median(times) / batch,
-                  train_peak_rss_gb=peak_rss_gb(), train_cuda_peak_gb=device.peak_gb())
+    result.update(training_figures(times, batch, device))
 
     eval_inputs, eval_target = random_batch(torch, eval_batch, lengths, spec.dims, task, device.device)
     run.eval()
@@ -743,6 +739,13 @@ def summarize(groups: dict, quick: bool, default_engine: str = "fast") -> dict:
             "train_peak_ratio_large_over_small": large["train"]["train_peak_rss_gb"] / small["train"]["train_peak_rss_gb"],
         }
     return summary
+
+
+def training_figures(times: list, batch: int, device) -> dict:
+    """A row's training numbers from its timed steps, and the peaks of the training phase."""
+    return {"train_step_s": statistics.median(times), "train_step_s_min": min(times), "train_repeats": len(times),
+            "train_ms_per_sample": 1e3 * statistics.median(times) / batch,
+            "train_peak_rss_gb": peak_rss_gb(), "train_cuda_peak_gb": device.peak_gb()}
 
 
 def ok(entry) -> bool:

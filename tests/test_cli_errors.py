@@ -14,22 +14,13 @@ import torch
 import yaml
 
 import main
+from tests.cli import run
 from src.data.synthetic import write_synthetic
 
 TINY = ["--set", "model.backbone_params.d_model=10", "--set", "model.backbone_params.layers=1",
         "--set", "model.branches.text={kind: pool}", "--set", "model.branches.audio={kind: pool}",
         "--set", "model.branches.vision={kind: pool}", "--set", "train.batch_size=16",
         "--set", "train.eval_batch_size=32"]
-
-
-def run(capsys, *args):
-    """main.main(args) -> (exit code, stdout, stderr); argparse's own exits count as exit codes too."""
-    try:
-        code = main.main([str(a) for a in args])
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_refused(result, *fragments):

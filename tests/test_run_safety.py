@@ -11,22 +11,13 @@ import pytest
 import torch
 
 import main
+from tests.cli import run
 from src.data import load_splits, safe_load, write_synthetic
 from src.train.rundir import exclusive
 
 TINY = ["--set", "model.backbone_params.d_model=10", "--set", "model.backbone_params.layers=1",
         "--set", "model.branches.text={kind: pool}", "--set", "model.branches.audio={kind: pool}",
         "--set", "model.branches.vision={kind: pool}"]
-
-
-def run(capsys, *args):
-    """main.main(args) -> (exit code, stdout, stderr); argparse's own exits count as exit codes too."""
-    try:
-        code = main.main([str(a) for a in args])
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def train_args(data_dir, runs, name="r", seed=1, epochs=1, *extra):

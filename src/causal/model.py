@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from src.causal.head import CausalHead
 from src.causal.loss import causal_loss_terms, check_kl
-from src.models.contract import backbone_aux_loss, backbone_validation_aux_loss, split_backbone_output
+from src.models.contract import split_backbone_output, with_aux_term
 
 
 class CausalMER(nn.Module):
@@ -50,17 +50,15 @@ class CausalMER(nn.Module):
     def loss_terms(self, out: dict, target: torch.Tensor) -> dict:
         """The weighted parts of the loss by name (task_te, task_text, task_audio, task_vision, kl, and
         aux when the backbone has an auxiliary loss); `loss` is their sum."""
-        terms = causal_loss_terms(out, target, alpha=self.alpha, beta=self.beta, kl=self.kl)
-        aux = backbone_aux_loss(self.backbone, out["extras"], target)
-        if aux is not None:
-            terms["aux"] = aux
-        return terms
+        return with_aux_term(self.causal_terms(out, target), self.backbone, out["extras"], target)
 
     def loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:
         return sum(self.loss_terms(out, target).values())
 
     def validation_loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:
         """The causal loss, plus the backbone's auxiliary loss where the backbone counts it (contract.py)."""
-        total = sum(causal_loss_terms(out, target, alpha=self.alpha, beta=self.beta, kl=self.kl).values())
-        aux = backbone_validation_aux_loss(self.backbone, out["extras"], target)
-        return total if aux is None else total + aux
+        terms = with_aux_term(self.causal_terms(out, target), self.backbone, out["extras"], target, validation=True)
+        return sum(terms.values())
+
+    def causal_terms(self, out: dict, target: torch.Tensor) -> dict:
+        return causal_loss_terms(out, target, alpha=self.alpha, beta=self.beta, kl=self.kl)

@@ -39,6 +39,13 @@ def backbone_aux_loss(backbone, extras: dict, target: torch.Tensor) -> torch.Ten
     return aux_loss(extras, target)
 
 
+def with_aux_term(terms: dict, backbone, extras: dict, target: torch.Tensor, validation: bool = False) -> dict:
+    """A wrapper's own loss parts plus the backbone's auxiliary loss as `aux`, where there is one and (for
+    the validation loss, `validation=True`) where the backbone counts it there."""
+    aux = (backbone_validation_aux_loss if validation else backbone_aux_loss)(backbone, extras, target)
+    return terms if aux is None else {**terms, "aux": aux}
+
+
 def backbone_validation_aux_loss(backbone, extras: dict, target: torch.Tensor) -> torch.Tensor | None:
     """The backbone's auxiliary loss as its validation loss counts it: None when it has none or declares
     `validation_uses_aux_loss = False`."""

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from src.losses import task_loss
-from src.models.contract import backbone_aux_loss, backbone_validation_aux_loss, split_backbone_output
+from src.models.contract import split_backbone_output, with_aux_term
 
 
 class BackboneOnly(nn.Module):
@@ -21,17 +21,13 @@ class BackboneOnly(nn.Module):
 
     def loss_terms(self, out: dict, target: torch.Tensor) -> dict:
         """The parts of the loss by name (task_m, and aux when the backbone has one); `loss` is their sum."""
-        terms = {"task_m": task_loss(out["logits_m"], target)}
-        aux = backbone_aux_loss(self.backbone, out["extras"], target)
-        if aux is not None:
-            terms["aux"] = aux
-        return terms
+        return with_aux_term({"task_m": task_loss(out["logits_m"], target)}, self.backbone, out["extras"], target)
 
     def loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:
         return sum(self.loss_terms(out, target).values())
 
     def validation_loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:
         """The task loss of `logits_m`, plus the auxiliary loss where the backbone counts it (contract.py)."""
-        total = task_loss(out["logits_m"], target)
-        aux = backbone_validation_aux_loss(self.backbone, out["extras"], target)
-        return total if aux is None else total + aux
+        terms = with_aux_term({"task_m": task_loss(out["logits_m"], target)}, self.backbone, out["extras"], target,
+                              validation=True)
+        return sum(terms.values())
