@@ -60,16 +60,16 @@ def test_empty_or_foreign_file(tmp_path, content, fragment):
 
 CRAFTED = {
     "not a dict": (lambda c: [c], False, "holds a list"),
-    "model not a dict": (lambda c: {**c, "model": [1, 2]}, False, "'model' is a list"),
+    "model not a dict": (lambda c: {**c, "model": [1, 2]}, False, "'model' is of type list"),
     "model holds a non-tensor": (lambda c: {**c, "model": {"w": "x"}}, False, "not a named tensor"),
-    "config not a string": (lambda c: {**c, "config": {"a": 1}}, False, "'config' is a dict"),
+    "config not a string": (lambda c: {**c, "config": {"a": 1}}, False, "'config' is of type dict"),
     "config a YAML list": (lambda c: {**c, "config": "- 1\n- 2\n"}, False, "not a mapping"),
     "config not YAML": (lambda c: {**c, "config": "a: [1"}, False, "not valid YAML"),
     "epoch missing": (lambda c: {k: v for k, v in c.items() if k != "epoch"}, False, "'epoch' is missing"),
-    "epoch a bool": (lambda c: {**c, "epoch": True}, False, "'epoch' is a bool"),
+    "epoch a bool": (lambda c: {**c, "epoch": True}, False, "'epoch' is of type bool"),
     "optimizer missing": (lambda c: {k: v for k, v in c.items() if k != "optimizer"}, True, "'optimizer' is missing"),
-    "state epoch a string": (lambda c: {**c, "state": {**c["state"], "epoch": "3"}}, True, "state.'epoch' is a str"),
-    "rng torch a list": (lambda c: {**c, "rng": {**c["rng"], "torch": [1, 2]}}, True, "rng.'torch' is a list"),
+    "state epoch a string": (lambda c: {**c, "state": {**c["state"], "epoch": "3"}}, True, "state.'epoch' is of type str"),
+    "rng torch a list": (lambda c: {**c, "rng": {**c["rng"], "torch": [1, 2]}}, True, "rng.'torch' is of type list"),
 }
 
 

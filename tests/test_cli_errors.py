@@ -181,8 +181,8 @@ def test_empty_checkpoints(run_copy, data_dir, capsys, which):
 
 
 @pytest.mark.parametrize("damage, fragment", [
-    (lambda c: {**c, "model": [1]}, "'model' is a list"),
-    (lambda c: {**c, "config": 7}, "'config' is a int"),
+    (lambda c: {**c, "model": [1]}, "'model' is of type list"),
+    (lambda c: {**c, "config": 7}, "'config' is of type int"),
     (lambda c: {k: v for k, v in c.items() if k != "epoch"}, "'epoch' is missing"),
 ])
 def test_crafted_checkpoint_dicts(run_copy, capsys, damage, fragment):

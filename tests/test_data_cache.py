@@ -206,3 +206,12 @@ print(len(splits["train"]), float(np.asarray(splits["train"].get_batch(np.arange
     builds = list(marks.glob("built.*"))
     assert len(builds) == 1, [b.read_text() for b in builds]  # one build; the others reused it
     assert builds[0].read_text() == ""  # and nobody else was building at the same time
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_checksum_is_of_the_values_in_file_order(tmp_path, order):
+    # A pickle may hold Fortran-ordered arrays; the checksum must be of the bytes as the .npy stores them.
+    source = np.asarray(np.random.default_rng(0).standard_normal((5, 4, 3)), order=order)
+    entry, _ = cache_module._convert(source, tmp_path / "a.npy", audio=False, clean=False)
+    assert entry["crc32"] == cache_module.data_crc32(tmp_path / "a.npy")
+    assert np.array_equal(np.load(tmp_path / "a.npy"), source.astype(np.float32))

@@ -450,7 +450,7 @@ def _fill(out: np.memmap, source: np.ndarray, counts: dict, audio: bool, clean: 
     for start in range(0, source.shape[0], step):
         chunk = source[start:start + step]
         with np.errstate(over="ignore", invalid="ignore"):
-            block = chunk.astype(np.float32)
+            block = chunk.astype(np.float32, order="C")  # its bytes in file order, for the CRC
         bad = ~np.isfinite(block)
         if bad.any():
             _count_nonfinite(chunk, block, bad, counts, audio)
@@ -460,7 +460,7 @@ def _fill(out: np.memmap, source: np.ndarray, counts: dict, audio: bool, clean: 
             if clean:
                 block[~np.isfinite(block)] = 0.0
         out[start:start + step] = block
-        crc = zlib.crc32(block.data, crc)  # block is C-contiguous: its bytes in file order
+        crc = zlib.crc32(block.data, crc)
     return crc
 
 

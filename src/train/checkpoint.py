@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import yaml
 
-from src.atomic import replacing, write_text
+from src.atomic import replacing
 from src.errors import CheckpointError, NonFiniteError
 from src.train.config import load_yaml, model_signature, upgrade_config, without_execution_keys
 
@@ -51,8 +51,7 @@ def restore_rng_state(state: dict, path: Path) -> None:
         set_rng_state(state)
     except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path}: its saved random-number-generator state cannot be restored "
-                              f"({_first_line(err)}); the run cannot "
-                              "resume exactly from it") from None
+                              f"({_first_line(err)}); the run cannot resume exactly from it") from None
 
 
 def load_scheduler_state(scheduler, state: dict, path: Path) -> None:
@@ -118,8 +117,8 @@ def _check_fields(node: dict, fields: dict, path: Path, where: str) -> None:
         value = node[key]
         if not isinstance(value, types) or isinstance(value, bool):
             names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
-            raise CheckpointError(f"checkpoint {path} is not a checkpoint of this tool: {where}'{key}' is a "
-                                  f"{type(value).__name__}, not a {names}")
+            raise CheckpointError(f"checkpoint {path} is not a checkpoint of this tool: {where}'{key}' is of type "
+                                  f"{type(value).__name__}, not {names}")
 
 
 def check_structure(ckpt, path: Path, resumable: bool = False) -> None:
