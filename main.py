@@ -47,6 +47,15 @@ def seed_value(text: str) -> int:
     return seed
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments that name a run directory and its data, shared by train, eval and import-checkpoint."""
+    p.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
+    p.add_argument("--name", required=True, help="run name: checkpoints/<dataset>/<name>/seed<seed>/")
+    p.add_argument("--seed", type=seed_value, default=1)
+    p.add_argument("--runs-dir", default="checkpoints")
+    p.add_argument("--data-dir", default=None, help="where the pickles are (default: the config's data.dir)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="CausalMER: counterfactual debiasing of "
                                      "multimodal emotion recognition", formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,11 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("train", "train a run (CausalMER or a backbone alone)"),
                            ("eval", "evaluate a trained run's checkpoint")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
-        p.add_argument("--name", required=True, help="run name: checkpoints/<dataset>/<name>/seed<seed>/")
-        p.add_argument("--seed", type=seed_value, default=1)
-        p.add_argument("--runs-dir", default="checkpoints")
-        p.add_argument("--data-dir", default=None, help="where the pickles are (default: the config's data.dir)")
+        add_run_arguments(p)
         p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1")
         p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
         p.add_argument("--compile", action="store_true",
@@ -147,11 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     imported = sub.add_parser("import-checkpoint", help="make a run directory from a checkpoint of the published "
                               "code (torch.save of its MULTModel or CAUSALMER), read without running it")
     imported.add_argument("file", help="the published .pt file")
-    imported.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
-    imported.add_argument("--name", required=True, help="run name: checkpoints/<dataset>/<name>/seed<seed>/")
-    imported.add_argument("--seed", type=seed_value, default=1)
-    imported.add_argument("--runs-dir", default="checkpoints")
-    imported.add_argument("--data-dir", default=None, help="where the pickles are (default: the config's data.dir)")
+    add_run_arguments(imported)
     imported.add_argument("--unaligned", action="store_true", help="the model is evaluated on unaligned data")
     return parser
 

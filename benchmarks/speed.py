@@ -365,9 +365,7 @@ def measure_model_row(row: dict, settings: dict) -> dict:
     device.reset_peak()
     times = timed(eval_step, device, policy["eval_warmup"], policy["eval_min_repeats"],
                   policy["eval_max_repeats"], policy["eval_budget_s"])
-    result.update(eval_batch_s=statistics.median(times), eval_repeats=len(times),
-                  eval_samples_per_s=eval_batch / statistics.median(times),
-                  peak_rss_gb=peak_rss_gb(), eval_cuda_peak_gb=device.peak_gb())
+    result.update(evaluation_figures(times, eval_batch, device))
     return result
 
 
@@ -570,9 +568,7 @@ def measure_variant_row(row: dict, settings: dict) -> dict:
     result["eval_compile_s"] = first_call(eval_step)
     times = timed(eval_step, device, policy["eval_warmup"], policy["eval_min_repeats"],
                   policy["eval_max_repeats"], policy["eval_budget_s"])
-    result.update(eval_batch_s=statistics.median(times), eval_repeats=len(times),
-                  eval_samples_per_s=eval_batch / statistics.median(times),
-                  peak_rss_gb=peak_rss_gb(), eval_cuda_peak_gb=device.peak_gb())
+    result.update(evaluation_figures(times, eval_batch, device))
     return result
 
 
@@ -746,6 +742,13 @@ def training_figures(times: list, batch: int, device) -> dict:
     return {"train_step_s": statistics.median(times), "train_step_s_min": min(times), "train_repeats": len(times),
             "train_ms_per_sample": 1e3 * statistics.median(times) / batch,
             "train_peak_rss_gb": peak_rss_gb(), "train_cuda_peak_gb": device.peak_gb()}
+
+
+def evaluation_figures(times: list, eval_batch: int, device) -> dict:
+    """A row's evaluation numbers from its timed batches, and the peaks of the whole row."""
+    return {"eval_batch_s": statistics.median(times), "eval_repeats": len(times),
+            "eval_samples_per_s": eval_batch / statistics.median(times),
+            "peak_rss_gb": peak_rss_gb(), "eval_cuda_peak_gb": device.peak_gb()}
 
 
 def ok(entry) -> bool:
