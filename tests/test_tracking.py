@@ -184,3 +184,16 @@ def test_logger_without_tensorboard_installed_is_exit_2(watched, tmp_path):
                  *TINY, check=False, env={"PYTHONPATH": str(blocker.parent)})
     assert_user_error(result, "tensorboard extra", "pip install -e .[tensorboard]")
     assert not (tmp_path / "runs" / "iemocap" / "no_tb").exists()  # refused before anything is written
+
+
+def test_a_resumed_run_replaces_the_events_of_the_interrupted_epochs(tmp_path):
+    first = tracking.make_logger("tensorboard", tmp_path, True)
+    for epoch in (1, 2, 3):  # epoch 3 was logged, but the run died before its last.pt
+        first.log_epoch({**ENTRY, "epoch": epoch, "valid_loss": float(epoch)})
+    first.close()
+    resumed = tracking.make_logger("tensorboard", tmp_path, True, first_epoch=3)
+    for epoch in (3, 4):
+        resumed.log_epoch({**ENTRY, "epoch": epoch, "valid_loss": 10.0 * epoch})
+    resumed.close()
+    _, logged = scalars(tmp_path)
+    assert logged["valid/loss"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
