@@ -7,17 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import benchmark_module
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def gpu():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import gpu
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return gpu
+    return benchmark_module("gpu")
 
 
 def test_without_cuda_it_says_so_in_one_line_and_exits_0(tmp_path):

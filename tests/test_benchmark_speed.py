@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from src.models.engine import ENGINES
+from tests.helpers import benchmark_module
 
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = ("reference", "published", "layouts", "pmr", "data", "compile", "dmd")
@@ -110,22 +111,14 @@ def test_summary_compares_published_and_default(results):
 
 
 def test_only_rejects_unknown_groups_and_keeps_dmd_last():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import speed
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    speed = speed_module()
     assert speed.parse_groups("dmd,reference") == ["reference", "dmd"]
     with pytest.raises(SystemExit, match="unknown group"):
         speed.parse_groups("reference,nonsense")
 
 
 def test_a_row_measured_in_several_processes_keeps_the_median_one():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import speed
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    speed = speed_module()
     runs = [{"train_step_s": 0.3, "tag": "slow"}, {"error": "crashed"}, {"train_step_s": 0.1, "tag": "fast"},
             {"train_step_s": 0.2, "tag": "middle"}]
     chosen = speed.median_process(runs)
@@ -152,12 +145,7 @@ def test_computed_columns_are_the_quotients_of_the_measured_ones(results):
 
 
 def speed_module():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import speed
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return speed
+    return benchmark_module("speed")
 
 
 def test_summary_figures_are_computed_from_the_rows():

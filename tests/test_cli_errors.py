@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import main
-from tests.cli import run
+from tests.helpers import copy_run, run
 from src.data.synthetic import write_synthetic
 
 TINY = ["--set", "model.backbone_params.d_model=10", "--set", "model.backbone_params.layers=1",
@@ -50,12 +50,7 @@ def trained(data_dir, tmp_path_factory):
 @pytest.fixture
 def run_copy(trained, tmp_path):
     runs = tmp_path / "runs"
-    copy = runs / "iemocap" / "tiny" / "seed3"
-    copy.mkdir(parents=True)
-    for item in trained.iterdir():
-        if item.is_file():
-            (copy / item.name).write_bytes(item.read_bytes())
-    return runs, copy
+    return runs, copy_run(trained, runs)
 
 
 def train_args(data_dir, runs, *extra, name="x"):

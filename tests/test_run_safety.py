@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import main
-from tests.cli import run
+from tests.helpers import run
 from src.data import load_splits, safe_load, write_synthetic
 from src.train.rundir import exclusive
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.helpers import copy_run
 
 REPO = Path(__file__).resolve().parents[1]
 # A tiny MulT (MulT always uses 10 heads, so d_model 10) and cheap branches keep every run to seconds.
@@ -212,11 +213,7 @@ def test_resume_with_another_engine_is_accepted(data_dir, tmp_path):
 
 def test_corrupt_and_foreign_checkpoints_are_refused(trained, tmp_path):
     runs = tmp_path / "runs"
-    copy = runs / "iemocap" / "tiny" / "seed3"
-    copy.mkdir(parents=True)
-    for item in trained.iterdir():
-        if item.is_file():
-            (copy / item.name).write_bytes(item.read_bytes())
+    copy = copy_run(trained, runs)
     (copy / "best_loss.pt").write_bytes((trained / "best_loss.pt").read_bytes()[:1000])
     result = cli("eval", "--dataset", "iemocap", "--name", "tiny", "--seed", "3", "--runs-dir", runs,
                  "--device", "cpu", "--checkpoint", "best_loss", check=False)
