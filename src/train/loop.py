@@ -22,6 +22,7 @@ from src.atomic import write_text
 from src.causal import warn_if_constants_cannot_learn
 from src.data import load_splits
 from src.errors import NonFiniteError
+from src.modalities import LETTERS
 from src.train import checkpoint as ckpt_io
 from src.train.accumulation import Accumulation, warn_if_no_step
 from src.train.build import build_model, compile_model, make_optimizer
@@ -178,7 +179,7 @@ def epoch_details(model, optimizer, valid: dict, headline_key: str, train_terms:
                "samples_per_second": round(samples_per_second, 2)}
     head = getattr(unwrap(model), "head", None)
     if head is not None:
-        details["constants"] = {f"c_{m}": float(getattr(head, f"constant_{m}").detach()) for m in "tav"}
+        details["constants"] = {f"c_{m}": float(getattr(head, f"constant_{m}").detach()) for m in LETTERS.values()}
     if valid.get("margins") is not None:
         details["margins"] = valid["margins"]
     return details
