@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fresh", action="store_true",
                       help="move existing demo runs of another config aside (to <name>/replaced/) and train them again")
 
-    # Checkpoints of the published code (src/train/published.py): import one as a run, or start from one.
+    # Checkpoints of the published code (src/run/published.py): import one as a run, or start from one.
     sub.choices["train"].add_argument("--init-from", default=None, metavar="FILE",
                                       help="start from a published checkpoint's weights (its MulT sets the "
                                       "backbone; a CAUSALMER's branches and constants are used where the kinds match)")
@@ -184,7 +184,7 @@ def run_dir_of(args) -> Path:
 
 
 def warn_if_amp_is_ignored(args) -> None:
-    from src.train.distributed import resolve_device
+    from src.run.distributed import resolve_device
 
     device = resolve_device(args.device) if args.amp else None
     if device is not None and device.type != "cuda":
@@ -193,7 +193,7 @@ def warn_if_amp_is_ignored(args) -> None:
 
 
 def resolve_train_config(args) -> dict:
-    from src.train.config import load_config
+    from src.run.config import load_config
 
     model_name, backbone = "causalmer", args.backbone
     if args.model != "causalmer":
@@ -227,8 +227,8 @@ def cmd_make_data(args) -> None:
 
 def check_run_start(args, cfg: dict, run_dir: Path) -> None:
     """Refuse to start over a run, or to resume one that cannot be resumed or was started differently."""
-    from src.train import checkpoint as ckpt_io
-    from src.train.rundir import holds_run
+    from src.run import checkpoint as ckpt_io
+    from src.run.rundir import holds_run
 
     if args.resume:
         last = run_dir / ckpt_io.CHECKPOINT_NAMES["last"]
@@ -245,16 +245,16 @@ def cmd_train(args) -> dict:
     import contextlib
 
     from src.atomic import remove_stale_temporaries, write_text
-    from src.train import checkpoint as ckpt_io
-    from src.train import distributed
-    from src.train.config import dump_config
+    from src.run import checkpoint as ckpt_io
+    from src.run import distributed
+    from src.run.config import dump_config
     from src.train.loop import prepare, train
-    from src.train.report import print_run_results
-    from src.train.rundir import exclusive, refuse_if_in_use
+    from src.eval.tables import print_run_results
+    from src.run.rundir import exclusive, refuse_if_in_use
 
     cfg = resolve_train_config(args)
     if getattr(args, "init_from", None):
-        from src.train.published import init_record
+        from src.run.published import init_record
 
         cfg["model"]["init_from"] = init_record(args.init_from)
     run_dir = run_dir_of(args)
@@ -287,7 +287,7 @@ def cmd_train(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from src.train.inference import evaluate_run
+    from src.commands.evaluate import evaluate_run
 
     warn_if_amp_is_ignored(args)
     return evaluate_run(run_dir_of(args), checkpoint=args.checkpoint, split=args.split, remove=args.remove,
@@ -296,7 +296,7 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_analyze(args) -> dict:
-    from src.train.inference import analyze_runs
+    from src.commands.evaluate import analyze_runs
 
     if args.sample is not None and not args.attention:
         raise UserError("--sample picks the sample of the attention maps; it needs --attention")
@@ -349,9 +349,9 @@ def plan_run(run_args, fresh: bool, flag: str) -> str:
 
     An existing run is reused or continued only if it was started with exactly the config asked for now;
     a run of another config is refused, naming the first difference, unless `fresh` lets it be moved aside."""
-    from src.train import checkpoint as ckpt_io
-    from src.train.config import without_execution_keys
-    from src.train.rundir import holds_run
+    from src.run import checkpoint as ckpt_io
+    from src.run.config import without_execution_keys
+    from src.run.rundir import holds_run
 
     run_dir = run_dir_of(run_args)
     if not holds_run(run_dir):
@@ -441,11 +441,11 @@ def cmd_demo(args) -> None:
 def cmd_import_checkpoint(args) -> Path:
     """A run directory holding a published checkpoint's model: config.yaml, and best_acc.pt and best_loss.pt
     with the same weights (one file gives one model), so eval, --remove and analyze work on it."""
-    from src.train import checkpoint as ckpt_io
-    from src.train.config import dump_config
-    from src.train.published import build_imported, published_run_config
+    from src.run import checkpoint as ckpt_io
+    from src.run.config import dump_config
+    from src.run.published import build_imported, published_run_config
     from src.atomic import write_text
-    from src.train.rundir import IMPORTED_NAME, exclusive, holds_run
+    from src.run.rundir import IMPORTED_NAME, exclusive, holds_run
 
     run_dir = run_dir_of(args)
 
@@ -479,11 +479,11 @@ COMMANDS = {"make-data": cmd_make_data, "train": cmd_train, "eval": cmd_eval, "a
 
 
 def main(argv=None) -> int:
-    from src.train.runtime import keep_freed_memory
+    from src.run.runtime import keep_freed_memory
 
     args = build_parser().parse_args(argv)
     setup_logging()
-    keep_freed_memory()  # malloc reuses freed blocks: see src/train/runtime.py
+    keep_freed_memory()  # malloc reuses freed blocks: see src/run/runtime.py
     try:
         COMMANDS[args.command](args)
     except UserError as err:

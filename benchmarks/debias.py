@@ -189,7 +189,7 @@ def write_data(work_dir: Path, jobs: list[dict]) -> None:
 
 
 def config_for(job: dict, data_dir: Path) -> dict:
-    from src.train.config import load_config
+    from src.run.config import load_config
 
     overrides = [f"model.backbone_params.{k}={json.dumps(v)}" for k, v in job["backbone_params"].items()]
     if job["model"] == "causalmer":
@@ -208,14 +208,14 @@ def run_job(job: dict, work_dir: str) -> dict:
 
     import torch
 
-    from src.train.runtime import keep_freed_memory
+    from src.run.runtime import keep_freed_memory
 
     torch.set_num_threads(1)
     keep_freed_memory()  # as main.py does before training
     logging.getLogger("causalmer").setLevel(logging.WARNING)  # per-epoch lines of parallel jobs would interleave
-    from src.train import distributed
+    from src.run import distributed
     from src.atomic import write_text
-    from src.train.config import dump_config
+    from src.run.config import dump_config
     from src.train.loop import train
 
     work_dir = Path(work_dir)
@@ -235,7 +235,7 @@ def run_job(job: dict, work_dir: str) -> dict:
                   valid_curve=[round(h[f"valid_{record['metric']}"], 4) for h in history])
     if job["model"] == "causalmer":
         # The constants as training left them (last.pt), next to those of the evaluated checkpoint.
-        from src.train.checkpoint import load_checkpoint
+        from src.run.checkpoint import load_checkpoint
 
         last = load_checkpoint(run_dir / "last.pt")["model"]
         record["constants_last"] = {m: float(last[f"head.constant_{LETTERS[m]}"]) for m in MODALITIES}
@@ -244,11 +244,11 @@ def run_job(job: dict, work_dir: str) -> dict:
 
 def measure(run_dir: Path, ctx) -> dict:
     """Everything reported about one trained run, from its best-validation checkpoint."""
-    from src import metrics
-    from src.analysis.contributions import removal_report, removal_scores_from_subsets, shapley_values
-    from src.analysis.margins import decision_margins
-    from src.train.evaluate import evaluate, predict, subset_scores
-    from src.train.inference import load_run
+    from src.eval import metrics
+    from src.eval.contributions import removal_report, removal_scores_from_subsets, shapley_values
+    from src.eval.margins import decision_margins
+    from src.eval.evaluate import evaluate, predict, subset_scores
+    from src.commands.evaluate import load_run
 
     cfg, splits, model, saved = load_run(run_dir, "best_acc", ctx.device)
     batch = cfg["train"]["eval_batch_size"]
@@ -291,7 +291,7 @@ def remeasure(record: dict, work_dir: Path) -> dict:
     """Recompute a cached run's measurements from its checkpoint (after the measurement set grew)."""
     import torch
 
-    from src.train import distributed
+    from src.run import distributed
 
     torch.set_num_threads(1)
     fresh = measure(work_dir / "runs" / record["job"]["key"], distributed.setup("cpu"))

@@ -42,8 +42,8 @@ def main(argv=None):
 
     from src.data.layout import get_spec, output_dim
     from src.models.engine import ENGINES
-    from src.train.build import build_model, make_optimizer
-    from src.train.config import load_config
+    from src.run.build import build_model, make_optimizer
+    from src.run.config import load_config
     from src.train.loop import train_step
 
     torch.set_num_threads(args.threads)

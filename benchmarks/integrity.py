@@ -36,9 +36,9 @@ import torch  # noqa: E402
 from src.data.cache import MANIFEST_NAME, data_crc32, prepare_cache  # noqa: E402
 from src.data.layout import get_spec  # noqa: E402
 from src.data.synthetic import write_synthetic  # noqa: E402
-from src.train import checkpoint as ckpt_io  # noqa: E402
-from src.train.build import build_model, make_optimizer  # noqa: E402
-from src.train.config import dump_config, load_config  # noqa: E402
+from src.run import checkpoint as ckpt_io  # noqa: E402
+from src.run.build import build_model, make_optimizer  # noqa: E402
+from src.run.config import dump_config, load_config  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 SAMPLE_BLOCKS, SAMPLE_BYTES = 64, 64 << 10

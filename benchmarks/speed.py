@@ -1,7 +1,7 @@
 """Training speed, evaluation throughput and peak memory of the models as they train, plus the data path.
 
 What one model row measures, on random inputs of a data layout's shape, for a model built from the
-project's configs by `src.train.build.build_model` (so what is measured is what trains):
+project's configs by `src.run.build.build_model` (so what is measured is what trains):
 
 - training step: the trainer's own `src.train.loop.train_step` (forward, loss, backward, gradient
   clipping as the config sets it, optimiser step) with the trainer's Adam and parameter groups;
@@ -265,7 +265,7 @@ def timed(step, device: Device, warmup: int, min_repeats: int, max_repeats: int,
 
 def build_cfg(row: dict) -> dict:
     """The run config the trainer would use for this row (dataset yaml + backbone yaml), adapted."""
-    from src.train.config import load_config
+    from src.run.config import load_config
 
     cfg = load_config(row["dataset"], backbone=row["backbone"], model_name=row["model"])
     cfg["data"]["aligned"] = row["aligned"]
@@ -283,7 +283,7 @@ def build_cfg(row: dict) -> dict:
 
 def make_optimizer(torch, model, cfg: dict, kind: str):
     """The trainer's own optimiser ("trainer"), or Adam with another implementation for comparison."""
-    from src.train import build
+    from src.run import build
 
     if kind == "trainer":
         return build.make_optimizer(model, cfg["train"])
@@ -313,7 +313,7 @@ def measure_model_row(row: dict, settings: dict) -> dict:
 
     from src.data.layout import get_spec, output_dim
     from src.models.engine import resolve_engine
-    from src.train.build import build_model
+    from src.run.build import build_model
     from src.train.loop import train_step
 
     device = Device(settings["device"])
@@ -414,8 +414,8 @@ def child_data_train(payload: dict) -> dict:
     import torch
 
     from src.data import load_splits
-    from src.train.build import build_model
-    from src.train.config import load_config
+    from src.run.build import build_model
+    from src.run.config import load_config
     from src.train.loop import train_step
 
     torch.set_num_threads(payload["threads"])
@@ -457,7 +457,7 @@ def child_data_train(payload: dict) -> dict:
 
 
 def run_child(args) -> None:
-    from src.train.runtime import keep_freed_memory
+    from src.run.runtime import keep_freed_memory
 
     keep_freed_memory()  # as main.py does before training: measure what trains
     handlers = {"rows": child_rows, "data-write": child_data_write, "data-convert": child_data_convert,
@@ -505,8 +505,8 @@ def measure_variant_row(row: dict, settings: dict) -> dict:
     import torch
 
     from src.data.layout import get_spec, output_dim
-    from src.train.build import build_model, compile_model
-    from src.train.evaluate import autocast
+    from src.run.build import build_model, compile_model
+    from src.eval.evaluate import autocast
 
     device = Device(settings["device"])
     policy = dict(settings["policy"], **(EXPENSIVE if row.get("expensive") and not row.get("shrink") else {}))

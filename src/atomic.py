@@ -19,7 +19,7 @@ import re
 import time
 from pathlib import Path
 
-from src.errors import UserError
+from .errors import UserError
 
 # A temporary untouched for this long is stale whoever wrote it (its process id may be reused by now).
 STALE_TMP_SECONDS = 3600

@@ -8,8 +8,8 @@ from src.errors import ConfigError
 import logging
 
 from src.train.accumulation import Accumulation, warn_if_no_step
-from src.train.config import load_config
-from src.train.distributed import Context
+from src.run.config import load_config
+from src.run.distributed import Context
 from src.train.loop import epoch_order, train_epoch
 
 

@@ -10,7 +10,7 @@ import torch
 
 from src import atomic
 from src.errors import UserError
-from src.train import checkpoint as ckpt_io
+from src.run import checkpoint as ckpt_io
 
 
 def _temporaries(directory):

@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from src.errors import CheckpointError
-from src.train import checkpoint as ckpt_io
+from src.run import checkpoint as ckpt_io
 
 CONFIG = yaml.safe_dump({"dataset": "iemocap", "data": {"aligned": True, "task": "binary"}, "model": {"name": "x"}})
 

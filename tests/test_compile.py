@@ -8,10 +8,10 @@ import torch
 import main
 from src.data.layout import get_spec, output_dim
 from src.errors import CheckpointError
-from src.train import build
-from src.train.build import build_model, compile_model, make_optimizer
-from src.train.checkpoint import check_same_config
-from src.train.config import load_config
+from src.run import build
+from src.run.build import build_model, compile_model, make_optimizer
+from src.run.checkpoint import check_same_config
+from src.run.config import load_config
 
 TINY = {"d_model": 10, "layers": 1}  # MulT always has 10 heads
 LENGTHS = (6, 6, 6)
@@ -90,7 +90,7 @@ def test_compile_flag_compiles_for_training_and_evaluation(synthetic_data, tmp_p
         return build.compile_model(model, backend="eager")
 
     monkeypatch.setattr("src.train.loop.compile_model", tracing_compile)
-    monkeypatch.setattr("src.train.inference.compile_model", tracing_compile)
+    monkeypatch.setattr("src.commands.evaluate.compile_model", tracing_compile)
     data = synthetic_data()
     common = ["--dataset", "iemocap", "--name", "c", "--seed", "1", "--data-dir", str(data),
               "--runs-dir", str(tmp_path), "--device", "cpu"]

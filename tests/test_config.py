@@ -2,7 +2,7 @@
 import pytest
 
 from src.errors import ConfigError
-from src.train.config import CONFIG_DIR, load_config, parse_override, read_yaml
+from src.run.config import CONFIG_DIR, load_config, parse_override, read_yaml
 
 
 def test_dataset_configs_resolve_with_every_backbone():
@@ -153,7 +153,7 @@ def test_retired_num_workers_key_is_dropped_from_old_configs(tmp_path, caplog):
     with pytest.raises(ConfigError, match="unknown config key 'train.num_workers'"):
         load_config("iemocap", overrides=["train.num_workers=2"])  # it does nothing: not a key any more
 def test_an_earlier_run_config_with_nlevels_reads_as_layers_and_both_names_are_refused():
-    from src.train.config import upgrade_config
+    from src.run.config import upgrade_config
 
     old = {"model": {"backbone": "dmd", "backbone_params": {"d_model": 8, "nlevels": 2}}}
     assert upgrade_config(old, "config.yaml")["model"]["backbone_params"] == {"d_model": 8, "layers": 2}

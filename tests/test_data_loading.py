@@ -106,7 +106,7 @@ def test_audio_neg_inf_count_is_logged(tmp_path, caplog):
         data = pickle.load(handle)
     expected = sum(int(np.isneginf(data[s]["audio"]).sum()) for s in ("train", "valid", "test"))
     assert expected > 0
-    with caplog.at_level(logging.INFO, logger="src.data"):
+    with caplog.at_level(logging.INFO, logger="causalmer.data"):
         load_splits(tmp_path, "mosi")
     assert f"{expected} -inf values read as 0" in caplog.text
 

@@ -20,9 +20,9 @@ import torch
 
 from src.data.layout import get_spec, output_dim
 from src.models import BACKBONES
-from src.train.build import build_model, make_optimizer
-from src.train.config import load_config
-from src.train.evaluate import autocast, to_device, unwrap
+from src.run.build import build_model, make_optimizer
+from src.run.config import load_config
+from src.eval.evaluate import autocast, to_device, unwrap
 
 from src.models.engine import ENGINES  # noqa: E402
 
@@ -244,12 +244,12 @@ def test_engine_equals_plain_on_cuda(backbone, model_name, layout, engine, exact
         assert_same(forward_backward(plain, batch, CUDA), forward_backward(fast, batch, CUDA))
 
 
-# The DDP start a CUDA run under torchrun makes: src.train.distributed.setup joins an NCCL group.
+# The DDP start a CUDA run under torchrun makes: src.run.distributed.setup joins an NCCL group.
 NCCL_CHECK = textwrap.dedent("""
     import os
     import torch
     import torch.distributed as dist
-    from src.train import distributed
+    from src.run import distributed
 
     ctx = distributed.setup("cuda")
     world = int(os.environ["WORLD_SIZE"])

@@ -606,8 +606,8 @@ def test_dmd_is_validated_on_its_fused_task_loss_alone():
 
 
 def test_the_evaluated_loss_that_selects_dmd_checkpoints_is_its_task_loss():
-    from src.train.distributed import Context
-    from src.train.evaluate import evaluate
+    from src.run.distributed import Context
+    from src.eval.evaluate import evaluate
 
     class Split:
         task = "cls"

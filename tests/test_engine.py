@@ -388,7 +388,7 @@ def test_attention_function_drops_only_within_its_runs(chunked, monkeypatch):
 
 def tiny_run_config(data_dir, engine, epochs):
     """A tiny MulT trained alone, every dropout 0: then the engines compute the same training run."""
-    from src.train.config import load_config
+    from src.run.config import load_config
 
     cfg = load_config("iemocap", backbone="mult", model_name="backbone")
     cfg["data"]["dir"] = str(data_dir)
@@ -401,10 +401,10 @@ def tiny_run_config(data_dir, engine, epochs):
 
 @pytest.mark.slow
 def test_a_run_trained_with_one_engine_evaluates_and_resumes_with_the_other(synthetic_data, tmp_path):
-    from src.train import checkpoint as ckpt_io
+    from src.run import checkpoint as ckpt_io
     from src.train import loop
-    from src.train.distributed import Context
-    from src.train.evaluate import evaluate
+    from src.run.distributed import Context
+    from src.eval.evaluate import evaluate
 
     data_dir = synthetic_data(dataset="iemocap", scale=0.003)
     ctx = Context(torch.device("cpu"))

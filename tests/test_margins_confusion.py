@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from src import metrics
+from src.eval import metrics
 from src.analysis.confusion import confusion_matrices, emotion_confusions, sentiment_confusion, write_confusion_png
-from src.analysis.margins import decision_margins
+from src.eval.margins import decision_margins
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from src.metrics import (
+from src.eval.metrics import (
     EMOTIONS,
     compute_metrics,
     format_table,

@@ -19,7 +19,7 @@ from torch import nn
 
 from src.errors import CheckpointError
 from src.models.mult import CROSSMODAL_NAMES, MEMORY_NAMES, MulT
-from src.train.published import (RefusedCheckpoint, import_published, init_from_published, init_record,
+from src.run.published import (RefusedCheckpoint, import_published, init_from_published, init_record,
                                  plan_import, read_published, read_published_state_dict)
 
 FIXTURE = "published_mult_init_iemocap.pt"
@@ -492,14 +492,14 @@ def test_non_model_and_corrupt_files_are_clear_errors(tmp_path):
 
 # ------------------------------------------------------------------------------- --init-from
 def _config(model_name="causalmer", branches=None, backbone="mult", overrides=()):
-    from src.train.config import load_config
+    from src.run.config import load_config
 
     overrides = [f"model.branches.{m}={json.dumps(b)}" for m, b in (branches or {}).items()] + list(overrides)
     return load_config("iemocap", model_name=model_name, backbone=backbone, overrides=overrides)
 
 
 def test_init_from_a_mult_file_sets_the_backbone_only(fixtures_dir, expected):
-    from src.train.build import build_model
+    from src.run.build import build_model
 
     cfg = _config()
     torch.manual_seed(7)  # the file was initialised with seed 0, which the project's MulT reproduces
@@ -514,7 +514,7 @@ def test_init_from_a_mult_file_sets_the_backbone_only(fixtures_dir, expected):
 
 
 def test_init_from_a_causalmer_file_sets_matching_branches_and_constants(tmp_path):
-    from src.train.build import build_model
+    from src.run.build import build_model
 
     fake, _ = published_causalmer()
     path = save_published(fake, tmp_path / "causalmer.pt")
@@ -533,7 +533,7 @@ def test_init_from_a_causalmer_file_sets_matching_branches_and_constants(tmp_pat
 
 
 def test_init_from_refuses_a_changed_file_and_another_backbone(fixtures_dir, tmp_path):
-    from src.train.build import build_model
+    from src.run.build import build_model
 
     copy = tmp_path / "init.pt"
     copy.write_bytes((fixtures_dir / FIXTURE).read_bytes())
@@ -560,7 +560,7 @@ def test_cli_import_of_the_fixture_then_eval_sweep_and_analyze(fixtures_dir, exp
     import hashlib
 
     import yaml
-    from src.train.inference import load_run
+    from src.commands.evaluate import load_run
 
     data_dir, runs = synthetic_data("iemocap"), tmp_path / "runs"
     command = ["import-checkpoint", fixtures_dir / FIXTURE, "--dataset", "iemocap", "--name", "pub",
@@ -586,7 +586,7 @@ def test_cli_import_of_the_fixture_then_eval_sweep_and_analyze(fixtures_dir, exp
 
 @pytest.mark.slow
 def test_cli_import_of_a_causalmer_then_eval(synthetic_data, tmp_path):
-    from src.train.inference import load_run
+    from src.commands.evaluate import load_run
 
     fake, reference = published_causalmer(fusion="mask")
     path = save_published(fake, tmp_path / "causalmer_best_valid_acc.pt")

@@ -13,7 +13,7 @@ import torch
 import main
 from tests.helpers import run
 from src.data import load_splits, safe_load, write_synthetic
-from src.train.rundir import exclusive
+from src.run.rundir import exclusive
 
 TINY = ["--set", "model.backbone_params.d_model=10", "--set", "model.backbone_params.layers=1",
         "--set", "model.branches.text={kind: pool}", "--set", "model.branches.audio={kind: pool}",

@@ -1,4 +1,4 @@
-"""Process-wide malloc settings (src/train/runtime.py)."""
+"""Process-wide malloc settings (src/run/runtime.py)."""
 import ctypes
 import platform
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from src.train import runtime
+from src.run import runtime
 
 REPO = Path(__file__).resolve().parents[1]
 ON_GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -18,7 +18,7 @@ ON_GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 MMAPPED_BYTES = """
 import ctypes, sys
 import torch
-from src.train import runtime
+from src.run import runtime
 if sys.argv[1] == "on":
     assert runtime.keep_freed_memory()
 class MallInfo2(ctypes.Structure):

@@ -12,7 +12,7 @@ from src.analysis.plots import plot_curves
 from src.errors import ConfigError, UserError
 from src.models.encoder import future_mask
 from src.train import tracking
-from src.train.config import load_config
+from src.run.config import load_config
 from tests.test_train import TINY, assert_user_error, cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

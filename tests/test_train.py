@@ -372,7 +372,7 @@ def test_demo_trains_both_models_and_compares_them(tmp_path):
 
 def test_optimizer_state_of_another_parameter_layout_is_a_clear_error(tmp_path):
     from src.errors import CheckpointError
-    from src.train.checkpoint import load_optimizer_state
+    from src.run.checkpoint import load_optimizer_state
 
     old_layout = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)]
     new_layout = [torch.nn.Parameter(torch.zeros(9))]

@@ -3,7 +3,7 @@
 ``contributions`` and ``summary`` need only numpy; ``plots`` draws PNG charts when the optional
 matplotlib extra is installed.
 """
-from src.analysis.contributions import (
+from ..eval.contributions import (
     MODALITIES,
     REMOVALS,
     SUBSETS,
@@ -14,7 +14,7 @@ from src.analysis.contributions import (
     shapley_values,
     subset_label,
 )
-from src.analysis.summary import collect_runs, flatten_metrics, format_summary, summarize, write_csv
+from .summary import collect_runs, flatten_metrics, format_summary, summarize, write_csv
 
 __all__ = [
     "MODALITIES",

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.atomic import replacing
-from src.errors import UserError
-from src.models.encoder import TransformerEncoder
-from src.models.mult import CROSSMODAL_NAMES
+from ..atomic import replacing
+from ..errors import UserError
+from ..models.encoder import TransformerEncoder
+from ..models.mult import CROSSMODAL_NAMES
 
 _LETTER_NAMES = {"l": "text", "a": "audio", "v": "vision"}
 LABELS = {name: f"{_LETTER_NAMES[name[6]]} <- {_LETTER_NAMES[name[-1]]}" for name in CROSSMODAL_NAMES}

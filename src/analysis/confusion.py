@@ -1,4 +1,4 @@
-"""Confusion matrices of a split's predictions, in the units of the metrics (src/metrics.py).
+"""Confusion matrices of a split's predictions, in the units of the metrics (src/eval/metrics.py).
 
 MOSEI / MOSI (``cls`` and ``regression``): 7 x 7 counts over the sentiment classes -3..3, both scores
 clipped to [-3, 3] and rounded half to even as ``acc7`` does, so the diagonal sums to acc7 · N.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from src.metrics import EMOTIONS, SENTIMENT_CLASSES, predictions_to_scores
+from ..eval.metrics import EMOTIONS, SENTIMENT_CLASSES, predictions_to_scores
 
 SENTIMENT_LABELS = [str(c) for c in range(-(SENTIMENT_CLASSES // 2), SENTIMENT_CLASSES // 2 + 1)]
 EMOTION_LABELS = ["absent", "present"]
@@ -43,7 +43,7 @@ def emotion_confusions(logits, target) -> np.ndarray:
 
 def confusion_matrices(pred: dict, task: str) -> dict:
     """{prediction name: counts} for every prediction in `pred` (the output of `predict`)."""
-    from src.train.evaluate import PREDICTIONS
+    from ..eval.evaluate import PREDICTIONS
 
     matrices = {}
     for name, key in PREDICTIONS.items():
@@ -65,7 +65,7 @@ def confusion_matrices(pred: dict, task: str) -> dict:
 
 def write_confusion_png(matrices: dict, task: str, path, title: str):
     """The matrices as one PNG (percent of samples, as the tables), or None without matplotlib."""
-    from src.analysis.plots import plot_confusion
+    from .plots import plot_confusion
 
     if task == "binary":
         return plot_confusion(matrices, path, title, EMOTION_LABELS, panel_labels=list(EMOTIONS))

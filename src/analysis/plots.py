@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from src.analysis.contributions import MODALITIES, REMOVALS
-from src.atomic import replacing
+from ..eval.contributions import MODALITIES, REMOVALS
+from ..atomic import replacing
 
 PLOTS_HINT = "install the plots extra: pip install -e .[plots]"
 
@@ -126,7 +126,7 @@ def plot_removal_drops(runs: dict, path, title: str = "Score drop when modalitie
 
 def _percent(key: str, value: float) -> float:
     """Accuracies and F1 in percent, as the text tables show them; other metrics unchanged."""
-    from src.metrics import is_fraction_metric
+    from ..eval.metrics import is_fraction_metric
 
     return 100.0 * value if is_fraction_metric(key) else value
 

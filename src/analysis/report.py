@@ -11,8 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from src import metrics
-from src.atomic import write_text
+from ..eval import metrics
+from ..atomic import write_text
 
 LABELS = {"tie": "tie (debiased)", "te": "te (fused)", "m": "m (backbone)"}
 TITLES = {"best_loss": "best validation loss", "best_acc": "best validation score"}

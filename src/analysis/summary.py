@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from src.atomic import replacing
-from src.errors import UserError
-from src.metrics import format_value, is_fraction_metric
+from ..atomic import replacing
+from ..errors import UserError
+from ..eval.metrics import format_value, is_fraction_metric
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"

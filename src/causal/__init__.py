@@ -1,6 +1,6 @@
 """CausalMER: a counterfactual causal head over any backbone plus three unimodal branches."""
-from src.causal.head import FUSIONS, CausalHead, check_fusion
-from src.causal.loss import (
+from .head import FUSIONS, CausalHead, check_fusion
+from .loss import (
     DEGENERATE_KL_MESSAGE,
     KL_MODES,
     causal_loss,
@@ -9,7 +9,7 @@ from src.causal.loss import (
     kl_is_degenerate,
     warn_if_constants_cannot_learn,
 )
-from src.causal.model import CausalMER
+from .model import CausalMER
 
 __all__ = [
     "CausalHead",

@@ -25,7 +25,7 @@ constants; the loss compares softmaxes, which ignore shifts, so under tanh the c
 import torch
 import torch.nn as nn
 
-from src.errors import ConfigError
+from ..errors import ConfigError
 
 EPS = 1e-12
 

@@ -24,8 +24,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from src.errors import ConfigError
-from src.losses import target_kind, task_loss
+from ..errors import ConfigError
+from ..losses import target_kind, task_loss
 
 KL_MODES = ("all", "pair")
 

@@ -13,9 +13,9 @@ a measure of its prediction. So CausalMER selects on its own objective whichever
 import torch
 import torch.nn as nn
 
-from src.causal.head import CausalHead
-from src.causal.loss import causal_loss_terms, check_kl
-from src.models.contract import split_backbone_output, with_aux_term
+from .head import CausalHead
+from .loss import causal_loss_terms, check_kl
+from ..models.contract import split_backbone_output, with_aux_term
 
 
 class CausalMER(nn.Module):

@@ -7,11 +7,11 @@
 
 See docs/architecture.md (Data) for the item/batch contract.
 """
-from src.data.dataset import MultimodalDataset, load_splits, targets_from_labels
-from src.data.layout import (DATASETS, IEMOCAP_EMOTIONS, MODALITIES, SPLITS, data_file, get_spec,
+from .dataset import MultimodalDataset, load_splits, targets_from_labels
+from .layout import (DATASETS, IEMOCAP_EMOTIONS, MODALITIES, SPLITS, data_file, get_spec,
                              output_dim, require_data_file, resolve_task)
-from src.data.safe_pickle import RestrictedUnpickler, safe_load
-from src.data.synthetic import DEFAULT_DEMO, shortcut_directions, signal_directions, write_synthetic
+from .safe_pickle import RestrictedUnpickler, safe_load
+from .synthetic import DEFAULT_DEMO, shortcut_directions, signal_directions, write_synthetic
 
 __all__ = [
     "DATASETS", "DEFAULT_DEMO", "IEMOCAP_EMOTIONS", "MODALITIES", "SPLITS", "MultimodalDataset",

@@ -37,12 +37,12 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-from src.atomic import remove_stale_temporaries, replacing, write_bytes
-from src.data.layout import ID_KEY, MODALITIES, REQUIRED_KEYS, SPLITS, DatasetSpec
-from src.data.safe_pickle import safe_load
-from src.errors import DataError
+from ..atomic import remove_stale_temporaries, replacing, write_bytes
+from .layout import ID_KEY, MODALITIES, REQUIRED_KEYS, SPLITS, DatasetSpec
+from .safe_pickle import safe_load
+from ..errors import DataError
 
-LOG = logging.getLogger("src.data")
+LOG = logging.getLogger("causalmer.data")
 
 # 2: every array's entry holds the CRC-32 of its values.
 CACHE_FORMAT = 2

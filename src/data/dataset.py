@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from src.data.cache import CachedData, prepare_cache
-from src.data.layout import (ID_KEY, MODALITIES, SPLITS, get_spec, output_dim, require_data_file,
+from .cache import CachedData, prepare_cache
+from .layout import (ID_KEY, MODALITIES, SPLITS, get_spec, output_dim, require_data_file,
                              resolve_task)
 
 

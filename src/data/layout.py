@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from src.errors import ConfigError, DataError
-from src.modalities import MODALITIES
+from ..errors import ConfigError, DataError
+from ..modalities import MODALITIES
 
 SPLITS = ("train", "valid", "test")
 # `id` is optional: the IEMOCAP files carry none.

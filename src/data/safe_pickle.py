@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from src.errors import DataError
+from ..errors import DataError
 
 _NUMPY_CORE_MODULES = ("multiarray", "_multiarray_umath")
 _ALLOWED: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {}

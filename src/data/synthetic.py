@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from src.atomic import remove_stale_temporaries, replacing
-from src.data.layout import MODALITIES, SPLITS, DatasetSpec, data_file, get_spec
-from src.errors import ConfigError
+from ..atomic import remove_stale_temporaries, replacing
+from .layout import MODALITIES, SPLITS, DatasetSpec, data_file, get_spec
+from ..errors import ConfigError
 
 # Small enough that a tiny model trains for a few epochs on two CPU cores in well under two
 # minutes (272 / 80 / 94 samples of 20 steps), large enough that accuracy differences mean something.

@@ -5,19 +5,19 @@ Entries are import paths so that an optional backbone's dependencies are only im
 """
 from importlib import import_module
 
-from src.errors import ConfigError
+from ..errors import ConfigError
 
 BACKBONES = {
-    "mult": "src.models.mult:MulT",
-    "dmd": "src.models.dmd:DMD",
-    "pmr": "src.models.pmr:PMR",
+    "mult": ".mult:MulT",
+    "dmd": ".dmd:DMD",
+    "pmr": ".pmr:PMR",
 }
 
 BRANCHES = {
-    "transformer": "src.models.branches:TransformerBranch",
-    "pool": "src.models.branches:PoolBranch",
-    "resnet18": "src.models.branches:ResNet18Branch",
-    "albert": "src.models.albert:AlbertBranch",
+    "transformer": ".branches:TransformerBranch",
+    "pool": ".branches:PoolBranch",
+    "resnet18": ".branches:ResNet18Branch",
+    "albert": ".albert:AlbertBranch",
 }
 
 
@@ -25,7 +25,7 @@ def _resolve(registry: dict, name: str, what: str):
     if name not in registry:
         raise ConfigError(f"unknown {what} '{name}'; valid names: {', '.join(sorted(registry))}")
     module, cls = registry[name].split(":")
-    return getattr(import_module(module), cls)
+    return getattr(import_module(module, __package__), cls)
 
 
 def backbone_class(name: str):

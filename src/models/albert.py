@@ -9,7 +9,7 @@ Pretrained weights can't be downloaded here: pass `pretrained_path`, a local dir
 """
 from torch import nn
 
-from src.errors import ConfigError
+from ..errors import ConfigError
 
 # ALBERT-base, the size the reference used. Spelled out because AlbertConfig()'s own defaults are the
 # xxlarge model (hidden size 4096) in the transformers releases this project installs.

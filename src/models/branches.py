@@ -16,7 +16,7 @@ feature is exactly 0.
 import torch
 from torch import nn
 
-from src.models.encoder import TransformerEncoder
+from .encoder import TransformerEncoder
 
 
 def padding_mask(x: torch.Tensor) -> torch.Tensor:

@@ -44,12 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.errors import CheckpointError, ConfigError
-from src.losses import target_kind, task_loss
-from src.models.encoder import TransformerEncoder
-from src.models.engine import resolve_engine, run_encoders
-from src.models.heads import ResidualHead
-from src.models.mult import add_crossmodal_encoders, crossmodal_memories
+from ..errors import CheckpointError, ConfigError
+from ..losses import target_kind, task_loss
+from .encoder import TransformerEncoder
+from .engine import resolve_engine, run_encoders
+from .heads import ResidualHead
+from .mult import add_crossmodal_encoders, crossmodal_memories
 
 # DMD's modality order for its branches, graphs and concatenations.
 ORDER = ("l", "v", "a")

@@ -38,8 +38,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from src.errors import ConfigError
-from src.models.encoder import MultiheadAttention, TransformerEncoder, embed_input, future_mask
+from ..errors import ConfigError
+from .encoder import MultiheadAttention, TransformerEncoder, embed_input, future_mask
 
 ENGINES = ("plain", "fast")
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.encoder import TransformerEncoder
-from src.models.engine import resolve_engine, run_encoders
-from src.models.heads import residual_head
+from .encoder import TransformerEncoder
+from .engine import resolve_engine, run_encoders
+from .heads import residual_head
 
 # The reference builds every encoder with 10 heads whatever its config says.
 REFERENCE_NUM_HEADS = 10

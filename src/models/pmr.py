@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.encoder import MultiheadAttention, TransformerEncoder, embed_input
-from src.models.engine import attend, resolve_engine, run_encoders
-from src.models.heads import residual_head
+from .encoder import MultiheadAttention, TransformerEncoder, embed_input
+from .engine import attend, resolve_engine, run_encoders
+from .heads import residual_head
 
 
 def _xavier_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:

@@ -6,8 +6,8 @@ validation_loss(out, target)) so both train and evaluate with the same loop; its
 import torch
 import torch.nn as nn
 
-from src.losses import task_loss
-from src.models.contract import split_backbone_output, with_aux_term
+from ..losses import task_loss
+from .contract import split_backbone_output, with_aux_term
 
 
 class BackboneOnly(nn.Module):

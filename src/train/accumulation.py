@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from src.errors import ConfigError
+from ..errors import ConfigError
 
 POLICIES = ("reference", "corrected")
 

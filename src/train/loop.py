@@ -17,19 +17,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from src import metrics
-from src.atomic import write_text
-from src.causal import warn_if_constants_cannot_learn
-from src.data import load_splits
-from src.errors import NonFiniteError
-from src.modalities import LETTERS
-from src.train import checkpoint as ckpt_io
-from src.train.accumulation import Accumulation, warn_if_no_step
-from src.train.build import build_model, compile_model, make_optimizer
-from src.train.config import dump_config, model_signature
-from src.train.distributed import Context, barrier
-from src.train.evaluate import autocast, evaluate, iterate_batches, main_prediction, to_device, unwrap
-from src.train.tracking import make_logger, require_logger
+from ..eval import metrics
+from ..atomic import write_text
+from ..causal import warn_if_constants_cannot_learn
+from ..data import load_splits
+from ..errors import NonFiniteError
+from ..modalities import LETTERS
+from ..run import checkpoint as ckpt_io
+from .accumulation import Accumulation, warn_if_no_step
+from ..run.build import build_model, compile_model, make_optimizer
+from ..run.config import dump_config, model_signature
+from ..run.distributed import Context, barrier
+from ..eval.evaluate import autocast, evaluate, iterate_batches, main_prediction, to_device, unwrap
+from .tracking import make_logger, require_logger
 
 log = logging.getLogger("causalmer")
 
@@ -64,7 +64,7 @@ def prepare(cfg: dict, ctx: Context, seed: int, resume: bool = False) -> dict:
     splits = load_data(cfg)
     model = make_model(cfg, splits["train"], ctx.device)
     if cfg["model"].get("init_from") and not resume:  # a resumed run's weights come from last.pt
-        from src.train.published import init_from_published
+        from ..run.published import init_from_published
 
         init_from_published(model, cfg["model"]["init_from"], cfg["dataset"])
     optimizer = make_optimizer(model, tcfg)
@@ -186,7 +186,7 @@ def epoch_details(model, optimizer, valid: dict, headline_key: str, train_terms:
 
 
 def write_curves(history: list, path: Path, headline_key: str) -> None:
-    from src.analysis.plots import PLOTS_HINT, plot_curves
+    from ..analysis.plots import PLOTS_HINT, plot_curves
 
     if plot_curves(history, path, headline_key) is None:
         log.info("curves.png skipped: %s", PLOTS_HINT)

@@ -8,7 +8,7 @@ exactly what metrics.json keeps:
     valid/loss, valid/<metric>/<p>    validation loss, headline metric of each prediction p (tie, te, m)
     lr/<group>                        every Adam parameter group's learning rate
     constant/c_t, c_a, c_v            the causal head's counterfactual constants
-    margin/<key>                      decision margins on valid (src/analysis/margins.py)
+    margin/<key>                      decision margins on valid (src/eval/margins.py)
     time/epoch_seconds, time/samples_per_second
     test/<checkpoint>/<p>/<metric>    at the end, every test metric of best_loss and best_acc, at the
                                       step of the epoch the checkpoint was taken from
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from src.errors import UserError
+from ..errors import UserError
 
 LOGGERS = ("none", "tensorboard")
 TENSORBOARD_HINT = "pip install -e .[tensorboard]"
@@ -31,7 +31,7 @@ CHECKPOINTS = ("best_loss", "best_acc")
 
 def check_logger(name: str) -> str:
     if name not in LOGGERS:
-        from src.errors import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError(f"train.logger '{name}' is unknown; valid loggers: {', '.join(LOGGERS)}")
     return name

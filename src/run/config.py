@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from src.data.layout import DATASETS
-from src.errors import ConfigError
+from ..data.layout import DATASETS
+from ..errors import ConfigError
 
 LOG = logging.getLogger("causalmer")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -226,8 +226,8 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(f"data.task '{task}' is not valid for {dataset}; valid tasks: {', '.join(tasks)}")
     if cfg["model"]["name"] not in MODEL_NAMES:
         raise ConfigError(f"model.name '{cfg['model']['name']}' is unknown; valid: {', '.join(MODEL_NAMES)}")
-    from src.models import BACKBONES, BRANCHES  # registries; importing them is cheap (lazy entries)
-    from src.causal import check_fusion, check_kl
+    from ..models import BACKBONES, BRANCHES  # registries; importing them is cheap (lazy entries)
+    from ..causal import check_fusion, check_kl
 
     if cfg["model"]["backbone"] not in BACKBONES:
         raise ConfigError(f"model.backbone '{cfg['model']['backbone']}' is unknown; valid: {', '.join(sorted(BACKBONES))}")
@@ -248,11 +248,11 @@ def validate(cfg: dict) -> dict:
         if train.get(key) is not None and train[key] <= 0:
             raise ConfigError(f"train.{key} must be positive or null, got {train[key]}")
     if "accumulation" in train:
-        from src.train.accumulation import check_policy
+        from ..train.accumulation import check_policy
 
         check_policy(train["accumulation"])
     if "logger" in train:
-        from src.train.tracking import check_logger
+        from ..train.tracking import check_logger
 
         check_logger(train["logger"])
     if not 0 < train["plateau"]["factor"] < 1:
@@ -309,7 +309,7 @@ def load_config(dataset: str, config_path: str | Path | None = None, backbone: s
         if key_path[:2] in (["model", "backbone"], ["model", "name"]):
             apply_override(cfg, key_path, value)
     name = _require(cfg, "model.backbone")
-    from src.models import BACKBONES
+    from ..models import BACKBONES
 
     if not isinstance(name, str):
         raise ConfigError(f"config key 'model.backbone' must be a backbone name (str), got {name!r}")

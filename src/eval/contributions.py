@@ -25,8 +25,8 @@ import math
 
 import numpy as np
 
-from src.modalities import LETTERS as MODALITY_LETTERS
-from src.modalities import MODALITIES, REMOVALS
+from ..modalities import LETTERS as MODALITY_LETTERS
+from ..modalities import MODALITIES, REMOVALS
 
 # The 8 presence subsets, from the empty one to all three, each size in canonical modality order.
 SUBSETS: tuple[frozenset, ...] = tuple(

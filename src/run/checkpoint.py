@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import yaml
 
-from src.atomic import replacing
-from src.errors import CheckpointError, NonFiniteError
-from src.train.config import load_yaml, model_signature, upgrade_config, without_execution_keys
+from ..atomic import replacing
+from ..errors import CheckpointError, NonFiniteError
+from .config import load_yaml, model_signature, upgrade_config, without_execution_keys
 
 CHECKPOINT_NAMES = {"last": "last.pt", "best_loss": "best_loss.pt", "best_acc": "best_acc.pt"}
 
@@ -235,7 +235,7 @@ def read_config_file(path: Path) -> dict:
 
 def check_same_config(saved: dict, requested: dict, path: Path) -> None:
     """--resume must continue the same experiment: any difference in the resolved config but its
-    execution keys (engine, compile, logger: src/train/config.py) is refused."""
+    execution keys (engine, compile, logger: src/run/config.py) is refused."""
     difference = first_difference(without_execution_keys(saved), without_execution_keys(requested))
     if difference:
         key, got, want = difference

@@ -11,9 +11,9 @@ import itertools
 import numpy as np
 import torch
 
-from src import metrics
-from src.modalities import LETTERS, MODALITIES, REMOVALS
-from src.train.distributed import Context, gather_objects
+from . import metrics
+from ..modalities import LETTERS, MODALITIES, REMOVALS
+from ..run.distributed import Context, gather_objects
 
 PREDICTIONS = {"tie": "logits_tie", "te": "logits_te", "m": "logits_m"}
 PREDICTION_KEYS = tuple(PREDICTIONS.values())
@@ -21,7 +21,7 @@ PREDICTION_KEYS = tuple(PREDICTIONS.values())
 
 def parse_removal(text: str | None) -> tuple[str, ...]:
     """'tv' -> ('text', 'vision'); None or '' -> (). Letters t, a, v; each once; not all three."""
-    from src.errors import UserError
+    from ..errors import UserError
 
     if not text:
         return ()
@@ -102,10 +102,10 @@ def score_predictions(pred: dict, task: str) -> dict:
 def evaluate(model, dataset, batch_size: int, ctx: Context, remove=(), amp: bool = False,
              margins: bool = False) -> dict:
     """Loss and metrics of every prediction; with `margins`, also the causal head's decision margins
-    (src/analysis/margins.py; None for the backbone alone and for regression)."""
+    (src/eval/margins.py; None for the backbone alone and for regression)."""
     keys = PREDICTION_KEYS
     if margins:
-        from src.analysis.margins import MARGIN_KEYS, decision_margins
+        from .margins import MARGIN_KEYS, decision_margins
 
         keys = tuple(dict.fromkeys(PREDICTION_KEYS + MARGIN_KEYS))
     pred = predict(model, dataset, batch_size, ctx, remove=remove, amp=amp, keys=keys)
@@ -122,7 +122,7 @@ def main_prediction(model) -> str:
 
 def removal_sweep(model, dataset, batch_size: int, ctx: Context, amp: bool = False) -> dict:
     """Scores with each of the six removals, their drops from the full-input score, and the std of drops."""
-    from src.analysis.contributions import removal_report
+    from .contributions import removal_report
 
     key, higher_is_better = metrics.headline(dataset.task)
     full = evaluate(model, dataset, batch_size, ctx, amp=amp)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from src.errors import CheckpointError
+from ..errors import CheckpointError
 
 log = logging.getLogger("causalmer")
 
@@ -563,7 +563,7 @@ def _mult_params(mult: Record, source: str) -> tuple[dict, tuple, int]:
 
     # Encoders: depth, attention dropout (by source modality), heads and the other dropouts, per SPEC §2.
     by_source = {"l": params["attn_dropout"], "a": params["attn_dropout_a"], "v": params["attn_dropout_v"]}
-    from src.models.mult import CROSSMODAL_NAMES, MEMORY_NAMES, REFERENCE_NUM_HEADS
+    from ..models.mult import CROSSMODAL_NAMES, MEMORY_NAMES, REFERENCE_NUM_HEADS
 
     heads = set()
     for name in CROSSMODAL_NAMES + MEMORY_NAMES:
@@ -600,7 +600,7 @@ def _mult_params(mult: Record, source: str) -> tuple[dict, tuple, int]:
 
 def _albert_config(text: Record, source: str) -> dict:
     """The architecture fields of the pickled AlbertConfig record, as AlbertBranch's `config`."""
-    from src.models.albert import _import_transformers
+    from ..models.albert import _import_transformers
 
     albert = _child(text, "model", source, "text branch")
     config = albert.get("config")
@@ -665,7 +665,7 @@ def _map_causalmer(state: dict, source: str) -> OrderedDict:
 
 
 def _task_for(dataset: str, output_dim: int, source: str) -> str:
-    from src.data.layout import OUTPUT_DIMS, get_spec
+    from ..data.layout import OUTPUT_DIMS, get_spec
 
     tasks = [t for t in get_spec(dataset).tasks if OUTPUT_DIMS[t] == output_dim]
     if not tasks:
@@ -677,7 +677,7 @@ def _task_for(dataset: str, output_dim: int, source: str) -> str:
 def plan_import(root: Record, dataset: str, source: str) -> dict:
     """What the project needs to rebuild a published model: the config's model section, task, feature
     sizes, output width, and the state_dict under the project's names (for CausalMER or BackboneOnly)."""
-    from src.data.layout import get_spec
+    from ..data.layout import get_spec
 
     if root.cls == PUBLISHED_MULT:
         kind, mult = "mult", root
@@ -710,7 +710,7 @@ def plan_import(root: Record, dataset: str, source: str) -> dict:
         section["branches"] = {"text": {"kind": "albert", "config": _albert_config(text, source)},
                                "audio": {"kind": "resnet18", "width": _resnet_width(audio, source, "a_branch.a_branch")},
                                "vision": {"kind": "resnet18", "width": _resnet_width(vision, source, "v_branch.v_branch")}}
-        from src.causal import FUSIONS
+        from ..causal import FUSIONS
 
         fusion = root.get("fusion_mode")
         if fusion not in FUSIONS:
@@ -748,7 +748,7 @@ def load_strict(model: torch.nn.Module, state: dict, source: str) -> None:
 
 def build_imported(plan: dict, loss: dict | None = None) -> torch.nn.Module:
     """The project's model for an import plan (CausalMER or BackboneOnly), holding the file's weights."""
-    from src.train.build import build_model
+    from .build import build_model
 
     cfg = {"model": plan["model"], "loss": loss or {"alpha": 0.1, "beta": 1.0, "kl": "all"}}
     model = build_model(cfg, plan["dims"], (None, None, None), plan["output_dim"])
@@ -767,7 +767,7 @@ def import_published(path, dataset: str) -> torch.nn.Module:
 
 def published_run_config(path, dataset: str, aligned: bool = True, data_dir: str | None = None):
     """(run config, import plan) for a published checkpoint: the dataset's config with the file's model."""
-    from src.train.config import load_config, validate
+    from .config import load_config, validate
 
     plan = plan_import(read_published(path), dataset, str(path))
     cli = {"data.task": plan["task"], "data.aligned": aligned, "data.dir": data_dir}
@@ -789,7 +789,7 @@ def init_record(path) -> dict:
 def init_from_published(model: torch.nn.Module, init: dict, dataset: str) -> None:
     """Set a new run's weights from a published file: its MulT becomes the backbone; a CAUSALMER's branches
     and constants are used where the run has branches of the same kinds, and the others keep their init."""
-    from src.models.mult import MulT
+    from ..models.mult import MulT
 
     path = Path(init["path"])
     if not path.is_file():
@@ -808,8 +808,8 @@ def init_from_published(model: torch.nn.Module, init: dict, dataset: str) -> Non
     load_strict(model.backbone, part("backbone."), f"--init-from {path} (its MulT)")
     loaded = ["backbone"]
     if plan["kind"] == "causalmer" and hasattr(model, "head"):
-        from src.models.albert import AlbertBranch
-        from src.models.branches import ResNet18Branch
+        from ..models.albert import AlbertBranch
+        from ..models.branches import ResNet18Branch
 
         for name, kind in (("text_branch", AlbertBranch), ("audio_branch", ResNet18Branch), ("vision_branch", ResNet18Branch)):
             branch = getattr(model, name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from src.analysis.contributions import MODALITIES
+from .contributions import MODALITIES
 
 LETTERS = {"text": "t", "audio": "a", "vision": "v"}
 # Model outputs the margins read (keys of a CausalHead output, as `predict` returns them).

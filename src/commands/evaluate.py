@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from src.atomic import write_text
-from src.errors import UserError
-from src.modalities import MODALITIES
-from src.train import checkpoint as ckpt_io
-from src.train import distributed
-from src.train.build import compile_model
-from src.train.config import model_signature
-from src.train.evaluate import (
+from ..atomic import write_text
+from ..errors import UserError
+from ..modalities import MODALITIES
+from ..run import checkpoint as ckpt_io
+from ..run import distributed
+from ..run.build import compile_model
+from ..run.config import model_signature
+from ..eval.evaluate import (
     main_prediction,
     parse_removal,
     predict,
@@ -19,11 +19,11 @@ from src.train.evaluate import (
     score_predictions,
     subset_scores,
 )
-from src.analysis.confusion import confusion_matrices, write_confusion_png
-from src.analysis.plots import PLOTS_HINT
-from src.analysis.report import write_report
-from src.train.loop import load_data, make_model
-from src.train.report import prediction_table, print_removal_report
+from ..analysis.confusion import confusion_matrices, write_confusion_png
+from ..analysis.plots import PLOTS_HINT
+from ..analysis.report import write_report
+from ..train.loop import load_data, make_model
+from ..eval.tables import prediction_table, print_removal_report
 
 
 def checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
@@ -80,7 +80,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test
     """Score a run's checkpoint; `compiled` (or the run's train.compile) evaluates it torch.compiled."""
     import contextlib
 
-    from src.train.rundir import exclusive
+    from ..run.rundir import exclusive
 
     ctx = distributed.setup(device)
     try:
@@ -132,9 +132,9 @@ def analyze_run(run_dir: Path, checkpoint: str, split: str, ctx, data_dir: str |
                 sample: int | None = None) -> dict:
     """Shapley contributions, NDE shares, balance and robustness of one run's main prediction; with
     `attention`, also its crossmodal attention maps (written to the run directory)."""
-    from src.analysis.contributions import (balance_index, nde_shares, removal_report,
+    from ..eval.contributions import (balance_index, nde_shares, removal_report,
                                             removal_scores_from_subsets, shapley_values)
-    from src import metrics
+    from ..eval import metrics
 
     cfg, splits, model, saved = load_run(run_dir, checkpoint, ctx.device, data_dir)
     dataset = splits[split]
@@ -166,8 +166,8 @@ def write_attention(model, dataset, cfg: dict, run_dir: Path, tag: str, split: s
                     sample: int | None) -> dict | None:
     """attention_<tag>_<split>[_sample<N>].npz and .png in the run directory; None for a backbone
     without crossmodal encoders (PMR)."""
-    from src.analysis.attention import LABELS, attention_maps, has_crossmodal_attention, write_attention_npz
-    from src.analysis.plots import PLOTS_HINT, plot_attention_grid
+    from ..analysis.attention import LABELS, attention_maps, has_crossmodal_attention, write_attention_npz
+    from ..analysis.plots import PLOTS_HINT, plot_attention_grid
 
     if not has_crossmodal_attention(model):
         print(f"attention maps skipped for {run_dir}: the {cfg['model']['backbone']} backbone has no MulT "
@@ -187,7 +187,7 @@ def write_attention(model, dataset, cfg: dict, run_dir: Path, tag: str, split: s
 def analyze_runs(run_dirs: list[Path], checkpoint: str = "best_acc", split: str = "test", device: str = "auto",
                  data_dir: str | None = None, out_dir: str | None = None, attention: bool = False,
                  sample: int | None = None) -> dict:
-    from src.analysis.plots import PLOTS_HINT, plot_contributions, plot_removal_drops
+    from ..analysis.plots import PLOTS_HINT, plot_contributions, plot_removal_drops
 
     check_same_data(run_dirs)
     out = Path(out_dir) if out_dir else Path(run_dirs[0])

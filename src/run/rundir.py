@@ -20,8 +20,8 @@ try:
 except ImportError:  # Windows: no advisory locks, so concurrent writers are not detected there
     fcntl = None
 
-from src.errors import UserError
-from src.train.checkpoint import CHECKPOINT_NAMES
+from ..errors import UserError
+from .checkpoint import CHECKPOINT_NAMES
 
 LOCK_NAME = ".lock"
 METRICS_NAME = "metrics.json"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from src.errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

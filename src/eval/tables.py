@@ -1,7 +1,7 @@
 """Readable tables of a run's results (the same numbers are in metrics.json)."""
 from __future__ import annotations
 
-from src import metrics
+from . import metrics
 
 TITLES = {"best_loss": "best validation loss", "best_acc": "best validation score"}
 LABELS = {"tie": "tie (debiased)", "te": "te (fused)", "m": "m (backbone)"}
