@@ -248,7 +248,7 @@ def measure(run_dir: Path, ctx) -> dict:
     from src.eval.contributions import removal_report, removal_scores_from_subsets, shapley_values
     from src.eval.margins import decision_margins
     from src.eval.evaluate import evaluate, predict, subset_scores
-    from src.commands.evaluate import load_run
+    from src.run.trained import load_run
 
     cfg, splits, model, saved = load_run(run_dir, "best_acc", ctx.device)
     batch = cfg["train"]["eval_batch_size"]

@@ -58,7 +58,7 @@ def tiny_config(backbone: str, model: str, layout: str, engine=None, no_dropout:
 
 
 def build(cfg: dict, layout: str) -> torch.nn.Module:
-    """The model as src.train.loop.make_model builds it (on the CPU; the caller moves it)."""
+    """The model as src.run.build.make_model builds it (on the CPU; the caller moves it)."""
     spec = get_spec(cfg["dataset"])
     return build_model(cfg, spec.dims, LAYOUTS[layout][2], output_dim(cfg["data"]["task"]))
 

@@ -402,6 +402,7 @@ def tiny_run_config(data_dir, engine, epochs):
 @pytest.mark.slow
 def test_a_run_trained_with_one_engine_evaluates_and_resumes_with_the_other(synthetic_data, tmp_path):
     from src.run import checkpoint as ckpt_io
+    from src.run.build import load_data, make_model
     from src.train import loop
     from src.run.distributed import Context
     from src.eval.evaluate import evaluate
@@ -416,10 +417,10 @@ def test_a_run_trained_with_one_engine_evaluates_and_resumes_with_the_other(synt
 
     # the fast run's checkpoint loads strictly into a plain model and evaluates to the same
     saved = ckpt_io.load_checkpoint(cut / "last.pt")
-    splits = loop.load_data(tiny_run_config(data_dir, "plain", 1))
+    splits = load_data(tiny_run_config(data_dir, "plain", 1))
     scores = []
     for engine in ENGINES:
-        model = loop.make_model(tiny_run_config(data_dir, engine, 1), splits["train"], ctx.device)
+        model = make_model(tiny_run_config(data_dir, engine, 1), splits["train"], ctx.device)
         ckpt_io.load_model_state(model, saved["model"], cut / "last.pt")
         scores.append(evaluate(model, splits["valid"], 16, ctx)["loss"])
     assert scores[0] == pytest.approx(scores[1], abs=1e-5)

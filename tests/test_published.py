@@ -560,7 +560,7 @@ def test_cli_import_of_the_fixture_then_eval_sweep_and_analyze(fixtures_dir, exp
     import hashlib
 
     import yaml
-    from src.commands.evaluate import load_run
+    from src.run.trained import load_run
 
     data_dir, runs = synthetic_data("iemocap"), tmp_path / "runs"
     command = ["import-checkpoint", fixtures_dir / FIXTURE, "--dataset", "iemocap", "--name", "pub",
@@ -586,7 +586,7 @@ def test_cli_import_of_the_fixture_then_eval_sweep_and_analyze(fixtures_dir, exp
 
 @pytest.mark.slow
 def test_cli_import_of_a_causalmer_then_eval(synthetic_data, tmp_path):
-    from src.commands.evaluate import load_run
+    from src.run.trained import load_run
 
     fake, reference = published_causalmer(fusion="mask")
     path = save_published(fake, tmp_path / "causalmer_best_valid_acc.pt")

@@ -1,11 +1,24 @@
-"""Build the model a config describes, and its optimiser parameter groups."""
+"""Build what a config describes: its data splits, its model, and the model's optimiser parameter groups."""
 from __future__ import annotations
 
 import torch
 
+from ..data import load_splits
 from ..models import backbone_class, branch_class, build_backbone, build_branch
 from ..modalities import MODALITIES
 from .config import check_kwargs
+
+
+def load_data(cfg: dict) -> dict:
+    """The train/valid/test splits of the config's dataset file."""
+    data = cfg["data"]
+    return load_splits(data["dir"], cfg["dataset"], aligned=data["aligned"], task=data["task"],
+                       clean_nonfinite=data["clean_nonfinite"])
+
+
+def make_model(cfg: dict, dataset, device: torch.device) -> torch.nn.Module:
+    """The config's model for the data of `dataset` (its feature sizes, lengths and classes), on `device`."""
+    return build_model(cfg, dataset.dims, dataset.seq_lens, dataset.output_dim).to(device)
 
 
 def build_model(cfg: dict, dims, seq_lens, output_dim: int) -> torch.nn.Module:

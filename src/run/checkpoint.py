@@ -27,6 +27,12 @@ def atomic_save(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def weights_record(model: torch.nn.Module, config_text: str, epoch: int) -> dict:
+    """What every checkpoint holds (WEIGHTS_FIELDS below): the weights, the run's config, the epoch they
+    close (0 for weights that were not trained here). `last` adds the training state to it."""
+    return {"model": model.state_dict(), "config": config_text, "epoch": epoch}
+
+
 def _first_line(err: BaseException) -> str:
     lines = str(err).splitlines()
     return lines[0] if lines else type(err).__name__

@@ -5,6 +5,7 @@ gloo on the CPU). Without torchrun everything here is a no-op with rank 0 of 1.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -12,6 +13,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+
+log = logging.getLogger("causalmer")
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,13 @@ def setup(device_name: str = "auto") -> Context:
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device))
     return Context(device, rank, world_size)
+
+
+def warn_if_amp_ignored(device: torch.device, amp: bool) -> None:
+    """--amp asks for bf16 autocast, which runs on CUDA only: say so rather than ignore it silently."""
+    if amp and device.type != "cuda":
+        log.warning("--amp has no effect here: bf16 autocast runs on CUDA only; this run uses full float32 on %s",
+                    device)
 
 
 def backend_for(device: torch.device) -> str:

@@ -13,6 +13,7 @@ releases it when its process ends, however it ends, so a killed run never leaves
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 try:
@@ -27,6 +28,19 @@ LOCK_NAME = ".lock"
 METRICS_NAME = "metrics.json"
 # What `import-checkpoint` writes beside the imported weights: which file they came from.
 IMPORTED_NAME = "imported.json"
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one folder name inside the runs folder: no separators, no '..', not absolute."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name or Path(name).is_absolute():
+        raise UserError(f"--name {name!r} must be a plain folder name (letters, digits, '_', '-', '.'), without "
+                        "'/' or '..': runs live in <runs-dir>/<dataset>/<name>/seed<seed>/")
+    return name
+
+
+def run_path(runs_dir, dataset: str, name: str, seed: int) -> Path:
+    """Where a run lives: <runs_dir>/<dataset>/<name>/seed<seed>/."""
+    return Path(runs_dir) / dataset / check_run_name(name) / f"seed{seed}"
 
 
 def holds_run(run_dir: Path) -> bool:

@@ -1,4 +1,10 @@
-"""Process-wide malloc settings for CPU training, applied once by the command line before any work.
+"""Process-wide settings, applied by the command line (or a notebook) before any work: where log lines
+go, and how malloc keeps freed memory.
+
+Logging: messages go to the console as plain lines; a training run also keeps them, timestamped, in
+its train.log. Only the main process of a distributed run writes them (the others warn only).
+
+Malloc, for CPU training:
 
 PyTorch's CPU allocator does not cache: every tensor is a malloc, and is freed when its last user is
 done. glibc serves large requests (above an adaptive threshold, 128 KiB at start) with fresh mmap'd
@@ -13,7 +19,25 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import platform
+import sys
+from pathlib import Path
+
+
+def setup_logging(log_file: Path | None = None, main_process: bool = True) -> None:
+    """Console lines (INFO on the main process, WARNING on the others), and `log_file` if given."""
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.INFO if main_process else logging.WARNING)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(console)
+    if log_file is not None and main_process:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+
 
 # glibc's mallopt parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD = -1

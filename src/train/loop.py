@@ -20,12 +20,11 @@ from tqdm import tqdm
 from ..eval import metrics
 from ..atomic import write_text
 from ..causal import warn_if_constants_cannot_learn
-from ..data import load_splits
 from ..errors import NonFiniteError
 from ..modalities import LETTERS
 from ..run import checkpoint as ckpt_io
 from .accumulation import Accumulation, warn_if_no_step
-from ..run.build import build_model, compile_model, make_optimizer
+from ..run.build import compile_model, load_data, make_model, make_optimizer
 from ..run.config import dump_config, model_signature
 from ..run.distributed import Context, barrier
 from ..eval.evaluate import autocast, evaluate, iterate_batches, main_prediction, to_device, unwrap
@@ -43,16 +42,6 @@ def seed_everything(seed: int) -> None:
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffle of one epoch, a pure function of (seed, epoch): a resumed run replays it exactly."""
     return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def load_data(cfg: dict):
-    data = cfg["data"]
-    return load_splits(data["dir"], cfg["dataset"], aligned=data["aligned"], task=data["task"],
-                       clean_nonfinite=data["clean_nonfinite"])
-
-
-def make_model(cfg: dict, dataset, device: torch.device) -> torch.nn.Module:
-    return build_model(cfg, dataset.dims, dataset.seq_lens, dataset.output_dim).to(device)
 
 
 def prepare(cfg: dict, ctx: Context, seed: int, resume: bool = False) -> dict:
@@ -132,7 +121,7 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
         improved_score = score > state["best_acc"]
         state["since_best"] = 0 if improved_loss else state["since_best"] + 1
         if ctx.is_main:
-            weights = {"model": model.state_dict(), "config": config_text, "epoch": epoch}
+            weights = ckpt_io.weights_record(model, config_text, epoch)
             if improved_loss:
                 state["best_loss"] = valid["loss"]
                 ckpt_io.atomic_save(weights, run_dir / ckpt_io.CHECKPOINT_NAMES["best_loss"])
@@ -159,8 +148,6 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
     results = final_evaluation(model, splits, cfg, run_dir, ctx, amp, state, run=run)
     logger.log_final(results, cfg, headline_key)
     logger.close()
-    if ctx.is_main:
-        write_curves(results["history"], run_dir / "curves.png", headline_key)
     return results
 
 
@@ -183,15 +170,6 @@ def epoch_details(model, optimizer, valid: dict, headline_key: str, train_terms:
     if valid.get("margins") is not None:
         details["margins"] = valid["margins"]
     return details
-
-
-def write_curves(history: list, path: Path, headline_key: str) -> None:
-    from ..analysis.plots import PLOTS_HINT, plot_curves
-
-    if plot_curves(history, path, headline_key) is None:
-        log.info("curves.png skipped: %s", PLOTS_HINT)
-    else:
-        log.info("wrote %s", path)
 
 
 def train_step(model, optimizer, batch: dict, tcfg: dict, device: torch.device, amp: bool = False,

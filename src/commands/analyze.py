@@ -1,0 +1,151 @@
+"""The modality analysis of trained runs, side by side: Shapley contributions per modality, NDE shares,
+balance, missing-modality robustness, and optionally crossmodal attention maps; written as
+analysis.json, two charts and report.md."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..atomic import write_text
+from ..errors import UserError
+from ..modalities import MODALITIES
+from ..run import checkpoint as ckpt_io
+from ..run import distributed
+from ..run.trained import checkpoint_path, load_run, provenance, result_tag
+from ..eval import metrics
+from ..eval.contributions import (balance_index, nde_shares, removal_report, removal_scores_from_subsets,
+                                  shapley_values)
+from ..eval.evaluate import main_prediction, predict, subset_scores
+from ..analysis.attention import LABELS, attention_maps, has_crossmodal_attention, write_attention_npz
+from ..analysis.plots import PLOTS_HINT, plot_attention_grid, plot_contributions, plot_removal_drops
+from ..analysis.report import write_report
+
+
+def analyze_run(run_dir: Path, checkpoint: str, split: str, ctx, data_dir: str | None, attention: bool = False,
+                sample: int | None = None) -> dict:
+    """Shapley contributions, NDE shares, balance and robustness of one run's main prediction; with
+    `attention`, also its crossmodal attention maps (written to the run directory)."""
+    cfg, splits, model, saved = load_run(run_dir, checkpoint, ctx.device, data_dir)
+    dataset = splits[split]
+    batch_size = cfg["train"]["eval_batch_size"]
+    prediction = main_prediction(model)
+    key, higher_is_better = metrics.headline(dataset.task)
+    subsets = subset_scores(model, dataset, batch_size, ctx)[prediction]
+    shapley = shapley_values(subsets)
+    full = subsets[frozenset(MODALITIES)]
+    result = {"run": str(run_dir), "dataset": cfg["dataset"], "task": dataset.task,
+              **provenance(run_dir, checkpoint, saved, dataset),
+              "model": cfg["model"]["name"], "backbone": cfg["model"]["backbone"], "prediction": prediction,
+              "metric": key, "split": split,
+              "subset_scores": {"+".join(sorted(s)) or "none": v for s, v in subsets.items()},
+              "shapley": shapley, "shapley_balance": balance_index(shapley),
+              "robustness": removal_report(full, removal_scores_from_subsets(subsets), higher_is_better)}
+    if prediction == "tie":
+        pred = predict(model, dataset, batch_size, ctx, keys=("nde_t", "nde_a", "nde_v"))
+        shares = nde_shares(pred["nde_t"], pred["nde_a"], pred["nde_v"])
+        result["nde_shares"] = shares
+        result["nde_balance"] = balance_index(shares)
+    if attention and ctx.is_main:
+        tag = result_tag(run_dir, checkpoint, data_dir, dataset.source)
+        result["attention"] = write_attention(model, dataset, cfg, Path(run_dir), tag, split, ctx.device, sample)
+    return result
+
+
+def write_attention(model, dataset, cfg: dict, run_dir: Path, tag: str, split: str, device,
+                    sample: int | None) -> dict | None:
+    """attention_<tag>_<split>[_sample<N>].npz and .png in the run directory; None for a backbone
+    without crossmodal encoders (PMR)."""
+    if not has_crossmodal_attention(model):
+        print(f"attention maps skipped for {run_dir}: the {cfg['model']['backbone']} backbone has no MulT "
+              "crossmodal encoders (maps are for mult and dmd)")
+        return None
+    # Each batch holds (B, H, T_q, T_k) weights per encoder: long unaligned sequences need small batches.
+    maps = attention_maps(model, dataset, min(cfg["train"]["eval_batch_size"], 16), device, sample)
+    stem = f"attention_{tag}_{split}" + ("" if sample is None else f"_sample{sample}")
+    npz = write_attention_npz(maps, run_dir / f"{stem}.npz")
+    what = f"sample {sample}" if sample is not None else f"mean over {len(dataset)} samples"
+    png = plot_attention_grid(maps, run_dir / f"{stem}.png", f"last-layer crossmodal attention, {split} split "
+                              f"({tag}), mean over heads, {what}", LABELS)
+    print(f"wrote {npz}" + (f" and {png}" if png else f" (PNG skipped: {PLOTS_HINT})"))
+    return {"npz": npz.name, "png": png.name if png else None, "sample": sample}
+
+
+def analyze_runs(run_dirs: list[Path], checkpoint: str = "best_acc", split: str = "test", device: str = "auto",
+                 data_dir: str | None = None, out_dir: str | None = None, attention: bool = False,
+                 sample: int | None = None) -> dict:
+    """Analyse the runs on the same split and write analysis.json, the charts and report.md into `out_dir`
+    (default: the first run's directory); `attention` also writes each run's attention maps (of one
+    `sample` of the split, or the mean over it)."""
+    if sample is not None and not attention:
+        raise UserError("--sample picks the sample of the attention maps; it needs --attention")
+    check_same_data(run_dirs)
+    out = Path(out_dir) if out_dir else Path(run_dirs[0])
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file; analyze writes analysis.json and the plots into a folder "
+                        "there: give a folder (new or existing)")
+    ctx = distributed.setup(device)
+    try:
+        results = {}
+        for run_dir in run_dirs:
+            label = f"{Path(run_dir).parent.name}/{Path(run_dir).name}"
+            results[label] = analyze_run(Path(run_dir), checkpoint, split, ctx, data_dir, attention, sample)
+        # Into the first run's directory, the analysis of another checkpoint or other data is named apart
+        # (as eval's results are), so it never replaces the run's own.
+        first = next(iter(results.values()))
+        tag = result_tag(run_dirs[0], checkpoint, data_dir, first["data"])
+        suffix = "" if out_dir or tag == checkpoint_path(run_dirs[0], checkpoint).stem else f"_{tag}"
+        files = {name: out / f"{name}{suffix}.{ext}" for name, ext in
+                 (("analysis", "json"), ("contributions", "png"), ("removal_drops", "png"), ("report", "md"))}
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the output folder {out}: {err.strerror or err}") from None
+        print_analysis(results)
+        write_text(files["analysis"], json.dumps(results, indent=2))
+        print(f"\nwrote {files['analysis']}")
+        contributions = {label: r["shapley"] for label, r in results.items()}
+        drops = {label: {k: v["drop"] for k, v in r["robustness"]["removals"].items()}
+                 for label, r in results.items()}
+        png = plot_contributions(contributions, files["contributions"], "Shapley contribution per modality")
+        if png is None:
+            print(f"plots skipped: {PLOTS_HINT}")
+        else:
+            plot_removal_drops(drops, files["removal_drops"], "Drop when modalities are removed")
+            print(f"wrote {files['contributions']} and {files['removal_drops']}")
+        report = write_report(files["report"], [Path(r) for r in run_dirs], results,
+                              charts={"Shapley contribution per modality": files["contributions"],
+                                      "Drop when modalities are removed": files["removal_drops"]})
+        print(f"wrote {report}")
+        return results
+    finally:
+        distributed.teardown(ctx)
+
+
+def check_same_data(run_dirs: list[Path]) -> None:
+    """Contributions and scores are only comparable on the same dataset and task: refuse a mixture."""
+    first = None
+    for run_dir in run_dirs:
+        if not (Path(run_dir) / "config.yaml").is_file():
+            continue  # load_run says what is missing
+        cfg = ckpt_io.read_config_file(Path(run_dir) / "config.yaml")
+        if not isinstance(cfg, dict):
+            continue
+        what = (cfg.get("dataset"), (cfg.get("data") or {}).get("task"))
+        if first is None:
+            first = (run_dir, what)
+        elif what != first[1]:
+            raise UserError(f"analyze puts runs side by side on the same data, but {first[0]} is {first[1][0]} "
+                            f"({first[1][1]}) and {run_dir} is {what[0]} ({what[1]}); analyze them separately")
+
+
+def print_analysis(results: dict) -> None:
+    for label, r in results.items():
+        print(f"\n{label} ({r['model']} on {r['backbone']}, prediction {r['prediction']}, {r['metric']} on {r['split']})")
+        print(f"  Shapley contribution:  " + "  ".join(f"{m} {100 * v:+.2f}" for m, v in r["shapley"].items())
+              + f"   balance {r['shapley_balance']:.3f}")
+        if "nde_shares" in r:
+            print(f"  NDE share (bias removed): " + "  ".join(f"{m} {v:.3f}" for m, v in r["nde_shares"].items())
+                  + f"   balance {r['nde_balance']:.3f}")
+        rob = r["robustness"]
+        print(f"  removal drops:         " + "  ".join(f"{k} {100 * v['drop']:+.2f}" for k, v in rob["removals"].items())
+              + f"   std {100 * rob['drop_std']:.2f}")
