@@ -245,7 +245,7 @@ def run_job(job: dict, work_dir: str) -> dict:
 def measure(run_dir: Path, ctx) -> dict:
     """Everything reported about one trained run, from its best-validation checkpoint."""
     from src.eval import metrics
-    from src.eval.contributions import removal_report, removal_scores_from_subsets, shapley_values
+    from src.eval.contributions import removal_report, removal_scores_from_subsets, shapley_values, subset_label
     from src.eval.margins import decision_margins
     from src.eval.evaluate import evaluate, predict, subset_scores
     from src.run.trained import load_run
@@ -266,12 +266,11 @@ def measure(run_dir: Path, ctx) -> dict:
         record["shapley"][name] = shapley_values(scores)
         record["removal"][name] = removal_report(scores[everything], removal_scores_from_subsets(scores),
                                                  higher_is_better)
-        record["subsets"][name] = {"+".join(LETTERS[m] for m in MODALITIES if m in s) or "none": v
-                                   for s, v in scores.items()}
+        record["subsets"][name] = {subset_label(s): v for s, v in scores.items()}
 
-    if hasattr(model, "head"):
-        head = model.head
-        record["constants"] = {m: float(getattr(head, f"constant_{LETTERS[m]}").detach()) for m in MODALITIES}
+    constants = model.constants()  # by letter; none for the backbone alone
+    if constants:
+        record["constants"] = {m: float(constants[LETTERS[m]].detach()) for m in MODALITIES}
         keys = ("logits_t", "logits_a", "logits_v", "nde_t", "nde_a", "nde_v", "te", "logits_te", "logits_tie")
         record["branch_acc"], record["mean_abs_nde"] = {}, {}
         for split in ("train", "test"):

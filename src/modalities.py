@@ -10,10 +10,18 @@ MODALITIES = ("text", "audio", "vision")
 # Single-letter names: removal keys (`--remove ta`), the head's constants (`constant_t`), compact labels.
 LETTERS = {"text": "t", "audio": "a", "vision": "v"}
 
+# Every subset of the modalities (8), from the empty one to all three, by size, each size in
+# MODALITIES order: the presence subsets of the contribution analysis.
+SUBSETS: tuple[frozenset, ...] = tuple(
+    frozenset(combination)
+    for size in range(len(MODALITIES) + 1)
+    for combination in itertools.combinations(MODALITIES, size)
+)
+
 # The missing-modality test's removals: key ("t", ..., "av") -> the modalities zeroed. Every non-empty
-# proper subset (at least one modality stays), by size, each in MODALITIES order.
+# proper subset (at least one modality stays), in the order of SUBSETS.
 REMOVALS = {
-    "".join(LETTERS[m] for m in removed): frozenset(removed)
-    for size in range(1, len(MODALITIES))
-    for removed in itertools.combinations(MODALITIES, size)
+    "".join(LETTERS[m] for m in MODALITIES if m in removed): removed
+    for removed in SUBSETS
+    if 0 < len(removed) < len(MODALITIES)
 }

@@ -180,3 +180,24 @@ def test_validation_loss_counts_the_aux_loss_unless_the_backbone_declares_otherw
         plain = wrapper(PooledBackbone())
         plain_out = plain(**inputs)
         torch.testing.assert_close(plain.validation_loss(plain_out, target), plain.loss(plain_out, target))
+
+
+def test_each_wrapper_declares_its_prediction_its_groups_and_its_constants():
+    from src.eval.evaluate import main_prediction
+    from src.run.build import param_groups
+
+    # Distinct learning rates, so a group given another part's rate is caught.
+    lr = {"backbone": 1.0, "text": 2.0, "audio": 3.0, "vision": 4.0, "constant": 5.0}
+    causal = make_model(PooledBackbone())
+    groups = param_groups(causal, lr)
+    assert [(g["name"], g["lr"]) for g in groups] == [
+        ("backbone", 1.0), ("text", 2.0), ("audio", 3.0), ("vision", 4.0),
+        ("constant_t", 5.0), ("constant_a", 5.0), ("constant_v", 5.0)]
+    assert groups[1]["params"] == list(causal.text_branch.parameters())
+    assert groups[4]["params"][0] is causal.head.constant_t and groups[6]["params"][0] is causal.head.constant_v
+    assert main_prediction(causal) == "tie"
+    assert list(causal.constants()) == ["t", "a", "v"] and causal.constants()["a"] is causal.head.constant_a
+
+    alone = BackboneOnly(PooledBackbone())
+    assert [(g["name"], g["lr"]) for g in param_groups(alone, lr)] == [("backbone", 1.0)]
+    assert main_prediction(alone) == "m" and alone.constants() == {}

@@ -18,6 +18,7 @@ import torch
 
 from ..atomic import replacing
 from ..errors import UserError
+from ..eval.evaluate import unwrap
 from ..models.encoder import TransformerEncoder
 from ..models.mult import CROSSMODAL_NAMES
 
@@ -26,7 +27,8 @@ LABELS = {name: f"{_LETTER_NAMES[name[6]]} <- {_LETTER_NAMES[name[-1]]}" for nam
 
 
 def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-    model = model.module if hasattr(model, "module") else model
+    """The backbone of a wrapper (CausalMER, BackboneOnly, either under DDP), or a backbone given alone."""
+    model = unwrap(model)
     return getattr(model, "backbone", model)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..eval.contributions import MODALITIES, REMOVALS
+from ..modalities import MODALITIES, REMOVALS
 from ..atomic import replacing
 
 PLOTS_HINT = "install the plots extra: pip install -e .[plots]"

@@ -22,6 +22,7 @@ import yaml
 
 from ..atomic import replacing
 from ..errors import UserError
+from ..trees import flatten
 from ..eval.metrics import format_value, is_fraction_metric
 
 METRICS_FILE = "metrics.json"
@@ -33,19 +34,12 @@ PROVENANCE_KEYS = ("data",)
 IDENTITY_KEYS = ("dataset", "data.task", "data.aligned", "model.name", "model.backbone")
 
 
-def flatten_metrics(tree: dict, prefix: str = "") -> dict[str, float]:
+def flatten_metrics(tree: dict) -> dict[str, float]:
     """Nested dicts to ``{"a/b/metric": value}`` for every numeric leaf, in the file's order."""
-    flat: dict[str, float] = {}
-    for key, value in tree.items():
-        name = f"{prefix}/{key}" if prefix else str(key)
-        if not prefix and key in PROVENANCE_KEYS:
-            continue
-        if isinstance(value, dict):
-            flat.update(flatten_metrics(value, name))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            # bool is an int subclass, but a flag is not a metric.
-            flat[name] = float(value)
-    return flat
+    metrics = {key: value for key, value in tree.items() if key not in PROVENANCE_KEYS}
+    # bool is an int subclass, but a flag is not a metric.
+    return {name: float(value) for name, value in flatten(metrics, sep="/").items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def load_run_metrics(run_dir: Path) -> dict[str, float]:
@@ -72,15 +66,6 @@ def collect_runs(root, pattern: str = "*") -> list[Path]:
     return sorted(path for path in root.glob(pattern) if path.is_dir() and (path / METRICS_FILE).is_file())
 
 
-def _flatten_config(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_flatten_config(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
 def read_run_config(run_dir: Path) -> dict | None:
     """A run's config.yaml as flat dotted keys, or None for a run directory without one."""
     path = Path(run_dir) / CONFIG_FILE
@@ -92,7 +77,7 @@ def read_run_config(run_dir: Path) -> dict | None:
         raise UserError(f"cannot read {path}: {error}") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{path} should hold a run config (a mapping), found {type(cfg).__name__}")
-    return _flatten_config(cfg)
+    return flatten(cfg)
 
 
 def check_groups(groups: dict[str, list]) -> list[str]:

@@ -1,9 +1,9 @@
 """CausalMER: any backbone (the multimodal path z_m) plus three unimodal branches, joined by the causal head.
 
 The wrapper is model-agnostic: it only relies on the backbone contract (src/models/contract.py) and on
-branches mapping one modality (B, L_m, d_m) to logits (B, C). Submodules keep fixed names — backbone,
-text_branch, audio_branch, vision_branch, head (with constant_t/a/v) — so the trainer can give each its
-own Adam parameter group.
+branches mapping one modality (B, L_m, d_m) to logits (B, C). It declares what the loop needs to know
+(docs/design.md § The model contract): its main prediction (`tie`), its parameter groups (backbone, each
+branch, each constant: each gets its own Adam learning rate) and its counterfactual constants.
 
 Its validation loss is the causal loss plus the backbone's auxiliary loss where the backbone counts it
 in validation (contract.py): around MulT and PMR that is the training loss; around DMD it is the causal
@@ -15,10 +15,13 @@ import torch.nn as nn
 
 from .head import CausalHead
 from .loss import causal_loss_terms, check_kl
+from ..modalities import LETTERS, MODALITIES
 from ..models.contract import split_backbone_output, with_aux_term
 
 
 class CausalMER(nn.Module):
+    main_prediction = "tie"  # the debiased prediction, logits_tie
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -46,6 +49,17 @@ class CausalMER(nn.Module):
         out = self.head(logits_m, self.text_branch(text), self.audio_branch(audio), self.vision_branch(vision))
         out["extras"] = extras
         return out
+
+    def parameter_groups(self) -> list[tuple[str, str, list]]:
+        """(group name, its train.lr key, its parameters): the backbone, each branch, each constant."""
+        branches = {"text": self.text_branch, "audio": self.audio_branch, "vision": self.vision_branch}
+        return ([("backbone", "backbone", list(self.backbone.parameters()))]
+                + [(m, m, list(branches[m].parameters())) for m in MODALITIES]
+                + [(f"constant_{letter}", "constant", [parameter]) for letter, parameter in self.constants().items()])
+
+    def constants(self) -> dict[str, nn.Parameter]:
+        """The head's counterfactual constants by modality letter: {"t": c_t, "a": c_a, "v": c_v}."""
+        return {letter: getattr(self.head, f"constant_{letter}") for letter in LETTERS.values()}
 
     def loss_terms(self, out: dict, target: torch.Tensor) -> dict:
         """The weighted parts of the loss by name (task_te, task_text, task_audio, task_vision, kl, and

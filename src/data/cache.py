@@ -32,12 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
 
 from ..atomic import remove_stale_temporaries, replacing, write_bytes
+from ..locks import lock
 from .layout import ID_KEY, MODALITIES, REQUIRED_KEYS, SPLITS, DatasetSpec
 from .safe_pickle import safe_load
 from ..errors import DataError
@@ -172,16 +169,11 @@ def prepare_cache(pickle_path: Path, spec: DatasetSpec, clean_nonfinite: bool = 
 
 @contextlib.contextmanager
 def _exclusive(lock_path: Path):
-    """Hold an exclusive advisory lock on lock_path (released on exit, or by the OS if the process dies)."""
-    if fcntl is None:  # no advisory locks on this platform: concurrent first loads are then unsafe
-        yield
-        return
+    """Hold an exclusive advisory lock on lock_path, waiting for it (released when the file is closed on
+    exit, or by the OS if the process dies)."""
     with open(lock_path, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        lock(handle, wait=True)
+        yield
 
 
 def _valid_manifest(directory: Path, spec: DatasetSpec, fingerprint: dict) -> dict | None:

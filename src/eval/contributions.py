@@ -25,20 +25,12 @@ import math
 
 import numpy as np
 
-from ..modalities import LETTERS as MODALITY_LETTERS
-from ..modalities import MODALITIES, REMOVALS
-
-# The 8 presence subsets, from the empty one to all three, each size in canonical modality order.
-SUBSETS: tuple[frozenset, ...] = tuple(
-    frozenset(combination)
-    for size in range(len(MODALITIES) + 1)
-    for combination in itertools.combinations(MODALITIES, size)
-)
+from ..modalities import LETTERS, MODALITIES, REMOVALS, SUBSETS
 
 
 def subset_label(subset) -> str:
     """A compact name for a presence subset: ``"t+a"``, ``"t+a+v"``; ``"none"`` for the empty set."""
-    members = [MODALITY_LETTERS[m] for m in MODALITIES if m in subset]
+    members = [LETTERS[m] for m in MODALITIES if m in subset]
     return "+".join(members) if members else "none"
 
 

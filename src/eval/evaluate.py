@@ -6,13 +6,12 @@ Every evaluation reports the predictions the model has, side by side: the debias
 from __future__ import annotations
 
 import contextlib
-import itertools
 
 import numpy as np
 import torch
 
 from . import metrics
-from ..modalities import LETTERS, MODALITIES, REMOVALS
+from ..modalities import LETTERS, MODALITIES, REMOVALS, SUBSETS
 from ..run.distributed import Context, gather_objects
 
 PREDICTIONS = {"tie": "logits_tie", "te": "logits_te", "m": "logits_m"}
@@ -50,7 +49,8 @@ def autocast(device: torch.device, amp: bool):
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+    """The model inside DistributedDataParallel (a compiled model forwards attributes itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 @torch.no_grad()
@@ -116,8 +116,9 @@ def evaluate(model, dataset, batch_size: int, ctx: Context, remove=(), amp: bool
 
 
 def main_prediction(model) -> str:
-    """The prediction a run is judged by: the debiased one for CausalMER, else the backbone's."""
-    return "tie" if hasattr(unwrap(model), "head") else "m"
+    """The prediction a run is judged by, as the model declares it: the debiased one (tie) for CausalMER,
+    the backbone's (m) for the backbone alone."""
+    return unwrap(model).main_prediction
 
 
 def removal_sweep(model, dataset, batch_size: int, ctx: Context, amp: bool = False) -> dict:
@@ -139,10 +140,9 @@ def subset_scores(model, dataset, batch_size: int, ctx: Context, amp: bool = Fal
     """Headline score of each prediction for all 8 presence subsets (absent modalities zeroed)."""
     key, _ = metrics.headline(dataset.task)
     scores = {}
-    for r in range(4):
-        for present in itertools.combinations(MODALITIES, r):
-            removed = tuple(m for m in MODALITIES if m not in present)
-            result = evaluate(model, dataset, batch_size, ctx, remove=removed, amp=amp)
-            for name, values in result["predictions"].items():
-                scores.setdefault(name, {})[frozenset(present)] = values[key]
+    for present in SUBSETS:
+        removed = tuple(m for m in MODALITIES if m not in present)
+        result = evaluate(model, dataset, batch_size, ctx, remove=removed, amp=amp)
+        for name, values in result["predictions"].items():
+            scores.setdefault(name, {})[present] = values[key]
     return scores

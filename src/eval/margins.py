@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .contributions import MODALITIES
+from ..modalities import LETTERS, MODALITIES
 
-LETTERS = {"text": "t", "audio": "a", "vision": "v"}
 # Model outputs the margins read (keys of a CausalHead output, as `predict` returns them).
 MARGIN_KEYS = ("nde_t", "nde_a", "nde_v", "logits_te", "logits_tie")
 

@@ -47,17 +47,9 @@ def build_model(cfg: dict, dims, seq_lens, output_dim: int) -> torch.nn.Module:
 
 
 def param_groups(model: torch.nn.Module, lr: dict) -> list[dict]:
-    """Adam groups with the per-part learning rates of the config (backbone, each branch, each constant)."""
-    if not hasattr(model, "head"):  # the backbone alone
-        return [{"params": list(model.parameters()), "lr": lr["backbone"], "name": "backbone"}]
-    groups = [
-        {"params": list(model.backbone.parameters()), "lr": lr["backbone"], "name": "backbone"},
-        {"params": list(model.text_branch.parameters()), "lr": lr["text"], "name": "text"},
-        {"params": list(model.audio_branch.parameters()), "lr": lr["audio"], "name": "audio"},
-        {"params": list(model.vision_branch.parameters()), "lr": lr["vision"], "name": "vision"},
-    ]
-    for key in ("constant_t", "constant_a", "constant_v"):
-        groups.append({"params": [getattr(model.head, key)], "lr": lr["constant"], "name": key})
+    """Adam groups with the per-part learning rates of the config, as the model declares its parts
+    (CausalMER: backbone, each branch, each constant; the backbone alone: one group)."""
+    groups = [{"params": params, "lr": lr[lr_key], "name": name} for name, lr_key, params in model.parameter_groups()]
     counted = sum(len(g["params"]) for g in groups)
     if counted != len(list(model.parameters())):
         raise RuntimeError("parameter groups do not cover every parameter of the model exactly once")

@@ -807,7 +807,7 @@ def init_from_published(model: torch.nn.Module, init: dict, dataset: str) -> Non
 
     load_strict(model.backbone, part("backbone."), f"--init-from {path} (its MulT)")
     loaded = ["backbone"]
-    if plan["kind"] == "causalmer" and hasattr(model, "head"):
+    if plan["kind"] == "causalmer" and model.constants():  # a CausalMER run, not a backbone alone
         from ..models.albert import AlbertBranch
         from ..models.branches import ResNet18Branch
 
@@ -820,7 +820,7 @@ def init_from_published(model: torch.nn.Module, init: dict, dataset: str) -> Non
                 log.info("%s keeps its own initialisation: the file's is %s, this run's is %s", name,
                          kind.__name__, type(branch).__name__)
         with torch.no_grad():
-            for key in ("constant_t", "constant_a", "constant_v"):
-                getattr(model.head, key).copy_(state[f"head.{key}"])
+            for letter, constant in model.constants().items():
+                constant.copy_(state[f"head.constant_{letter}"])
         loaded.append("constants")
     log.info("initialised %s from %s", ", ".join(loaded), path)

@@ -16,12 +16,8 @@ import contextlib
 import os
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks, so concurrent writers are not detected there
-    fcntl = None
-
 from ..errors import UserError
+from ..locks import lock
 from .checkpoint import CHECKPOINT_NAMES
 
 LOCK_NAME = ".lock"
@@ -56,18 +52,16 @@ def in_use_error(run_dir: Path) -> UserError:
 
 def refuse_if_in_use(run_dir: Path) -> None:
     """Refuse now, without taking the lock, if another process holds it (so the message is the right one)."""
-    lock = Path(run_dir) / LOCK_NAME
-    if fcntl is None or not lock.is_file():
+    lock_file = Path(run_dir) / LOCK_NAME
+    if not lock_file.is_file():
         return
     try:
-        handle = open(lock, "rb")
+        handle = open(lock_file, "rb")
     except OSError:
         return  # exclusive() reports what is wrong with the directory
     with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise in_use_error(run_dir) from None
+        if not lock(handle, wait=False, shared=True):
+            raise in_use_error(run_dir)
 
 
 @contextlib.contextmanager
@@ -80,12 +74,7 @@ def exclusive(run_dir: Path):
     except OSError as err:
         raise UserError(f"cannot create the run directory {run_dir} (or write its lock file): {err.strerror or err}; "
                         "is the runs folder (--runs-dir) a writable folder?") from None
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise in_use_error(run_dir) from None
+    with handle:  # closing the file releases the lock
+        if not lock(handle, wait=False):
+            raise in_use_error(run_dir)
         yield run_dir
-    finally:
-        handle.close()  # closing the file releases the lock

@@ -21,7 +21,6 @@ from ..eval import metrics
 from ..atomic import write_text
 from ..causal import warn_if_constants_cannot_learn
 from ..errors import NonFiniteError
-from ..modalities import LETTERS
 from ..run import checkpoint as ckpt_io
 from .accumulation import Accumulation, warn_if_no_step
 from ..run.build import compile_model, load_data, make_model, make_optimizer
@@ -164,9 +163,9 @@ def epoch_details(model, optimizer, valid: dict, headline_key: str, train_terms:
                                                for name, values in valid["predictions"].items()}},
                "lrs": {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)},
                "samples_per_second": round(samples_per_second, 2)}
-    head = getattr(unwrap(model), "head", None)
-    if head is not None:
-        details["constants"] = {f"c_{m}": float(getattr(head, f"constant_{m}").detach()) for m in LETTERS.values()}
+    constants = unwrap(model).constants()
+    if constants:
+        details["constants"] = {f"c_{letter}": float(value.detach()) for letter, value in constants.items()}
     if valid.get("margins") is not None:
         details["margins"] = valid["margins"]
     return details

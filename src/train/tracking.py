@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 
 from ..errors import UserError
+from ..trees import flatten
 
 LOGGERS = ("none", "tensorboard")
 TENSORBOARD_HINT = "pip install -e .[tensorboard]"
@@ -69,18 +70,11 @@ def final_scalars(results: dict) -> list[tuple[str, float, int]]:
     return rows
 
 
-def flat_hparams(cfg: dict, prefix: str = "") -> dict:
-    """A nested config as {dotted key: int | float | str | bool}, the types the hparams view takes."""
-    flat = {}
-    for key, value in cfg.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flat_hparams(value, name + "."))
-        elif isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        else:  # None, lists
-            flat[name] = str(value)
-    return flat
+def flat_hparams(cfg: dict) -> dict:
+    """A nested config as {dotted key: int | float | str | bool}, the types the hparams view takes
+    (None and lists as their text)."""
+    return {key: value if isinstance(value, (bool, int, float, str)) else str(value)
+            for key, value in flatten(cfg).items()}
 
 
 class NullLogger:
