@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..eval.evaluate import PREDICTIONS
 from ..eval.metrics import EMOTIONS, SENTIMENT_CLASSES, predictions_to_scores
+from .plots import plot_confusion
 
 SENTIMENT_LABELS = [str(c) for c in range(-(SENTIMENT_CLASSES // 2), SENTIMENT_CLASSES // 2 + 1)]
 EMOTION_LABELS = ["absent", "present"]
@@ -43,8 +45,6 @@ def emotion_confusions(logits, target) -> np.ndarray:
 
 def confusion_matrices(pred: dict, task: str) -> dict:
     """{prediction name: counts} for every prediction in `pred` (the output of `predict`)."""
-    from ..eval.evaluate import PREDICTIONS
-
     matrices = {}
     for name, key in PREDICTIONS.items():
         if key not in pred:
@@ -65,8 +65,6 @@ def confusion_matrices(pred: dict, task: str) -> dict:
 
 def write_confusion_png(matrices: dict, task: str, path, title: str):
     """The matrices as one PNG (percent of samples, as the tables), or None without matplotlib."""
-    from .plots import plot_confusion
-
     if task == "binary":
         return plot_confusion(matrices, path, title, EMOTION_LABELS, panel_labels=list(EMOTIONS))
     return plot_confusion(matrices, path, title, SENTIMENT_LABELS, accuracy_name="acc7")

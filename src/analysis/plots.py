@@ -11,8 +11,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..modalities import MODALITIES, REMOVALS
+import numpy as np
+
 from ..atomic import replacing
+from ..eval.metrics import is_fraction_metric
+from ..modalities import MODALITIES, REMOVALS
 
 PLOTS_HINT = "install the plots extra: pip install -e .[plots]"
 
@@ -126,8 +129,6 @@ def plot_removal_drops(runs: dict, path, title: str = "Score drop when modalitie
 
 def _percent(key: str, value: float) -> float:
     """Accuracies and F1 in percent, as the text tables show them; other metrics unchanged."""
-    from ..eval.metrics import is_fraction_metric
-
     return 100.0 * value if is_fraction_metric(key) else value
 
 
@@ -211,8 +212,6 @@ def plot_confusion(matrices: dict, path, title: str, class_labels: list, panel_l
     predicted one; or (D, 2, 2) for D binary decisions (IEMOCAP's emotions, named by ``panel_labels``),
     drawn one panel per prediction and decision. Returns the PNG path, or None without matplotlib.
     """
-    import numpy as np
-
     if not matrices:
         raise ValueError("nothing to plot: no confusion matrices given")
     first = np.asarray(next(iter(matrices.values())))
@@ -261,8 +260,6 @@ def plot_attention_grid(maps: dict, path, title: str, labels: dict | None = None
     ``maps``: ``{encoder name: (T_q, T_k) array}``; ``labels``: a readable title per encoder.
     Returns the PNG path, or None when matplotlib is not installed.
     """
-    import numpy as np
-
     if not maps:
         raise ValueError("nothing to plot: no attention maps given")
     cols = 2

@@ -1,4 +1,4 @@
-"""The CausalMER training objective (SPEC §5).
+"""The CausalMER training objective (docs/design.md § The training objective).
 
     L = α · [ℓ(logits_te) + ℓ(z_t) + ℓ(z_a) + ℓ(z_v)] + β · L_KL
 

@@ -1,7 +1,7 @@
 """What each dataset's MulT pickle looks like: file names, feature sizes, label layout and tasks.
 
 Everything that depends on the dataset name lives here, so that validation, the cache, the Dataset and
-the synthetic generator all agree on one description of the files (SPEC §1).
+the synthetic generator all agree on one description of the files (docs/design.md § Data).
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Synthetic data files in exactly the MulT layout, with real label signal and an optional shortcut.
 
 The real pickles can't be downloaded everywhere, so tests and the demo run on files written here.
-They match SPEC §1 in everything a loader could notice: a dict of train/valid/test splits; keys
-text/audio/vision/labels (and `id` for MOSEI/MOSI); float64 arrays except MOSI's float32 text; the
-real feature dimensions and sequence lengths; zero left-padding of varying length; `-inf` entries
-in audio; labels as IEMOCAP one-hot (absent, present) pairs or MOSEI/MOSI (N, 1, 1) scores.
+They match the layout of docs/design.md § Data in everything a loader could notice: a dict of train/valid/test
+splits; keys text/audio/vision/labels (and `id` for MOSEI/MOSI); float64 arrays except MOSI's float32 text;
+the real feature dimensions and sequence lengths; zero left-padding of varying length; `-inf` entries in
+audio; labels as IEMOCAP one-hot (absent, present) pairs or MOSEI/MOSI (N, 1, 1) scores.
 
 How the features depend on the labels:
 - Each sample gets a label (one of the four emotions for IEMOCAP, a sentiment score in [-3, 3]

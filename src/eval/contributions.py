@@ -8,9 +8,9 @@ Three views, all computed from quantities the evaluation already produces:
   averaged over every order in which the modalities could be added. The values add up to
   v(all) − v(empty) (efficiency), a modality that never changes the score gets 0, and two modalities
   that are interchangeable get equal values.
-- **NDE shares**: the causal head's natural direct effects NDE_t, NDE_a, NDE_v (SPEC §4) measure how
-  much each unimodal shortcut moves the prediction; the mean |NDE_m| over samples, normalised to sum
-  to 1, is the share of the shortcut effect that each modality carries.
+- **NDE shares**: the causal head's natural direct effects NDE_t, NDE_a, NDE_v (docs/design.md § The causal
+  head) measure how much each unimodal shortcut moves the prediction; the mean |NDE_m| over samples,
+  normalised to sum to 1, is the share of the shortcut effect that each modality carries.
 - **Balance index**: the normalised entropy of the absolute contributions (1 = perfectly even,
   0 = one modality carries everything).
 

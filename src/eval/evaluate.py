@@ -11,8 +11,11 @@ import numpy as np
 import torch
 
 from . import metrics
+from ..errors import UserError
 from ..modalities import LETTERS, MODALITIES, REMOVALS, SUBSETS
 from ..run.distributed import Context, gather_objects
+from .contributions import removal_report
+from .margins import MARGIN_KEYS, decision_margins
 
 PREDICTIONS = {"tie": "logits_tie", "te": "logits_te", "m": "logits_m"}
 PREDICTION_KEYS = tuple(PREDICTIONS.values())
@@ -20,8 +23,6 @@ PREDICTION_KEYS = tuple(PREDICTIONS.values())
 
 def parse_removal(text: str | None) -> tuple[str, ...]:
     """'tv' -> ('text', 'vision'); None or '' -> (). Letters t, a, v; each once; not all three."""
-    from ..errors import UserError
-
     if not text:
         return ()
     letters = list(text)
@@ -105,8 +106,6 @@ def evaluate(model, dataset, batch_size: int, ctx: Context, remove=(), amp: bool
     (src/eval/margins.py; None for the backbone alone and for regression)."""
     keys = PREDICTION_KEYS
     if margins:
-        from .margins import MARGIN_KEYS, decision_margins
-
         keys = tuple(dict.fromkeys(PREDICTION_KEYS + MARGIN_KEYS))
     pred = predict(model, dataset, batch_size, ctx, remove=remove, amp=amp, keys=keys)
     result = {"loss": pred["loss"], "predictions": score_predictions(pred, dataset.task)}
@@ -123,8 +122,6 @@ def main_prediction(model) -> str:
 
 def removal_sweep(model, dataset, batch_size: int, ctx: Context, amp: bool = False) -> dict:
     """Scores with each of the six removals, their drops from the full-input score, and the std of drops."""
-    from .contributions import removal_report
-
     key, higher_is_better = metrics.headline(dataset.task)
     full = evaluate(model, dataset, batch_size, ctx, amp=amp)
     removals = {letters: evaluate(model, dataset, batch_size, ctx, remove=parse_removal(letters), amp=amp)

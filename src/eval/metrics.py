@@ -1,4 +1,5 @@
-"""Evaluation metrics (SPEC §6), computed from numpy arrays (torch tensors are accepted and copied to numpy).
+"""Evaluation metrics (docs/design.md § Metrics), computed from numpy arrays (torch tensors are accepted
+and copied to numpy).
 
 IEMOCAP (task ``binary``): four binary tasks, one per emotion in the order Neutral, Happy, Sad, Angry.
 The model's 8 logits are read as (4, 2) (absent, present) pairs; each emotion's prediction is the

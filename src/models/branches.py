@@ -1,4 +1,5 @@
-"""Unimodal branches: each maps one modality's raw features (B, L, d) to logits (B, C) (SPEC §3).
+"""Unimodal branches: each maps one modality's raw features (B, L, d) to logits (B, C)
+(docs/design.md § Unimodal branches).
 
 A branch sees only its own modality, so what it learns is that modality's shortcut to the label; the
 causal head subtracts exactly that. Kinds (built by name through `src.models.build_branch`):

@@ -1,4 +1,4 @@
-"""DMD, Decoupled Multimodal Distillation (Li et al., CVPR 2023), as fixed by SPEC §8.
+"""DMD, Decoupled Multimodal Distillation (Li et al., CVPR 2023), as docs/design.md § DMD fixes it.
 
 Each modality's features are split into a modality-specific part s_m and a part c_m common to all
 modalities (one encoder shared by the three). The common parts feed a "homogeneous" branch, the
@@ -14,28 +14,28 @@ text/audio/vision (B, L_m, d_m)                                   modality order
      -> residual head per m -> logits_hetero_m, repr_hetero_m
   -> fused: z = [σ(W h_l); σ(W h_v); σ(W h_a); σ(W c_f)] (B, 9d) -> residual head -> logits (B, C)
 
-`forward` returns `(logits, extras)`; `aux_loss(extras, target)` is SPEC §8's auxiliary loss (the
-per-branch task losses, the two graph distillations, reconstruction, cycle, margin and
-orthogonality terms). Only this module reads the extras.
+`forward` returns `(logits, extras)`; `aux_loss(extras, target)` is the auxiliary loss of docs/design.md § DMD
+(the per-branch task losses, the two graph distillations, reconstruction, cycle, margin and orthogonality
+terms). Only this module reads the extras.
 
-Choices where SPEC §8 is silent:
+Choices where the design (docs/design.md § DMD) is silent:
 - the dropout inside every residual head (homogeneous, heterogeneous, common, fused) is
   `out_dropout`;
 - the common self-attention encoder over c_m uses modality m's attention dropout, as MulT's
   per-modality encoders do (text `attn_dropout`, audio `attn_dropout_a`, vision `attn_dropout_v`);
-  memory encoders use `attn_dropout` (SPEC §2);
+  memory encoders use `attn_dropout` (docs/design.md § MulT);
 - the graph distillation's edge scores read the logits and representations without detaching
-  them: only the teacher's side of each distance is cut from the gradient (SPEC §8's `.detach()`);
+  them: only the teacher's side of each distance is cut from the gradient (the reference's `.detach()`);
 - margin loss on IEMOCAP: a sample's label is its vector of four emotion bits; "same label" means all
   four agree, and |y_a - y_n| is the number of emotions that differ (1 to 4), so the margin grows
   with how different the two labels are, as a score difference does for sentiment;
 - the heterogeneous graph's representation loss is summed over the six edges like the logit loss.
 
-SPEC §8 follows the reference code's arithmetic, and so does this module: the homogeneous representation is post-ReLU (the reference's
-in-place ReLU), the heterogeneous representation loss multiplies the batch means of max(0, cos) and
-of the edge weights, and the orthogonality cosine runs along the batch axis (`orthogonality_axis`
-"batch"; "feature" is the per-step cosine along the feature axis). `load_official_state_dict` loads
-the reference's weights.
+The design follows the reference code's arithmetic, and so does this module: the homogeneous representation is
+post-ReLU (the reference's in-place ReLU), the heterogeneous representation loss multiplies the batch means of
+max(0, cos) and of the edge weights, and the orthogonality cosine runs along the batch axis
+(`orthogonality_axis` "batch"; "feature" is the per-step cosine along the feature axis).
+`load_official_state_dict` loads the reference's weights.
 
 Tensors are channel-first (B, d, T) around the 1x1 convolutions and sequence-first (T, B, E) inside
 the shared MulT encoders.
@@ -70,7 +70,7 @@ REPR_DISTILL_WEIGHT = 10.0    # weight of a graph's representation loss
 # --- graph distillation --------------------------------------------------------------------------
 
 def distillation_losses(logits, reprs, edges, prior, repr_distance: str) -> dict:
-    """SPEC §8's losses of one distillation graph, given its edge weights.
+    """The losses of one distillation graph (docs/design.md § DMD), given its edge weights.
 
     logits/reprs: three (B, C) / (B, H) tensors in ORDER; edges (B, 6) per-sample edge weights in
     EDGES order; prior (6,). Each edge pulls its student towards its teacher, weighted per sample by
@@ -147,7 +147,7 @@ _MARGIN_BLOCK_ELEMENTS = 1 << 22
 
 
 def margin_loss(features: torch.Tensor, labels: torch.Tensor, scale: float = 0.15) -> torch.Tensor:
-    """SPEC §8's margin loss over N vectors (N, F) with labels (N,) or (N, K).
+    """DMD's margin loss (docs/design.md § DMD) over N vectors (N, F) with labels (N,) or (N, K).
 
     For anchor a, positive b (same label, b != a) and negative n (different label):
     max(0, scale·|y_a - y_n| - cos(a, b) + cos(a, n)), averaged over the anchor's (b, n) pairs, then
@@ -178,7 +178,7 @@ ORTHOGONALITY_AXES = ("batch", "feature")
 def orthogonality_loss(specific: torch.Tensor, common: torch.Tensor, axis: str = "batch") -> torch.Tensor:
     """Mean of max(0, cos(s, c)) over the entries the cosine leaves; (B, d, T) inputs.
 
-    "batch" (SPEC §8, the reference): the reference's CosineEmbeddingLoss on (T, B, d) tensors as the
+    "batch" (the reference, docs/design.md § DMD): the reference's CosineEmbeddingLoss on (T, B, d) tensors as the
     PyTorch it targets computed it, the cosine along the batch axis, one per (time step, feature),
     with 1e-12 added to each squared norm. "feature": one cosine per (sample, time step) along the
     feature axis, the orthogonality of each step's two vectors.
@@ -227,7 +227,8 @@ class DMD(nn.Module):
 
     orig_dims, seq_lens and kernel_sizes are in (text, audio, vision) order. The sequence lengths are
     fixed at construction: the homogeneous branch flattens each modality's whole sequence, so data
-    of another length is refused with a ConfigError. The loss weights default to SPEC §8's.
+    of another length is refused with a ConfigError. The loss weights default to the reference's
+    (docs/design.md § DMD).
     `orthogonality_axis` is "batch" (the reference) or "feature" (see `orthogonality_loss`). `engine`
     ("auto", "plain" or "fast", src/models/engine.py) chooses how the encoders are computed, as in MulT;
     the result and the parameters are the same whichever runs.
@@ -396,7 +397,7 @@ class DMD(nn.Module):
         }
 
     def combine_terms(self, terms: dict) -> torch.Tensor:
-        """SPEC §8's weighted sum of the auxiliary terms."""
+        """The weighted sum of the auxiliary terms (docs/design.md § DMD)."""
         return (terms["task"]
                 + self.homo_distill_weight * (terms["homo_logit"] + terms["homo_reg"])
                 + self.hetero_distill_weight * (terms["hetero_logit"] + terms["hetero_repr"] + terms["hetero_reg"])

@@ -1,4 +1,5 @@
-"""The MulT transformer encoder (SPEC §2): pre-LayerNorm layers, sinusoidal positions, shifted future mask.
+"""The MulT transformer encoder (docs/design.md § MulT): pre-LayerNorm layers, sinusoidal positions, shifted
+future mask.
 
 This file is the one definition of the encoder's math, written to be read: every layer is
 `x + dropout(attention(LN0(x), LN0(k), LN0(v)))` then `x + dropout(fc2(dropout(relu(fc1(LN1(x))))))`,
@@ -169,7 +170,7 @@ class TransformerEncoderLayer(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """A stack of `layers` pre-LN layers plus a final LayerNorm (SPEC §2).
+    """A stack of `layers` pre-LN layers plus a final LayerNorm (docs/design.md § MulT).
 
     `forward(x, x_k=None, x_v=None, last_step=False)` on (T, B, E); giving x_k (and x_v, which
     defaults to x_k) makes every layer attend from x to that key/value sequence, embedded once:

@@ -1,4 +1,4 @@
-"""The residual head MulT, PMR and DMD end with (SPEC §2, item 6)."""
+"""The residual head MulT, PMR and DMD end with (docs/design.md § MulT, item 6)."""
 import torch
 import torch.nn.functional as F
 from torch import nn

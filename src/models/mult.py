@@ -1,4 +1,4 @@
-"""MulT, the Multimodal Transformer backbone, as modified for CausalMER (SPEC §2).
+"""MulT, the Multimodal Transformer backbone, as modified for CausalMER (docs/design.md § MulT).
 
 text/audio/vision (B, L_m, d_m)
   -> Conv1d per modality (kernel k_m, no bias) to d_model          (text: embedding dropout first)

@@ -1,4 +1,4 @@
-"""PMR, Progressive Modality Reinforcement (Lv et al., CVPR 2021), as fixed by SPEC §9.
+"""PMR, Progressive Modality Reinforcement (Lv et al., CVPR 2021), as docs/design.md § PMR reads it.
 
 A message hub C exchanges information with every modality, layer by layer:
 
@@ -17,13 +17,13 @@ A Modality Reinforcement Unit MRU(S, X) runs a crossmodal branch c (X attends to
 branch a (X attends to itself) side by side, mixes them with a learned per-feature gate
 G = σ(a·W_a + c·W_c + b), y = G ⊙ c + (1 − G) ⊙ a, and ends with a pre-LN feed-forward block.
 
-Choices where the paper is silent (fixed by SPEC §9, or made here where marked "here"):
+Choices where the paper is silent (fixed by the design, docs/design.md § PMR, or made here where marked "here"):
 - the MRU's attentions use no mask, and both branches keep their residual connection;
 - the message score reads the time-average of each candidate Z_m instead of its flattened sequence,
   so W_m is d×d whatever the lengths (the flattened form needs fixed lengths and ~26M parameters on
   unaligned MOSEI);
-- here: the head count is used as configured (MulT's reference forces 10; SPEC §9 sets 10 anyway);
-- here: no extra dropout on the raw text features (MulT has one; SPEC §9's input stage has none);
+- here: the head count is used as configured (MulT's reference forces 10; the design sets 10 anyway);
+- here: no extra dropout on the raw text features (MulT has one; the design's input stage has none);
 - here: new Linear weights are xavier-uniform with zero biases, like MulT's encoder layers.
 
 Tensors are sequence-first (T, B, E) inside, as the shared encoder code expects.
@@ -144,7 +144,7 @@ class PMRLayer(nn.Module):
         modalities = tuple(unit(hub, x, engine=engine) for unit, x in zip(self.hub_to_modality, modalities))
         # 2. Each reinforced modality proposes a candidate hub, all from the same incoming hub.
         candidates = [unit(x, hub, engine=engine) for unit, x in zip(self.modality_to_hub, modalities)]
-        # 3. Score each candidate by its time-average (SPEC §9's choice: fixed d×d size at any length).
+        # 3. Score each candidate by its time-average (the design's choice: fixed d×d size at any length).
         scores = torch.cat([
             self.message_score(torch.tanh(proj(z.mean(dim=0))))
             for proj, z in zip(self.message_proj, candidates)
@@ -185,7 +185,7 @@ class PMR(nn.Module):
         self.layers = nn.ModuleList([
             PMRLayer(d_model, num_heads, attn_dropout, relu_dropout, res_dropout) for _ in range(layers)
         ])
-        # MulT's encoder (SPEC §2), including its own input stage (√d scaling, positions, dropout)
+        # MulT's encoder (docs/design.md § MulT), including its own input stage (√d scaling, positions, dropout)
         # on H, as every MulT encoder applies to its input.
         self.final_encoder = TransformerEncoder(d_model, num_heads, layers, attn_dropout=attn_dropout,
                                                 relu_dropout=relu_dropout, res_dropout=res_dropout,
@@ -214,7 +214,7 @@ class PMR(nn.Module):
             hub, modalities, weights = layer(hub, modalities, engine=engine)
             alphas.append(weights)
         x_l, x_a, x_v = modalities
-        sequence = torch.cat([hub, x_l, x_v, x_a], dim=0)  # SPEC §9's order
+        sequence = torch.cat([hub, x_l, x_v, x_a], dim=0)  # the design's order
         (hidden,) = run_encoders([self.final_encoder], [sequence], last_step=True, engine=engine)
         logits, _ = residual_head(hidden, self.proj1, self.proj2, self.out_layer, self.out_dropout, self.training)
         return {"logits": logits, "hidden": hidden, "hub": hub, "modalities": modalities,

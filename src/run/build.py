@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from ..causal import CausalHead, CausalMER
 from ..data import load_splits
 from ..models import backbone_class, branch_class, build_backbone, build_branch
+from ..models.standalone import BackboneOnly
 from ..modalities import MODALITIES
 from .config import check_kwargs
 
@@ -29,11 +31,7 @@ def build_model(cfg: dict, dims, seq_lens, output_dim: int) -> torch.nn.Module:
     check_kwargs(backbone_class(name), params, f"the '{name}' backbone's config (model.backbone_params)")
     backbone = build_backbone(name, orig_dims=list(dims), seq_lens=list(seq_lens), output_dim=output_dim, **params)
     if model_cfg["name"] == "backbone":
-        from ..models.standalone import BackboneOnly
-
         return BackboneOnly(backbone)
-
-    from ..causal import CausalHead, CausalMER
 
     branches = []
     for modality, in_dim, seq_len in zip(MODALITIES, dims, seq_lens):

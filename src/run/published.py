@@ -1,9 +1,10 @@
 """Checkpoints of the published CausalMER code: read them without running them, import them, start from them.
 
-The published code saves whole models with `torch.save(model)` (SPEC §10): pickles that name its classes
-(`src.models.MULTModel`, `src.causal_mer_model.CAUSALMER`, ...), torch layers, transformers' ALBERT and
-torchvision's ResNet. Unpickling such a file normally imports those classes and lets the file call whatever
-it names, so `torch.load` on a downloaded one is as dangerous as running a script from it.
+The published code saves whole models with `torch.save(model)` (docs/design.md § Checkpoints of the published
+code): pickles that name its classes (`src.models.MULTModel`, `src.causal_mer_model.CAUSALMER`, ...), torch
+layers, transformers' ALBERT and torchvision's ResNet. Unpickling such a file normally imports those classes
+and lets the file call whatever it names, so `torch.load` on a downloaded one is as dangerous as running a
+script from it.
 
 Here the pickle is read by an unpickler that imports nothing from the file. Every global the file names is
 looked up in a fixed table and becomes a marker object:
@@ -561,7 +562,8 @@ def _mult_params(mult: Record, source: str) -> tuple[dict, tuple, int]:
         kernels.append(kernel[0])
     params["kernel_sizes"] = kernels
 
-    # Encoders: depth, attention dropout (by source modality), heads and the other dropouts, per SPEC §2.
+    # Encoders: depth, attention dropout (by source modality), heads and the other dropouts, as
+    # docs/design.md § MulT describes them.
     by_source = {"l": params["attn_dropout"], "a": params["attn_dropout_a"], "v": params["attn_dropout_v"]}
     from ..models.mult import CROSSMODAL_NAMES, MEMORY_NAMES, REFERENCE_NUM_HEADS
 

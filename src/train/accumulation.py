@@ -1,9 +1,10 @@
 """Gradient accumulation: which batches step the optimiser, when gradients are clipped, and what each
 batch's backward divides its loss by (config `train.accumulate` batches per step, `train.accumulation`).
 
-- "reference", DMD's official procedure (SPEC §8): each batch's loss is back-propagated undivided, the
-  gradients are clipped after every backward (so the clip acts on the running sum), the optimiser steps
-  and zeroes every `window` batches, and a last partial window of an epoch is discarded without a step.
+- "reference", DMD's official procedure (docs/design.md § DMD): each batch's loss is back-propagated
+  undivided, the gradients are clipped after every backward (so the clip acts on the running sum), the
+  optimiser steps and zeroes every `window` batches, and a last partial window of an epoch is discarded
+  without a step.
 - "corrected": each loss is divided by the window, so a step sees the window's mean gradient; the
   gradients are clipped once, just before each step; a last partial window steps too.
 With a window of 1 the two are the same: every batch is backward, clip, step.

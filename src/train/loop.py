@@ -26,6 +26,7 @@ from .accumulation import Accumulation, warn_if_no_step
 from ..run.build import compile_model, load_data, make_model, make_optimizer
 from ..run.config import dump_config, model_signature
 from ..run.distributed import Context, barrier
+from ..run.published import init_from_published
 from ..eval.evaluate import autocast, evaluate, iterate_batches, main_prediction, to_device, unwrap
 from .tracking import make_logger, require_logger
 
@@ -52,8 +53,6 @@ def prepare(cfg: dict, ctx: Context, seed: int, resume: bool = False) -> dict:
     splits = load_data(cfg)
     model = make_model(cfg, splits["train"], ctx.device)
     if cfg["model"].get("init_from") and not resume:  # a resumed run's weights come from last.pt
-        from ..run.published import init_from_published
-
         init_from_published(model, cfg["model"]["init_from"], cfg["dataset"])
     optimizer = make_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(

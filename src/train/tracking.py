@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from ..trees import flatten
 
 LOGGERS = ("none", "tensorboard")
@@ -32,8 +32,6 @@ CHECKPOINTS = ("best_loss", "best_acc")
 
 def check_logger(name: str) -> str:
     if name not in LOGGERS:
-        from ..errors import ConfigError
-
         raise ConfigError(f"train.logger '{name}' is unknown; valid loggers: {', '.join(LOGGERS)}")
     return name
 
