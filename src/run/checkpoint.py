@@ -2,7 +2,8 @@
 
 A checkpoint holds the model, optimiser and scheduler states, the RNG states, the epoch it closes,
 the selection bookkeeping, and the resolved config (as YAML text) so that a checkpoint from another
-model or config is refused instead of silently half-loaded.
+model or config is refused instead of silently half-loaded, and the identity of the run that wrote it
+(src/run/identity.py) so that a checkpoint of another run is not taken for the run's own.
 """
 from __future__ import annotations
 
@@ -22,9 +23,14 @@ CHECKPOINT_NAMES = {"last": "last.pt", "best_loss": "best_loss.pt", "best_acc": 
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save through src.atomic: a kill at any moment leaves the old file or the new one, never a torn one."""
+    """torch.save through src.atomic: a kill at any moment leaves the old file or the new one, never a torn one.
+
+    torch.save is given an open file rather than a path: writing to a path, its C++ writer reports a full
+    disk as a RuntimeError ("unexpected pos"), while through a Python file the OSError (ENOSPC) itself
+    arrives, which src.atomic turns into a message naming the file."""
     with replacing(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
 
 
 def weights_record(model: torch.nn.Module, config_text: str, epoch: int) -> dict:
@@ -241,7 +247,7 @@ def read_config_file(path: Path) -> dict:
 
 def check_same_config(saved: dict, requested: dict, path: Path) -> None:
     """--resume must continue the same experiment: any difference in the resolved config but its
-    execution keys (engine, compile, logger: src/run/config.py) is refused."""
+    execution keys (compile, logger: src/run/config.py) is refused; the engine is not one of them."""
     difference = first_difference(without_execution_keys(saved), without_execution_keys(requested))
     if difference:
         key, got, want = difference
