@@ -15,10 +15,18 @@ exactly what metrics.json keeps:
 
 and the run's hyperparameters (the flattened config) with the two checkpoints' test headline
 metrics in TensorBoard's hparams view. Event files go to <run>/tensorboard/.
+
+A TensorBoard folder that cannot be written is refused before the run starts; a write that fails during
+the run (a full disk) stops it with a message, after cutting the events file back to its last complete
+flush, so no torn record is left (the epoch's checkpoints are already saved: --resume continues).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
+import os
+import threading
 from pathlib import Path
 
 from ..errors import ConfigError, UserError
@@ -88,14 +96,52 @@ class NullLogger:
         pass
 
 
-def require_logger(name: str) -> None:
-    """Refuse a logger whose package is missing, before anything is written (UserError naming the extra)."""
+def require_logger(name: str, run_dir: Path | None = None) -> None:
+    """Refuse a logger whose package is missing, or whose folder in `run_dir` cannot be written, before
+    anything is written (UserError naming the extra or the folder)."""
     if check_logger(name) == "tensorboard":
         try:
             import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it; fail here with a hint)
         except ImportError:
             raise UserError(f"--logger tensorboard (train.logger) needs the tensorboard package, which is "
                             f"not installed; install the tensorboard extra: {TENSORBOARD_HINT}") from None
+        if run_dir is not None:
+            check_log_dir(Path(run_dir) / LOG_DIR)
+
+
+def check_log_dir(log_dir: Path) -> None:
+    """The TensorBoard folder is absent (it is created) or a folder this process can write into."""
+    if log_dir.exists() and not log_dir.is_dir():
+        raise UserError(f"{log_dir} is a file, but --logger tensorboard (train.logger) writes its event files into "
+                        "a folder there; move the file away, or train with --logger none")
+    if log_dir.is_dir() and not os.access(log_dir, os.W_OK | os.X_OK):
+        raise UserError(f"the TensorBoard folder {log_dir} is not writable; make it writable, or train with "
+                        "--logger none")
+
+
+def logging_error(log_dir: Path, err: OSError) -> UserError:
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+    reason = "no space left on the device (or the disk quota is used up)" if full else (err.strerror or str(err))
+    return UserError(f"cannot write the TensorBoard events in {log_dir}: {reason}. The run stopped; its checkpoints "
+                     "of the last finished epoch are kept and the events file holds only complete records. "
+                     f"{'Free some space' if full else 'Fix the folder'} and continue with --resume (the same "
+                     "command; or --logger none to train without TensorBoard).")
+
+
+def _quiet_writer_threads() -> None:
+    """TensorBoard writes from a thread, which keeps its error (a full disk) and re-raises it in the thread that
+    writes next, where it becomes our message; Python would also print the writer thread's traceback."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
 
 
 class TensorBoardLogger:
@@ -103,16 +149,50 @@ class TensorBoardLogger:
         require_logger("tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
-        # On resume, events at or after the resumed epoch (written by the interrupted run) are dropped.
-        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+        _quiet_writer_threads()
+        self.log_dir, self.writer, self.events, self.complete = Path(log_dir), None, None, 0
+        before = set(self.log_dir.glob("events.out.tfevents.*"))
+        with self.writing():
+            # On resume, events at or after the resumed epoch (written by the interrupted run) are dropped.
+            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+            self.events = next(iter(set(self.log_dir.glob("events.out.tfevents.*")) - before), None)
+            self.flush()
+
+    def flush(self) -> None:
+        """Flush, and note the events file's size: everything up to there is complete records."""
+        self.writer.flush()
+        if self.events is not None:
+            self.complete = self.events.stat().st_size
+
+    @contextlib.contextmanager
+    def writing(self):
+        try:
+            yield
+        except OSError as err:
+            self.abandon()
+            raise logging_error(self.log_dir, err) from None
+
+    def abandon(self) -> None:
+        """After a failed write: close the writer quietly and cut the events file back to its last complete flush."""
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+        if self.events is not None:
+            with contextlib.suppress(OSError):
+                os.truncate(self.events, self.complete)
 
     def log_epoch(self, entry: dict) -> None:
-        for tag, value in epoch_scalars(entry).items():
-            if value is not None and math.isfinite(value):
-                self.writer.add_scalar(tag, value, entry["epoch"])
-        self.writer.flush()
+        with self.writing():
+            for tag, value in epoch_scalars(entry).items():
+                if value is not None and math.isfinite(value):
+                    self.writer.add_scalar(tag, value, entry["epoch"])
+            self.flush()
 
     def log_final(self, results: dict, cfg: dict, headline_key: str) -> None:
+        with self.writing():
+            self._log_final(results, cfg, headline_key)
+
+    def _log_final(self, results: dict, cfg: dict, headline_key: str) -> None:
         from torch.utils.tensorboard.summary import hparams
 
         for tag, value, step in final_scalars(results):
@@ -129,10 +209,11 @@ class TensorBoardLogger:
         last = max(results[which]["epoch"] for which in CHECKPOINTS)
         for tag, value in metrics.items():
             self.writer.add_scalar(tag, value, last)
-        self.writer.flush()
+        self.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        with self.writing():
+            self.writer.close()
 
 
 def make_logger(name: str, run_dir: Path, is_main: bool, first_epoch: int = 1):
