@@ -333,16 +333,19 @@ def dump_config(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
-# Keys that choose how a run is computed or watched, not what it trains: the engine, compilation and
-# the logger change no checkpoint, optimiser state or result, so a run may resume or be evaluated with
-# other values of them.
-EXECUTION_KEYS = (("model", "backbone_params", "engine"), ("train", "compile"), ("train", "logger"))
+# Keys that choose how a run is computed or watched, not what it trains: compilation and the logger
+# change no checkpoint, optimiser state or result, so a run may resume or be evaluated with other values.
+EXECUTION_KEYS = (("train", "compile"), ("train", "logger"))
+# The engine changes a training run's result (its dropout draws differ), so a run resumes and is reused
+# only with its own; but not the weights' layout nor any evaluation (no dropout), so any engine may
+# evaluate any run's checkpoint.
+ENGINE_KEY = ("model", "backbone_params", "engine")
 
 
-def without_execution_keys(cfg: dict) -> dict:
-    """A copy of cfg without EXECUTION_KEYS, for comparing what two configs train."""
+def without_execution_keys(cfg: dict, keys=EXECUTION_KEYS) -> dict:
+    """A copy of cfg without `keys` (EXECUTION_KEYS), for comparing what two configs train."""
     cfg = copy.deepcopy(cfg)
-    for path in EXECUTION_KEYS:
+    for path in keys:
         node = cfg
         for part in path[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
@@ -354,4 +357,4 @@ def without_execution_keys(cfg: dict) -> dict:
 def model_signature(cfg: dict) -> dict:
     """The parts of a config that define a trained model: a checkpoint only loads into the same."""
     return {"dataset": cfg["dataset"], "aligned": cfg["data"]["aligned"], "task": cfg["data"]["task"],
-            "model": without_execution_keys(cfg)["model"]}
+            "model": without_execution_keys(cfg, (*EXECUTION_KEYS, ENGINE_KEY))["model"]}
