@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 from ..errors import UserError
@@ -78,3 +79,18 @@ def exclusive(run_dir: Path):
         if not lock(handle, wait=False):
             raise in_use_error(run_dir)
         yield run_dir
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move a run out of the way, beside its siblings but out of reach of the seed* pattern, holding its
+    lock: a run that another process is training (or evaluating into) is refused, naming it, not moved."""
+    run_dir = Path(run_dir)
+    target = run_dir.parent / "replaced" / f"{run_dir.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    refuse_if_in_use(run_dir)  # before creating anything
+    with exclusive(run_dir):
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            run_dir.rename(target)
+        except OSError as err:
+            raise UserError(f"cannot move the run {run_dir} aside to {target}: {err.strerror or err}") from None
+    return target
