@@ -179,7 +179,7 @@ COMMANDS = {
     "train": lambda a: start_run(run_spec(a), device=a.device, amp=a.amp, resume=a.resume),
     "eval": lambda a: evaluate_run(run_path(a.runs_dir, a.dataset, a.name, a.seed), checkpoint=a.checkpoint,
                                    split=a.split, remove=a.remove, device=a.device, amp=a.amp, data_dir=a.data_dir,
-                                   analyze=a.analyze, compiled=a.compile),
+                                   analyze=a.analyze, compiled=a.compile, dataset=a.dataset),
     "analyze": lambda a: analyze_runs([Path(r) for r in a.runs], checkpoint=a.checkpoint, split=a.split,
                                       device=a.device, data_dir=a.data_dir, out_dir=a.out, attention=a.attention,
                                       sample=a.sample),

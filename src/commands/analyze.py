@@ -11,7 +11,7 @@ from ..errors import UserError
 from ..modalities import MODALITIES
 from ..run import checkpoint as ckpt_io
 from ..run import distributed
-from ..run.trained import checkpoint_path, load_run, provenance, result_tag
+from ..run.trained import checkpoint_path, load_run, other_data_line, provenance, result_tag
 from ..eval import metrics
 from ..eval.contributions import (balance_index, nde_shares, removal_report, removal_scores_from_subsets,
                                   shapley_values)
@@ -33,8 +33,10 @@ def analyze_run(run_dir: Path, checkpoint: str, split: str, ctx, data_dir: str |
     subsets = subset_scores(model, dataset, batch_size, ctx)[prediction]
     shapley = shapley_values(subsets)
     full = subsets[frozenset(MODALITIES)]
-    result = {"run": str(run_dir), "dataset": cfg["dataset"], "task": dataset.task,
-              **provenance(run_dir, checkpoint, saved, dataset),
+    origin = provenance(run_dir, checkpoint, saved, dataset)
+    if ctx.is_main and other_data_line(origin):
+        print(other_data_line(origin))
+    result = {"run": str(run_dir), "dataset": cfg["dataset"], "task": dataset.task, **origin,
               "model": cfg["model"]["name"], "backbone": cfg["model"]["backbone"], "prediction": prediction,
               "metric": key, "split": split,
               "subset_scores": {"+".join(sorted(s)) or "none": v for s, v in subsets.items()},
@@ -46,7 +48,7 @@ def analyze_run(run_dir: Path, checkpoint: str, split: str, ctx, data_dir: str |
         result["nde_shares"] = shares
         result["nde_balance"] = balance_index(shares)
     if attention and ctx.is_main:
-        tag = result_tag(run_dir, checkpoint, data_dir, dataset.source)
+        tag = result_tag(run_dir, checkpoint, data_dir, dataset.source, saved.get("run"))
         result["attention"] = write_attention(model, dataset, cfg, Path(run_dir), tag, split, ctx.device, sample)
     return result
 
@@ -92,7 +94,7 @@ def analyze_runs(run_dirs: list[Path], checkpoint: str = "best_acc", split: str 
         # Into the first run's directory, the analysis of another checkpoint or other data is named apart
         # (as eval's results are), so it never replaces the run's own.
         first = next(iter(results.values()))
-        tag = result_tag(run_dirs[0], checkpoint, data_dir, first["data"])
+        tag = result_tag(run_dirs[0], checkpoint, data_dir, first["data"], first["checkpoint"]["run"])
         suffix = "" if out_dir or tag == checkpoint_path(run_dirs[0], checkpoint).stem else f"_{tag}"
         files = {name: out / f"{name}{suffix}.{ext}" for name, ext in
                  (("analysis", "json"), ("contributions", "png"), ("removal_drops", "png"), ("report", "md"))}

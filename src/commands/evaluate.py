@@ -10,7 +10,7 @@ from ..atomic import write_text
 from ..run import distributed
 from ..run.build import compile_model
 from ..run.rundir import exclusive
-from ..run.trained import load_run, provenance, result_tag
+from ..run.trained import load_run, other_data_line, provenance, result_tag
 from ..eval.evaluate import parse_removal, predict, removal_sweep, score_predictions
 from ..eval.tables import prediction_table, print_removal_report
 from ..analysis.confusion import confusion_matrices, write_confusion_png
@@ -20,19 +20,22 @@ from .analyze import analyze_runs
 
 def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test", remove: str | None = None,
                  device: str = "auto", amp: bool = False, data_dir: str | None = None, analyze: bool = False,
-                 compiled: bool = False) -> dict:
+                 compiled: bool = False, dataset: str | None = None) -> dict:
     """Score a run's checkpoint; `compiled` (or the run's train.compile) evaluates it torch.compiled;
-    `analyze` adds the modality analysis (analyze_runs) of the same checkpoint."""
+    `analyze` adds the modality analysis (analyze_runs) of the same checkpoint; `dataset`, when given, is
+    the dataset the run must be of."""
     ctx = distributed.setup(device)
     distributed.warn_if_amp_ignored(ctx.device, amp)
     try:
-        cfg, splits, model, saved = load_run(run_dir, checkpoint, ctx.device, data_dir)
+        cfg, splits, model, saved = load_run(run_dir, checkpoint, ctx.device, data_dir, dataset)
         if compiled or cfg["train"].get("compile"):
             model = compile_model(model)  # the weights were loaded into the module it wraps
         dataset = splits[split]
         batch_size = cfg["train"]["eval_batch_size"]
         origin = provenance(run_dir, checkpoint, saved, dataset)
-        tag = result_tag(run_dir, checkpoint, data_dir, dataset.source)
+        if ctx.is_main and other_data_line(origin):
+            print(other_data_line(origin))
+        tag = result_tag(run_dir, checkpoint, data_dir, dataset.source, saved.get("run"))
         name = Path(checkpoint).stem
         # The results are written into the run directory: not while a training run is writing there.
         with exclusive(run_dir) if ctx.is_main else contextlib.nullcontext():

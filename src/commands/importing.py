@@ -8,6 +8,7 @@ from ..atomic import write_text
 from ..errors import UserError
 from ..run import checkpoint as ckpt_io
 from ..run.config import dump_config
+from ..run.identity import new_identity, write_identity
 from ..run.published import build_imported, published_run_config
 from ..run.rundir import IMPORTED_NAME, exclusive, holds_run, run_path
 
@@ -30,7 +31,9 @@ def import_checkpoint(file: str, dataset: str, name: str, seed: int = 1, runs_di
     with exclusive(run_dir):
         refuse_existing()  # again under the lock: another process may have written the run meanwhile
         write_text(run_dir / "config.yaml", config_text)
-        weights = ckpt_io.weights_record(model, config_text, epoch=0)
+        identity = new_identity(seed, None)  # an imported model was trained on no data of this tool
+        write_identity(run_dir, identity)
+        weights = ckpt_io.weights_record(model, config_text, epoch=0, run=identity)
         for which in ("best_acc", "best_loss"):
             ckpt_io.atomic_save(weights, run_dir / ckpt_io.CHECKPOINT_NAMES[which])
         # Written last: from here on the directory holds a run, which train and a second import refuse.

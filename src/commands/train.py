@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from ..run import checkpoint as ckpt_io
 from ..run import distributed
 from ..run.config import dump_config, load_config, without_execution_keys
 from ..run.published import init_record
-from ..run.rundir import exclusive, holds_run, refuse_if_in_use, run_path
+from ..run.identity import check_resume_data
+from ..run.rundir import exclusive, holds_run, refuse_if_in_use, run_path, set_aside
 from ..run.runtime import setup_logging
 from ..train.loop import prepare, train
 
@@ -101,7 +101,9 @@ def start_run(spec: RunSpec, device: str = "auto", amp: bool = False, resume: bo
     try:
         # The data, the backbone's options and the model itself are checked before the run directory is
         # created: a run refused for its input leaves nothing behind.
-        prepared = prepare(cfg, ctx, spec.seed, resume=resume)
+        prepared = prepare(cfg, ctx, spec.seed, resume=resume, run_dir=run_dir)
+        if resume:
+            check_resume_data(run_dir, prepared["splits"]["train"].source)
         with exclusive(run_dir) if ctx.is_main else contextlib.nullcontext():
             # Checked again under the lock: another process may have started this run meanwhile.
             check_run_start(run_dir, cfg, resume)
@@ -134,14 +136,6 @@ def write_curves(history: list, path: Path, headline_key: str) -> None:
 
 
 # -------------------------------------------------------------- several runs (compare, demo)
-def set_aside(run_dir: Path) -> Path:
-    """Move a run out of the way, beside its siblings but out of reach of the seed* pattern."""
-    target = run_dir.parent / "replaced" / f"{run_dir.name}-{time.strftime('%Y%m%dT%H%M%S')}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    run_dir.rename(target)
-    return target
-
-
 def plan_run(spec: RunSpec, fresh: bool, flag: str) -> str:
     """What to do with one run of compare/demo: 'train', 'resume', 'reuse' (finished, same config) or
     'replace' (another config, and `fresh` lets it be moved aside).
@@ -151,6 +145,7 @@ def plan_run(spec: RunSpec, fresh: bool, flag: str) -> str:
     run_dir = spec.run_dir
     if not holds_run(run_dir):
         return "train"
+    refuse_if_in_use(run_dir)  # a run still training is neither reused, continued nor moved
     saved = ckpt_io.read_config_file(run_dir / "config.yaml")
     difference = ckpt_io.first_difference(without_execution_keys(saved), without_execution_keys(spec.config()))
     if difference is None:

@@ -33,10 +33,11 @@ def atomic_save(obj, path: Path) -> None:
             torch.save(obj, handle)
 
 
-def weights_record(model: torch.nn.Module, config_text: str, epoch: int) -> dict:
+def weights_record(model: torch.nn.Module, config_text: str, epoch: int, run: dict | None) -> dict:
     """What every checkpoint holds (WEIGHTS_FIELDS below): the weights, the run's config, the epoch they
-    close (0 for weights that were not trained here). `last` adds the training state to it."""
-    return {"model": model.state_dict(), "config": config_text, "epoch": epoch}
+    close (0 for weights that were not trained here), and the identity of the run that wrote them (`run`,
+    src/run/identity.py). `last` adds the training state to it."""
+    return {"model": model.state_dict(), "config": config_text, "epoch": epoch, "run": run}
 
 
 def _first_line(err: BaseException) -> str:

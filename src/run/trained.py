@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from . import checkpoint as ckpt_io
+from . import identity as run_identity
 from .build import load_data, make_model
 from .config import model_signature
 
@@ -23,38 +24,74 @@ def checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
     return Path(run_dir) / ckpt_io.CHECKPOINT_NAMES[checkpoint]
 
 
-def load_run(run_dir: Path, checkpoint: str, device, data_dir: str | None = None):
-    """(config, splits, model with the checkpoint's weights, checkpoint) of a run directory."""
+def load_run(run_dir: Path, checkpoint: str, device, data_dir: str | None = None, dataset: str | None = None):
+    """(config, splits, model with the checkpoint's weights, checkpoint) of a run directory.
+
+    `dataset`: the dataset the command line names, which the run's config must be of. A checkpoint named
+    by the run's own name (best_acc, best_loss, last) must have been written by this run."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} not found; train it first with main.py train (or main.sh)")
     cfg = ckpt_io.read_config_file(run_dir / "config.yaml")
+    if dataset is not None:
+        check_run_dataset(cfg, dataset, run_dir)
     if data_dir is not None:
         cfg["data"]["dir"] = data_dir
     path = checkpoint_path(run_dir, checkpoint)
     saved = ckpt_io.load_checkpoint(path)
     ckpt_io.check_compatible(saved, path, model_signature(cfg))
+    if checkpoint in ckpt_io.CHECKPOINT_NAMES:
+        run_identity.check_own_checkpoint(saved, path, run_dir, checkpoint, run_identity.read_identity(run_dir))
     splits = load_data(cfg)
     model = make_model(cfg, splits["train"], device)
     ckpt_io.load_model_state(model, saved["model"], path)
     return cfg, splits, model, saved
 
 
+def check_run_dataset(cfg: dict, dataset: str, run_dir: Path) -> None:
+    """A run directory under <runs>/<dataset>/ holds a run of that dataset: refuse one whose config says otherwise."""
+    if cfg.get("dataset") != dataset:
+        raise UserError(f"{run_dir / 'config.yaml'} is a run of dataset {cfg.get('dataset')!r}, but the command "
+                        f"names --dataset {dataset}; its results would be reported as {dataset}'s. Evaluate it "
+                        f"with --dataset {cfg.get('dataset')} (and move the run under that dataset's folder).")
+
+
 def provenance(run_dir: Path, checkpoint: str, saved: dict, dataset) -> dict:
-    """What a result came from: the checkpoint (path, epoch) and the data file, for its result file."""
-    return {"checkpoint": {"path": str(checkpoint_path(run_dir, checkpoint).resolve()), "epoch": saved["epoch"]},
-            "data": dataset.source, "split": dataset.split}
+    """What a result came from: the checkpoint (path, epoch, the run that wrote it) and the data file, for
+    its result file; and, when the data is not what the run trained on, both files (`other_data`)."""
+    origin = {"checkpoint": {"path": str(checkpoint_path(run_dir, checkpoint).resolve()), "epoch": saved["epoch"],
+                             "run": saved.get("run")},
+              "data": dataset.source, "split": dataset.split}
+    other = run_identity.other_data_note(run_dir, dataset.source)
+    if other is not None:
+        origin["other_data"] = other
+    return origin
 
 
-def result_tag(run_dir: Path, checkpoint: str, data_dir: str | None, source: dict) -> str:
+def other_data_line(origin: dict) -> str | None:
+    """The one line eval and analyze print when a provenance's data is not what the run trained on."""
+    other = origin.get("other_data")
+    if other is None:
+        return None
+    return (f"note: evaluating other data than the run trained on: {run_identity.describe(other['evaluated_on'])}, "
+            f"trained on {run_identity.describe(other['trained_on'])}")
+
+
+def result_tag(run_dir: Path, checkpoint: str, data_dir: str | None, source: dict, checkpoint_run: dict | None) -> str:
     """The name part of a result file: the checkpoint's name for the run's own checkpoint on its own data;
     otherwise also a digest of the checkpoint and data file, so a foreign evaluation never overwrites
-    the run's own results (and two foreign ones of different origin never overwrite each other)."""
+    the run's own results (and two foreign ones of different origin never overwrite each other).
+
+    Own checkpoint: in the run directory under a checkpoint name, and written by this run (`checkpoint_run`:
+    the run identity the checkpoint records). Own data: the run's data folder (or none given), holding the
+    content the run trained on."""
     path = checkpoint_path(run_dir, checkpoint).resolve()
-    own_checkpoint = path.parent == Path(run_dir).resolve() and path.name in ckpt_io.CHECKPOINT_NAMES.values()
+    own_checkpoint = (path.parent == Path(run_dir).resolve() and path.name in ckpt_io.CHECKPOINT_NAMES.values()
+                      and run_identity.belongs({"run": checkpoint_run}, path, run_identity.read_identity(run_dir)))
     run_data = ckpt_io.read_config_file(Path(run_dir) / "config.yaml")["data"]["dir"]
-    own_data = data_dir is None or Path(data_dir).resolve() == Path(run_data).resolve()
+    own_data = ((data_dir is None or Path(data_dir).resolve() == Path(run_data).resolve())
+                and run_identity.other_data_note(run_dir, source) is None)
     if own_checkpoint and own_data:
         return path.stem
-    digest = hashlib.sha1(f"{path}\n{source['path']}".encode()).hexdigest()[:8]
+    digest = hashlib.sha1(f"{path}\n{source['path']}\n{source.get('sha1')}".encode()).hexdigest()[:8]
     return f"{path.stem}-{digest}"

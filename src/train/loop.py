@@ -22,6 +22,7 @@ from ..atomic import write_text
 from ..causal import warn_if_constants_cannot_learn
 from ..errors import NonFiniteError
 from ..run import checkpoint as ckpt_io
+from ..run import identity as run_identity
 from .accumulation import Accumulation, warn_if_no_step
 from ..run.build import compile_model, load_data, make_model, make_optimizer
 from ..run.config import dump_config, model_signature
@@ -44,11 +45,12 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def prepare(cfg: dict, ctx: Context, seed: int, resume: bool = False) -> dict:
+def prepare(cfg: dict, ctx: Context, seed: int, resume: bool = False, run_dir: Path | None = None) -> dict:
     """Seed, open the data, build the model and its optimiser: everything a mistake in the input can
-    break, done before the run directory is created, so a refused run leaves nothing behind."""
+    break, done before the run directory is created, so a refused run leaves nothing behind. `run_dir`:
+    where the run will be, whose logger folder must be writable."""
     tcfg = cfg["train"]
-    require_logger(tcfg.get("logger", "none"))
+    require_logger(tcfg.get("logger", "none"), run_dir)
     seed_everything(seed)
     splits = load_data(cfg)
     model = make_model(cfg, splits["train"], ctx.device)
@@ -77,10 +79,13 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
                                      math.ceil(per_rank / tcfg["batch_size"])), log)
     state = {"epoch": 0, "best_loss": math.inf, "best_acc": -math.inf, "since_best": 0, "history": []}
     signature = model_signature(cfg)
+    # What every checkpoint of this run records: its id, seed and data file (src/run/identity.py).
+    identity = run_identity.bind_run(run_dir, seed, splits["train"].source, resume) if ctx.is_main else None
 
     if resume:
         last = ckpt_io.load_checkpoint(run_dir / ckpt_io.CHECKPOINT_NAMES["last"], resumable=True)
         ckpt_io.check_compatible(last, run_dir / "last.pt", signature)
+        run_identity.check_own_checkpoint(last, run_dir / "last.pt", run_dir, "last", identity)
         ckpt_io.load_model_state(model, last["model"], run_dir / "last.pt")
         ckpt_io.load_optimizer_state(optimizer, last["optimizer"], run_dir / "last.pt")
         ckpt_io.load_scheduler_state(scheduler, last["scheduler"], run_dir / "last.pt")
@@ -119,7 +124,7 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
         improved_score = score > state["best_acc"]
         state["since_best"] = 0 if improved_loss else state["since_best"] + 1
         if ctx.is_main:
-            weights = ckpt_io.weights_record(model, config_text, epoch)
+            weights = ckpt_io.weights_record(model, config_text, epoch, identity)
             if improved_loss:
                 state["best_loss"] = valid["loss"]
                 ckpt_io.atomic_save(weights, run_dir / ckpt_io.CHECKPOINT_NAMES["best_loss"])
