@@ -19,11 +19,8 @@ from src.errors import UserError
 from src.run import checkpoint as ckpt_io
 from src.run.rundir import exclusive, set_aside
 from tests.helpers import copy_run, run
+from tests.test_cli_errors import TINY, assert_refused, data_dir  # noqa: F401  (data_dir: a fixture)
 
-TINY = ["--set", "model.backbone_params.d_model=10", "--set", "model.backbone_params.layers=1",
-        "--set", "model.branches.text={kind: pool}", "--set", "model.branches.audio={kind: pool}",
-        "--set", "model.branches.vision={kind: pool}", "--set", "train.batch_size=16",
-        "--set", "train.eval_batch_size=32"]
 FAST = ["--set", "model.backbone_params.engine=fast"]
 
 
@@ -35,21 +32,6 @@ def train_args(data_dir, runs, *extra, name="tiny", seed=3, epochs=1):
 def eval_args(runs, *extra, name="tiny", seed=3, dataset="iemocap"):
     return ["eval", "--dataset", dataset, "--name", name, "--seed", seed, "--runs-dir", runs, "--device", "cpu",
             *extra]
-
-
-def assert_refused(result, *fragments):
-    code, out, err = result
-    assert code == 2, (code, out[-2000:], err[-2000:])
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_synthetic(root, "iemocap", scale=0.005, seed=0)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -250,7 +250,8 @@ def test_evaluating_another_checkpoint_or_data_keeps_the_runs_own_results(capsys
     assert run(capsys, *evaluate)[0] == 0
     own = (run_a / "eval_best_acc_test.json").read_text()
     record = json.loads(own)
-    assert record["checkpoint"] == {"path": str((run_a / "best_acc.pt").resolve()), "epoch": 1}
+    assert record["checkpoint"] == {"path": str((run_a / "best_acc.pt").resolve()), "epoch": 1,
+                                    "run": json.loads((run_a / "run.json").read_text())}
     assert record["data"]["path"] == str(next(Path(two_runs[1]).glob("*.pkl")).resolve())
 
     assert run(capsys, *evaluate, "--checkpoint", run_b / "best_acc.pt")[0] == 0
@@ -315,4 +316,5 @@ def test_analysis_of_other_data_keeps_the_runs_own_analysis(capsys, two_runs, tm
     (foreign,) = run_a.glob("analysis_best_acc-*.json")
     (result,) = json.loads(foreign.read_text()).values()
     assert result["data"]["path"] == str(next(other_data.glob("*.pkl")).resolve())
-    assert result["checkpoint"] == {"path": str((run_a / "best_acc.pt").resolve()), "epoch": 1}
+    assert result["checkpoint"] == {"path": str((run_a / "best_acc.pt").resolve()), "epoch": 1,
+                                    "run": json.loads((run_a / "run.json").read_text())}

@@ -200,17 +200,6 @@ def test_resume_with_another_config_is_refused(trained, data_dir):
     assert_user_error(result, "model.head.fusion", "'mask'", "'sum'")
 
 
-@pytest.mark.slow
-def test_resume_with_another_engine_is_accepted(data_dir, tmp_path):
-    """The engine chooses how the model is computed, not what it is: a run started with one resumes
-    with the other (tests/test_engine.py checks that the resumed run is the same)."""
-    common = ["train", "--dataset", "iemocap", "--model", "mult", "--name", "e", "--seed", "2", "--data-dir",
-              data_dir, "--runs-dir", tmp_path, "--device", "cpu", "--epochs", "1", *TINY]
-    cli(*common, "--set", "model.backbone_params.engine=fast")
-    cli(*common, "--set", "model.backbone_params.engine=plain", "--resume")
-    assert "engine: plain" in (tmp_path / "iemocap" / "e" / "seed2" / "config.yaml").read_text()
-
-
 def test_corrupt_and_foreign_checkpoints_are_refused(trained, tmp_path):
     runs = tmp_path / "runs"
     copy = copy_run(trained, runs)

@@ -9,6 +9,7 @@ Training holds an exclusive lock on the directory's `.lock` file for the whole r
 that writes its results into the directory holds it while it runs, so a second process is refused
 instead of interleaving the log and overwriting checkpoints. The lock is an advisory `flock`: the OS
 releases it when its process ends, however it ends, so a killed run never leaves its directory locked.
+Moving a run aside (compare/demo --fresh) takes the same lock, so a run being trained is never moved.
 """
 from __future__ import annotations
 
