@@ -25,10 +25,16 @@ class Compiled(nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.module = model
+        self._orig_mod = model
 
     def forward(self, *inputs):
-        return self.module(*inputs)
+        return self._orig_mod(*inputs)
+
+    def __getattr__(self, name):  # as torch.compile's wrapper: the module's own attributes show through
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._orig_mod, name)
 
 
 @pytest.fixture
