@@ -43,7 +43,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import re
 import shutil
 import sys
@@ -52,11 +51,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run as a script from anywhere: `src` is the project package
+for path in (REPO, REPO / "benchmarks"):  # run as a script from anywhere: `src` is the project package
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 RESULTS = REPO / "benchmarks" / "results"
-from src.causal.head import FUSIONS  # noqa: E402  (imports after the sys.path line above)
+from common import machine_info  # noqa: E402  (imports after the sys.path lines above)
+from src.causal.head import FUSIONS  # noqa: E402
 from src.models import BACKBONES, BRANCHES  # noqa: E402
 from src.modalities import LETTERS, MODALITIES  # noqa: E402
 
@@ -464,19 +465,6 @@ def tables(setting: dict, summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine_info() -> dict:
-    import torch
-
-    cpu_model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        cpu_model = names[0] if names else cpu_model
-    return {"platform": platform.platform(), "processor": cpu_model,
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads_per_job": 1, "hostname": platform.node()}
-
-
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
@@ -494,6 +482,7 @@ def main(argv=None) -> int:
     output = Path(args.output) if args.output else default_output(setting)
 
     started = time.time()
+    machine = machine_info(torch_threads_per_job=1)  # its load average is the start's
     jobs = plan_jobs(setting)
     write_data(work_dir, jobs)
     records = run_all(jobs, work_dir, max(1, args.jobs), args.remeasure)
@@ -504,7 +493,7 @@ def main(argv=None) -> int:
 
     report = {"benchmark": "debias", "setting": setting, "command": " ".join(["python", "benchmarks/debias.py",
                                                                                 *(argv if argv is not None else sys.argv[1:])]),
-              "machine": machine_info(), "wall_time_s": round(wall, 1),
+              "machine": machine, "wall_time_s": round(wall, 1),
               "compute_s": round(sum(r.get("seconds", 0.0) for r in records), 1),
               "reused_runs": sum(bool(r.get("reused")) for r in records),
               "remeasured": bool(args.remeasure),  # cached runs re-evaluated: wall time is evaluation only

@@ -16,15 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from common import machine_info, peak_rss_gb  # noqa: E402  (after the sys.path lines above)
 
 
 def main(argv=None):
@@ -47,6 +49,7 @@ def main(argv=None):
     from src.train.loop import train_step
 
     torch.set_num_threads(args.threads)
+    machine = machine_info(threads=args.threads)  # before the steps: its load average is the start's
     aligned = not args.unaligned
     cfg = load_config(args.dataset, backbone="mult", model_name="backbone")
     cfg["data"]["aligned"] = aligned
@@ -75,9 +78,9 @@ def main(argv=None):
                 cpu[engine].append(time.process_time() - started_cpu)
     result = {"dataset": args.dataset, "aligned": aligned, "batch": args.batch, "lengths": list(lengths),
               "threads": args.threads, "rounds": args.rounds, "loadavg": list(os.getloadavg()),
-              "torch": torch.__version__,
-              # ru_maxrss is in KiB on Linux; with both engines in the process it is the larger one's
-              "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+              "machine": machine,
+              # with both engines in the process it is the larger one's
+              "peak_rss_gb": peak_rss_gb(),
               "engines": {e: {"wall_s_median": statistics.median(wall[e]), "cpu_s_median": statistics.median(cpu[e]),
                               "wall_s": wall[e], "cpu_s": cpu[e]} for e in chosen}}
     for engine, entry in result["engines"].items():

@@ -18,10 +18,8 @@ without it), no optional extra. Without a CUDA device it prints one line and exi
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -36,7 +34,8 @@ for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-import speed  # noqa: E402  (benchmarks/speed.py: rows, measurement, formatting)
+import speed  # noqa: E402  (benchmarks/speed.py: rows and their measurement)
+from common import fmt, machine_info, utc_now  # noqa: E402
 
 BUDGETS_S = {"tests": 120, "speed": 270, "demo": 90}
 PARTS = tuple(BUDGETS_S)
@@ -81,7 +80,7 @@ def child(payload: dict) -> None:
     settings = payload["settings"]
     for row in payload["rows"]:
         try:
-            result = speed.measure_variant_row(row, settings)
+            result = speed.measure_row(row, settings)
             result["precision"] = row["precision"]
         except Exception as error:  # a row that fails is recorded; the others still run
             result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(limit=6)}
@@ -178,10 +177,6 @@ def part_demo(budget: float, work: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- report
-def fmt(value, digits=2) -> str:
-    return speed.fmt(value, digits)
-
-
 def render_markdown(results: dict) -> str:
     machine = results["machine"]
     parts = results["parts"]
@@ -204,7 +199,7 @@ def render_markdown(results: dict) -> str:
     rows = parts.get("speed", {}).get("rows", {})
     if rows:
         lines += ["## speed (CUDA)", "",
-                  "Training step: forward, loss, backward, clipping, fused Adam; the first step (which compiles "
+                  "Training step: the trainer's `train_step` (forward, loss, backward, clipping, fused Adam); the first step (which compiles "
                   "under torch.compile) is timed apart. Peak: torch.cuda.max_memory_allocated.", "",
                   "| layout | backbone | variant | precision | batch | first step s | step s | ms/sample | "
                   "first eval s | eval samples/s | peak GB train | peak GB eval |", "|---" * 12 + "|"]
@@ -240,18 +235,6 @@ def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def machine_info(torch) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
-            "cuda_device": torch.cuda.get_device_name(0)}
-    info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
-    return info
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
 def torch_version(text: str) -> tuple[int, int]:
     major, minor = text.split("+")[0].split(".")[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
@@ -280,7 +263,7 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     command = " ".join(["bash benchmarks/gpu_check.sh", *(sys.argv[1:] if argv is None else argv)])
-    results = {"machine": machine_info(torch), "command": command, "started_utc": utc_now(), "budgets_s": BUDGETS_S,
+    results = {"machine": machine_info("cuda"), "command": command, "started_utc": utc_now(), "budgets_s": BUDGETS_S,
                "parts": {}}
     spare = 0.0
     with tempfile.TemporaryDirectory(prefix="causalmer-gpu-") as tmp:

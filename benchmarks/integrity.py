@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,11 +27,14 @@ import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from common import machine_info  # noqa: E402
 from src.data.cache import MANIFEST_NAME, data_crc32, prepare_cache  # noqa: E402
 from src.data.layout import get_spec  # noqa: E402
 from src.data.synthetic import write_synthetic  # noqa: E402
@@ -134,8 +136,7 @@ def main() -> None:
         data_dir = Path(args.data_dir) if args.data_dir else Path(tmp) / "data"
         scale = 0.001 if args.quick else args.scale
         repeats = 2 if args.quick else args.repeats
-        report = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
-                              "torch": torch.__version__, "numpy": np.__version__},
+        report = {"machine": machine_info(threads=1),
                   "repeats": repeats, "scale": scale,
                   "checkpoint": checkpoint_row(Path(tmp), repeats, args.quick),
                   "cache": cache_row(data_dir, scale, repeats)}

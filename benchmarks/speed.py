@@ -41,12 +41,8 @@ noisy, so compare medians and look at the load. `--markdown PATH` also writes th
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import math
 import os
-import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -58,10 +54,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
-from src.models import BRANCHES  # noqa: E402  (imports after the sys.path line above)
+from common import GB, fmt, machine_info, peak_rss_gb, utc_now  # noqa: E402  (after the sys.path lines above)
+from src.models import BRANCHES  # noqa: E402
 from src.modalities import MODALITIES  # noqa: E402
 
 GROUPS = ("reference", "published", "layouts", "pmr", "data", "compile", "dmd")
@@ -118,7 +116,6 @@ LARGE_FILE_MIN_BYTES = 2_000_000_000
 
 REFERENCE_PROCESSES = 3
 CHILD_TIMEOUT_S = 900
-GB = 1e9
 
 
 # ==================================================================================================
@@ -203,12 +200,6 @@ def shrink_for_quick(row: dict) -> dict:
 
 # ==================================================================================================
 # The child: measurements inside one subprocess
-
-
-def peak_rss_gb() -> float:
-    # ru_maxrss is in KiB on Linux, bytes on macOS
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / GB
 
 
 def proc_status_gb() -> dict:
@@ -308,65 +299,93 @@ def random_batch(torch, batch: int, lengths, dims, task: str, device):
     return inputs, target
 
 
-def measure_model_row(row: dict, settings: dict) -> dict:
+def measure_row(row: dict, settings: dict) -> dict:
+    """One model row in this process: its training steps, its evaluation batches and their peaks.
+
+    Every training step is the trainer's own `src.train.loop.train_step` on `run`, the module as
+    training runs it: the model itself, or for a variant row (`variant_row`) the model wrapped in
+    torch.compile and/or under the bf16 autocast. A variant row also reports compile_s and
+    eval_compile_s, the first training step and the first evaluation forward, which compile when the
+    model is compiled (eager rows report their first calls too, for comparison); its timed steps
+    start after them.
+    """
     import torch
 
     from src.data.layout import get_spec, output_dim
+    from src.eval.evaluate import autocast
     from src.models.engine import resolve_engine
-    from src.run.build import build_model
-    from src.train.loop import train_step
+    from src.run.build import build_model, compile_model
+    from src.train import loop
 
     device = Device(settings["device"])
     policy = dict(settings["policy"], **(EXPENSIVE if row.get("expensive") and not row.get("shrink") else {}))
-    result = {"loadavg": list(os.getloadavg()), "dataset": row["dataset"], "aligned": row["aligned"],
-              "backbone": row["backbone"], "model": row["model"]}
+    variant = "variant" in row
+    amp, compiled = row.get("amp", False), row.get("compile", False)
+    backend = QUICK_COMPILE_BACKEND if row.get("shrink") else "inductor"
     cfg = build_cfg(row)
     spec = get_spec(row["dataset"])
     lengths = tuple(row.get("lengths") or spec.seq_lens(row["aligned"]))
     task = cfg["data"]["task"]
     batch = row["batch"] or cfg["train"]["batch_size"]
     eval_batch = row["eval_batch"] or cfg["train"]["eval_batch_size"]
-    result.update(lengths=list(lengths), dims=list(spec.dims), task=task, batch=batch, eval_batch=eval_batch,
-                  config_batch=cfg["train"]["batch_size"], config_eval_batch=cfg["train"]["eval_batch_size"],
-                  # With accumulation the trainer steps Adam every N batches; every timed step here does.
-                  config_accumulate=cfg["train"].get("accumulate", 1))
+    result = {"loadavg": list(os.getloadavg()), "dataset": row["dataset"], "aligned": row["aligned"],
+              "backbone": row["backbone"], "model": row["model"], "lengths": list(lengths), "dims": list(spec.dims),
+              "task": task, "batch": batch, "eval_batch": eval_batch, "config_batch": cfg["train"]["batch_size"],
+              "config_eval_batch": cfg["train"]["eval_batch_size"],
+              # With accumulation the trainer steps Adam every N batches; every timed step here does.
+              "config_accumulate": cfg["train"].get("accumulate", 1)}
+    if variant:
+        result.update(variant=row["variant"], compile=compiled, compile_backend=backend if compiled else None, amp=amp)
     if row["model"] == "causalmer":
         result["branches"] = {m: cfg["model"]["branches"][m]["kind"] for m in MODALITIES}
 
     torch.manual_seed(0)
     model = build_model(cfg, spec.dims, lengths, output_dim(task)).to(device.device)
+    run = compile_model(model, backend=backend) if compiled else model
     optimizer = make_optimizer(torch, model, cfg, settings["optimizer"])
     inputs, target = random_batch(torch, batch, lengths, spec.dims, task, device.device)
     training_batch = {**dict(zip(MODALITIES, inputs)), "target": target}
     result["parameters"] = sum(p.numel() for p in model.parameters())
     result["rss_after_build_gb"] = peak_rss_gb()
+    result["module"] = type(run).__name__  # what the steps call: OptimizedModule when compiled
     if row["backbone"] in ("mult", "dmd", "pmr") or row.get("engine") is not None:
         result["engine"] = resolve_engine(cfg["model"]["backbone_params"].get("engine", "auto"), device.device)
 
-    def one_step():
-        train_step(model, optimizer, training_batch, cfg["train"], device.device)
+    def train_step():
+        loop.train_step(run, optimizer, training_batch, cfg["train"], device.device, amp=amp)
 
-    model.train()
+    run.train()
     device.reset_peak()
+    if variant:
+        result["compile_s"] = first_call(train_step, device)
     warmup = policy["warmup"] if row.get("warmup") is None or row.get("shrink") else row["warmup"]
-    times = timed(one_step, device, warmup, policy["min_repeats"], policy["max_repeats"],
-                  policy["budget_s"])
+    times = timed(train_step, device, warmup, policy["min_repeats"], policy["max_repeats"], policy["budget_s"])
     result.update(training_figures(times, batch, device))
 
     # The training batch's inputs, gradients and optimizer state stay alive, as they would between a
     # training epoch and its validation pass.
     eval_inputs, eval_target = random_batch(torch, eval_batch, lengths, spec.dims, task, device.device)
-    model.eval()
 
     def eval_step():
-        with torch.no_grad():
-            model.loss(model(*eval_inputs), eval_target)
+        with torch.no_grad(), autocast(device.device, amp):
+            model.loss(run(*eval_inputs), eval_target)
 
+    run.eval()
     device.reset_peak()
+    if variant:
+        result["eval_compile_s"] = first_call(eval_step, device)
     times = timed(eval_step, device, policy["eval_warmup"], policy["eval_min_repeats"],
                   policy["eval_max_repeats"], policy["eval_budget_s"])
     result.update(evaluation_figures(times, eval_batch, device))
     return result
+
+
+def first_call(step, device: Device) -> float:
+    """Seconds of one call of `step`, finished on the device (a compiled model's first call compiles)."""
+    begin = time.perf_counter()
+    step()
+    device.sync()
+    return time.perf_counter() - begin
 
 
 def child_rows(payload: dict) -> dict:
@@ -375,9 +394,8 @@ def child_rows(payload: dict) -> dict:
     torch.set_num_threads(payload["settings"]["threads"])
     results = {}
     for row in payload["rows"]:
-        measure = measure_variant_row if "variant" in row else measure_model_row
         try:
-            results[row["name"]] = measure(row, payload["settings"])
+            results[row["name"]] = measure_row(row, payload["settings"])
         except Exception as error:  # a row that can't build or run is recorded, the others still run
             results[row["name"]] = {"error": f"{type(error).__name__}: {error}",
                                     "traceback": traceback.format_exc(limit=6)}
@@ -496,80 +514,6 @@ def compile_rows() -> list[dict]:
             row["full_only"] = not LAYOUTS[layout][1]
             rows.append(row)
     return rows
-
-
-def measure_variant_row(row: dict, settings: dict) -> dict:
-    """measure_model_row's numbers for a variant row, plus compile_s and eval_compile_s: the first
-    training step and the first evaluation forward of a compiled model, which compile (eager rows
-    report their first calls too, for comparison). Timed steps start after them."""
-    import torch
-
-    from src.data.layout import get_spec, output_dim
-    from src.run.build import build_model, compile_model
-    from src.eval.evaluate import autocast
-
-    device = Device(settings["device"])
-    policy = dict(settings["policy"], **(EXPENSIVE if row.get("expensive") and not row.get("shrink") else {}))
-    cfg = build_cfg(row)
-    if row.get("engine") is not None:
-        cfg["model"]["backbone_params"]["engine"] = row["engine"]
-    spec = get_spec(row["dataset"])
-    lengths = tuple(row.get("lengths") or spec.seq_lens(row["aligned"]))
-    task = cfg["data"]["task"]
-    batch = row["batch"] or cfg["train"]["batch_size"]
-    eval_batch = row["eval_batch"] or cfg["train"]["eval_batch_size"]
-    backend = QUICK_COMPILE_BACKEND if row.get("shrink") else "inductor"
-    result = {"loadavg": list(os.getloadavg()), "dataset": row["dataset"], "aligned": row["aligned"],
-              "backbone": row["backbone"], "model": row["model"], "variant": row["variant"],
-              "compile": row["compile"], "compile_backend": backend if row["compile"] else None,
-              "amp": row["amp"], "engine": row.get("engine"), "lengths": list(lengths), "batch": batch,
-              "eval_batch": eval_batch, "config_batch": cfg["train"]["batch_size"]}
-
-    torch.manual_seed(0)
-    model = build_model(cfg, spec.dims, lengths, output_dim(task)).to(device.device)
-    run = compile_model(model, backend=backend) if row["compile"] else model
-    optimizer = make_optimizer(torch, model, cfg, settings["optimizer"])
-    clip_value, clip_norm = cfg["train"].get("grad_clip_value"), cfg["train"].get("grad_clip_norm")
-    inputs, target = random_batch(torch, batch, lengths, spec.dims, task, device.device)
-    result["parameters"] = sum(p.numel() for p in model.parameters())
-    result["module"] = type(run).__name__  # what the steps call: OptimizedModule when compiled
-
-    def train_step():
-        with autocast(device.device, row["amp"]):
-            loss = model.loss(run(*inputs), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_value:
-            torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
-        if clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-        optimizer.step()
-
-    def first_call(step) -> float:
-        begin = time.perf_counter()
-        step()
-        device.sync()
-        return time.perf_counter() - begin
-
-    run.train()
-    device.reset_peak()
-    result["compile_s"] = first_call(train_step)
-    times = timed(train_step, device, policy["warmup"], policy["min_repeats"], policy["max_repeats"], policy["budget_s"])
-    result.update(training_figures(times, batch, device))
-
-    eval_inputs, eval_target = random_batch(torch, eval_batch, lengths, spec.dims, task, device.device)
-    run.eval()
-
-    def eval_step():
-        with torch.no_grad(), autocast(device.device, row["amp"]):
-            model.loss(run(*eval_inputs), eval_target)
-
-    device.reset_peak()
-    result["eval_compile_s"] = first_call(eval_step)
-    times = timed(eval_step, device, policy["eval_warmup"], policy["eval_min_repeats"],
-                  policy["eval_max_repeats"], policy["eval_budget_s"])
-    result.update(evaluation_figures(times, eval_batch, device))
-    return result
 
 
 def variant_table(rows: dict) -> list[str]:
@@ -817,12 +761,6 @@ def print_summary(summary: dict) -> None:
 # --- markdown -------------------------------------------------------------------------------------
 
 
-def fmt(value, digits=2) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return f"{value:.{digits}f}"
-
-
 def cell(row) -> str:
     """One model row in a markdown cell: training ms per sample · eval samples/s · peak RSS."""
     if row is None:
@@ -926,33 +864,6 @@ def render_markdown(results: dict) -> str:
 # --- main -----------------------------------------------------------------------------------------
 
 
-def machine_info(args) -> dict:
-    import torch
-
-    info = {"cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "processor": cpu_name() or platform.processor() or platform.machine(), "device": args.device,
-            "loadavg_start": list(os.getloadavg())}
-    if args.device.startswith("cuda"):
-        info["cuda_device"] = torch.cuda.get_device_name(torch.device(args.device))
-    try:
-        info["memory_gb"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
-    except (ValueError, OSError, AttributeError):
-        pass
-    return info
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def parse_groups(text):
     if text is None:
         return list(GROUPS)
@@ -961,10 +872,6 @@ def parse_groups(text):
     if unknown or not chosen:
         raise SystemExit(f"--only: unknown group(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(GROUPS)}")
     return [name for name in GROUPS if name in chosen]  # always in the documented order (dmd last)
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def main(argv=None):
@@ -997,7 +904,7 @@ def main(argv=None):
 
     started = time.time()
     command = " ".join(["python", "benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])
-    results = {"machine": machine_info(args), "command": command, "quick": args.quick, "device": args.device,
+    results = {"machine": machine_info(args.device, threads=args.threads), "command": command, "quick": args.quick, "device": args.device,
                "optimizer": args.optimizer, "started_utc": utc_now(), "reference": REFERENCE,
                "policy": settings_for(args)["policy"], "groups": {}}
     print(f"{'quick run' if args.quick else 'full run'} on {args.device}, {args.threads} threads; "

@@ -49,6 +49,7 @@ from ..losses import target_kind, task_loss
 from .encoder import TransformerEncoder
 from .engine import resolve_engine, run_encoders
 from .heads import ResidualHead
+from .projections import add_input_projections, project_inputs
 from .mult import add_crossmodal_encoders, crossmodal_memories
 
 # DMD's modality order for its branches, graphs and concatenations.
@@ -256,7 +257,6 @@ class DMD(nn.Module):
                               f"got {orthogonality_axis!r}")
         if d_model % num_heads != 0:
             raise ConfigError(f"dmd: d_model {d_model} must be divisible by num_heads {num_heads}")
-        dims = dict(zip(("l", "a", "v"), orig_dims))
         kernels = dict(zip(("l", "a", "v"), kernel_sizes))
         self.seq_lens = dict(zip(("l", "a", "v"), (int(length) for length in seq_lens)))
         self.conv_lens = {}
@@ -276,9 +276,7 @@ class DMD(nn.Module):
         resolve_engine(engine, "cpu")  # refuses an unknown name now rather than at the first forward
         self.engine = engine
 
-        self.proj_l = nn.Conv1d(dims["l"], d_model, kernel_size=kernels["l"], padding=0, bias=False)
-        self.proj_a = nn.Conv1d(dims["a"], d_model, kernel_size=kernels["a"], padding=0, bias=False)
-        self.proj_v = nn.Conv1d(dims["v"], d_model, kernel_size=kernels["v"], padding=0, bias=False)
+        add_input_projections(self, orig_dims, d_model, kernel_sizes)
 
         # Decoupling: a specific encoder and a decoder per modality, one common encoder for all.
         self.encoder_s = nn.ModuleDict({m: _conv1x1(d_model, d_model) for m in ORDER})
@@ -322,11 +320,7 @@ class DMD(nn.Module):
         """text/audio/vision (B, L_m, d_m) -> (logits (B, output_dim), extras for aux_loss)."""
         self._check_lengths(text, audio, vision)
         text = F.dropout(text, p=self.text_dropout, training=self.training)
-        features = {  # X_m, (B, d, T_m): Conv1d wants channels first
-            "l": self.proj_l(text.transpose(1, 2)),
-            "a": self.proj_a(audio.transpose(1, 2)),
-            "v": self.proj_v(vision.transpose(1, 2)),
-        }
+        features = dict(zip(("l", "a", "v"), project_inputs(self, text, audio, vision)))  # X_m, (B, d, T_m)
         specific = {m: self.encoder_s[m](features[m]) for m in ORDER}
         common = {m: self.encoder_c(features[m]) for m in ORDER}
         recon = {m: self.decoder[m](torch.cat([specific[m], common[m]], dim=1)) for m in ORDER}

@@ -19,6 +19,7 @@ from torch import nn
 from .encoder import TransformerEncoder
 from .engine import resolve_engine, run_encoders
 from .heads import residual_head
+from .projections import add_input_projections, project_inputs
 
 # The reference builds every encoder with 10 heads whatever its config says.
 REFERENCE_NUM_HEADS = 10
@@ -79,18 +80,13 @@ class MulT(nn.Module):
                  res_dropout=0.1, embed_dropout=0.25, out_dropout=0.0, attn_mask=True, output_dim=1,
                  seq_lens=None, use_configured_heads=False, engine="auto"):
         super().__init__()
-        d_text, d_audio, d_vision = orig_dims
-        k_text, k_audio, k_vision = kernel_sizes
         resolve_engine(engine, "cpu")  # refuses an unknown name now rather than at the first forward
         self.engine = engine
         self.embed_dropout = embed_dropout
         self.out_dropout = out_dropout
         heads = num_heads if use_configured_heads else REFERENCE_NUM_HEADS
 
-        self.proj_l = nn.Conv1d(d_text, d_model, kernel_size=k_text, padding=0, bias=False)
-        self.proj_a = nn.Conv1d(d_audio, d_model, kernel_size=k_audio, padding=0, bias=False)
-        self.proj_v = nn.Conv1d(d_vision, d_model, kernel_size=k_vision, padding=0, bias=False)
-
+        add_input_projections(self, orig_dims, d_model, kernel_sizes)
         add_crossmodal_encoders(self, d_model, heads, layers, attn_dropout, attn_dropout_a, attn_dropout_v,
                                 relu_dropout=relu_dropout, res_dropout=res_dropout, embed_dropout=embed_dropout,
                                 attn_mask=attn_mask)
@@ -103,10 +99,8 @@ class MulT(nn.Module):
     def forward(self, text, audio, vision):
         """text/audio/vision (B, L_m, d_m) -> (logits (B, output_dim), last_hs (B, 6·d_model))."""
         text = F.dropout(text, p=self.embed_dropout, training=self.training)
-        # Conv1d wants (B, d, L); the encoders want (T, B, E).
-        x_l = self.proj_l(text.transpose(1, 2)).permute(2, 0, 1)
-        x_a = self.proj_a(audio.transpose(1, 2)).permute(2, 0, 1)
-        x_v = self.proj_v(vision.transpose(1, 2)).permute(2, 0, 1)
+        # The projections give (B, d, T); the encoders want (T, B, E).
+        x_l, x_a, x_v = (x.permute(2, 0, 1) for x in project_inputs(self, text, audio, vision))
 
         engine = resolve_engine(self.engine, self.proj_l.weight.device)
         last_hs = torch.cat(crossmodal_memories(self, x_l, x_a, x_v, engine), dim=1)

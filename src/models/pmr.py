@@ -46,6 +46,7 @@ from torch import nn
 from .encoder import MultiheadAttention, TransformerEncoder, embed_input
 from .engine import attend, resolve_engine, run_encoders
 from .heads import residual_head
+from .projections import PROJECTION_NAMES, add_input_projections
 
 
 def _xavier_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
@@ -171,16 +172,12 @@ class PMR(nn.Module):
         super().__init__()
         if layers < 1:
             raise ValueError(f"PMR needs at least one layer, got layers={layers}")
-        d_text, d_audio, d_vision = orig_dims
-        k_text, k_audio, k_vision = kernel_sizes
         resolve_engine(engine, "cpu")  # refuses an unknown name now rather than at the first forward
         self.engine = engine
         self.embed_dropout = embed_dropout
         self.out_dropout = out_dropout
 
-        self.proj_l = nn.Conv1d(d_text, d_model, kernel_size=k_text, padding=0, bias=False)
-        self.proj_a = nn.Conv1d(d_audio, d_model, kernel_size=k_audio, padding=0, bias=False)
-        self.proj_v = nn.Conv1d(d_vision, d_model, kernel_size=k_vision, padding=0, bias=False)
+        add_input_projections(self, orig_dims, d_model, kernel_sizes)
 
         self.layers = nn.ModuleList([
             PMRLayer(d_model, num_heads, attn_dropout, relu_dropout, res_dropout) for _ in range(layers)
@@ -205,8 +202,8 @@ class PMR(nn.Module):
         """All outputs as a dict: `logits` (B, C), `hidden` h (B, d), `hub` (T_C, B, d),
         `modalities` (X_l, X_a, X_v) each (T_m, B, d) after the last layer, and `alphas` (B, layers, 3),
         each layer's aggregation weights in the order l, a, v."""
-        modalities = (self._embed(text, self.proj_l), self._embed(audio, self.proj_a),
-                      self._embed(vision, self.proj_v))
+        modalities = tuple(self._embed(x, getattr(self, name))
+                           for name, x in zip(PROJECTION_NAMES, (text, audio, vision)))
         hub = torch.cat(modalities, dim=0)
         engine = resolve_engine(self.engine, self.proj_l.weight.device)
         alphas = []

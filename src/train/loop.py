@@ -181,8 +181,11 @@ def train_step(model, optimizer, batch: dict, tcfg: dict, device: torch.device, 
     the accumulation plan says, clip the gradients as the config asks (`clip`) and step the optimiser and
     clear the gradients (`update`).
 
-    Returns the loss's parts, detached (their sum is the loss). The speed benchmark times this function,
-    so what it measures is what training does.
+    `model` is what trains: the module, its torch.compile wrapper (train.compile) or its DDP wrapper;
+    the loss comes from the module underneath, outside the compiled graph. `amp` runs the forward and
+    the loss under the bf16 autocast on CUDA (--amp). Returns the loss's parts, detached (their sum is
+    the loss). Every training step of the benchmarks (benchmarks/speed.py, gpu.py, engines.py) is this
+    function, so what they measure is what training does.
     """
     with autocast(device, amp):
         out = model(batch["text"], batch["audio"], batch["vision"])
