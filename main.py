@@ -25,6 +25,7 @@ from src.commands.evaluate import evaluate_run
 from src.commands.importing import import_checkpoint
 from src.commands.make_data import make_data
 from src.commands.summarize import summarize_flags
+from src.analysis.table import FORMATS as TABLE_FORMATS
 from src.commands.train import RunSpec, start_run
 from src.data.layout import DATASETS
 from src.errors import UserError
@@ -60,6 +61,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_value, default=1)
     p.add_argument("--runs-dir", default="checkpoints")
     p.add_argument("--data-dir", default=None, help="where the pickles are (default: the config's data.dir)")
+
+
+def add_table_arguments(p: argparse.ArgumentParser) -> None:
+    """The paper table's options, shared by compare and summarize."""
+    p.add_argument("--format", default="markdown", choices=TABLE_FORMATS,
+                   help="the paper table's format, printed and written beside the summary CSV (default markdown)")
+    p.add_argument("--full", action="store_true", help="also print every metric of every group (mean ± std)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,11 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     compare.add_argument("--fresh", action="store_true",
                          help="move existing runs of another config aside (to <name>/replaced/) and train them again")
+    add_table_arguments(compare)
 
     summarize = sub.add_parser("summarize", help="mean ± std over seeds of every metric, groups side by side")
     summarize.add_argument("--group", action="append", required=True, metavar="LABEL=DIR",
                            help="LABEL=DIR where DIR holds seed*/metrics.json (repeatable)")
     summarize.add_argument("--out", default=None, help="CSV path (default: summary.csv in the first DIR)")
+    add_table_arguments(summarize)
 
     demo = sub.add_parser("demo", help="synthetic IEMOCAP, train MulT and CausalMER briefly, evaluate both")
     demo.add_argument("--data-dir", default="data/synthetic")
@@ -185,8 +195,9 @@ COMMANDS = {
                                       sample=a.sample),
     "compare": lambda a: compare(a.dataset, seeds=a.seeds, backbone=a.backbone, name=a.name, runs_dir=a.runs_dir,
                                  data_dir=a.data_dir, device=a.device, config_file=a.config, unaligned=a.unaligned,
-                                 task=a.task, epochs=a.epochs, overrides=a.overrides, fresh=a.fresh),
-    "summarize": lambda a: summarize_flags(a.group, a.out),
+                                 task=a.task, epochs=a.epochs, overrides=a.overrides, fresh=a.fresh,
+                                 table_format=a.format, full=a.full),
+    "summarize": lambda a: summarize_flags(a.group, a.out, table_format=a.format, full=a.full),
     "demo": lambda a: demo(data_dir=a.data_dir, runs_dir=a.runs_dir, epochs=a.epochs, device=a.device,
                            fresh=a.fresh),
     "import-checkpoint": lambda a: import_checkpoint(a.file, a.dataset, a.name, seed=a.seed, runs_dir=a.runs_dir,

@@ -163,7 +163,7 @@ def test_summarize_mean_std_csv_and_table(tmp_path):
     mae = by_key[("mult", "best_loss/test/tie/mae")]
     assert (mae["n"], mae["mean"], mae["std"]) == (2, pytest.approx(0.6), pytest.approx(math.sqrt(0.02)))
     single = by_key[("causalmer", "best_loss/test/tie/avg_acc")]
-    assert (single["n"], single["std"]) == (1, 0.0)
+    assert single["n"] == 1 and math.isnan(single["std"])  # one seed: no spread, never 0
     assert ("mult", "best_loss/test/done") not in by_key
     assert by_key[("mult", "epochs")]["mean"] == 3.0
 
@@ -171,15 +171,16 @@ def test_summarize_mean_std_csv_and_table(tmp_path):
     with path.open(newline="") as handle:
         read = list(csv.DictReader(handle))
     assert len(read) == len(rows)
-    assert read[0].keys() == {"group", "metric", "n", "mean", "std"}
+    assert read[0].keys() == {"group", "metric", "unit", "n", "mean", "std"}
     first = next(r for r in read if r["group"] == "mult" and r["metric"].endswith("avg_acc"))
-    assert float(first["mean"]) == pytest.approx(0.82) and int(first["n"]) == 3
+    assert float(first["mean"]) == pytest.approx(82.0) and int(first["n"]) == 3 and first["unit"] == "%"
+    assert next(r for r in read if r["group"] == "causalmer" and r["metric"].endswith("avg_acc"))["std"] == ""
 
     table = format_summary(rows, ["mult", "causalmer"], keys=["*/avg_acc", "*/mae"])
     lines = table.splitlines()
-    assert "mult" in lines[0] and "causalmer - mult" in lines[0]
+    assert "mult" in lines[0] and "causalmer" in lines[0] and "-" not in lines[0]  # no difference column
     acc_line = next(line for line in lines if line.startswith("best_loss/test/tie/avg_acc"))
-    assert "82.0 ± 2.0 (n=3)" in acc_line and "85.0 ± 0.0 (n=1)" in acc_line and acc_line.endswith("+3.0")
+    assert "82.0 ± 2.0 (n=3)" in acc_line and acc_line.endswith("85.0 ± — (n=1)")
     mae_line = next(line for line in lines if line.startswith("best_loss/test/tie/mae"))
     assert "0.600 ± 0.141 (n=2)" in mae_line and mae_line.rstrip().endswith("-")
     assert not any(line.startswith("epochs") for line in lines)

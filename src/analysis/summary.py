@@ -27,7 +27,7 @@ from ..eval.metrics import format_value, is_fraction_metric
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
-CSV_FIELDS = ("group", "metric", "n", "mean", "std")
+CSV_FIELDS = ("group", "metric", "unit", "n", "mean", "std")
 # Sections of metrics.json that say where the numbers came from; they are not metrics.
 PROVENANCE_KEYS = ("data",)
 # What a run is: runs averaged together must agree on all of these (they may differ in seed only).
@@ -122,8 +122,9 @@ def summarize(groups: dict[str, list]) -> list[dict]:
     """Mean and standard deviation of every metric, per group of runs.
 
     ``groups`` maps a group name to its run directories. Returns one row per (group, metric):
-    ``{"group", "metric", "n", "mean", "std"}``. ``std`` is the sample standard deviation (ddof=1), the
-    usual error bar across seeds, and 0.0 when a single run has the metric. ``n`` counts the runs that
+    ``{"group", "metric", "n", "mean", "std"}`` in the unit metrics.json stores (fractions). ``std`` is the
+    sample standard deviation (ddof=1), the usual error bar across seeds, and nan when a single run has the
+    metric (one seed says nothing about the spread). ``n`` counts the runs that
     report the metric with a finite value (a run without it, or with nan, does not count), so a summary
     never silently averages over fewer seeds than it shows. Metrics keep the order in which they first
     appear.
@@ -146,36 +147,42 @@ def summarize(groups: dict[str, list]) -> list[dict]:
                 "metric": metric,
                 "n": n,
                 "mean": float(np.mean(samples)) if n else float("nan"),
-                "std": float(np.std(samples, ddof=1)) if n > 1 else (0.0 if n == 1 else float("nan")),
+                "std": float(np.std(samples, ddof=1)) if n > 1 else float("nan"),
             })
     return rows
 
 
 def write_csv(rows: list[dict], path) -> Path:
-    """Write summary rows as CSV (columns group, metric, n, mean, std; full precision)."""
+    """Write summary rows as CSV (columns group, metric, unit, n, mean, std; full precision), accuracies and
+    F1 in percent as every table shows them (unit "%"), other metrics as they are (unit "-")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({field: row[field] for field in CSV_FIELDS})
+            scale = 100.0 if is_fraction_metric(row["metric"]) else 1.0
+            writer.writerow({**{field: row[field] for field in ("group", "metric", "n")},
+                             "unit": "%" if scale == 100.0 else "-",
+                             "mean": scale * row["mean"], "std": "" if math.isnan(row["std"]) else scale * row["std"]})
     return path
 
 
 def _mean_std_cell(row: dict | None) -> str:
     if row is None or row["n"] == 0:
         return "-"
-    return f"{format_value(row['metric'], row['mean'])} ± {format_value(row['metric'], row['std'])} (n={row['n']})"
+    spread = "—" if math.isnan(row["std"]) else format_value(row["metric"], row["std"])
+    return f"{format_value(row['metric'], row['mean'])} ± {spread} (n={row['n']})"
 
 
 def format_summary(rows: list[dict], groups, keys=None) -> str:
-    """A fixed-width table with the groups side by side: ``mean ± std (n=…)`` per metric.
+    """A fixed-width table with the groups side by side: ``mean ± std (n=…)`` per metric (``--full``).
 
     ``groups``: the group names in column order (a dict's keys work). ``keys``: metric names or glob
     patterns (``"best_loss/test/tie/*"``) selecting rows; all metrics when omitted. Accuracies and F1
-    are percentages. With exactly two groups a last column gives the difference of means, second minus
-    first (e.g. CausalMER minus the baseline).
+    are percentages. There is no difference column: the same path means different things in different
+    groups (a backbone run's ``m`` is the whole model, CausalMER's ``m`` one of its branches; the losses
+    are of different objectives); the paper table (src/analysis/table.py) sets the right rows apart.
     """
     groups = list(groups)
     by_key = {(row["group"], row["metric"]): row for row in rows}
@@ -190,25 +197,10 @@ def format_summary(rows: list[dict], groups, keys=None) -> str:
         return "(no metrics to summarise)"
 
     header = ["metric", *groups]
-    show_difference = len(groups) == 2
-    if show_difference:
-        header.append(f"{groups[1]} - {groups[0]}")
-    body = []
-    for metric in metrics:
-        cells = [metric, *(_mean_std_cell(by_key.get((group, metric))) for group in groups)]
-        if show_difference:
-            first, second = by_key.get((groups[0], metric)), by_key.get((groups[1], metric))
-            if first and second and first["n"] and second["n"]:
-                difference = second["mean"] - first["mean"]
-                text = format_value(metric, difference)
-                cells.append(text if text.startswith("-") or text == "nan" else f"+{text}")
-            else:
-                cells.append("-")
-        body.append(cells)
-
+    body = [[metric, *(_mean_std_cell(by_key.get((group, metric))) for group in groups)] for metric in metrics]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = ["  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))]).rstrip()
              for row in [header, *body]]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    note = "accuracies and F1 in %" if any(is_fraction_metric(m) for m in metrics) else ""
-    return "\n".join(lines + ([f"({note}; std: sample, ddof=1)"] if note else ["(std: sample, ddof=1)"]))
+    note = "accuracies and F1 in %; " if any(is_fraction_metric(m) for m in metrics) else ""
+    return "\n".join(lines + [f"({note}std: sample, ddof=1, — with one run)"])

@@ -11,7 +11,8 @@ from .train import RunSpec, train_all
 def compare(dataset: str, seeds=(1, 2, 3), backbone: str = "mult", name: str = "compare",
             runs_dir: str = "checkpoints", data_dir: str | None = None, device: str = "auto",
             config_file: str | None = None, unaligned: bool = False, task: str | None = None,
-            epochs: int | None = None, overrides=(), fresh: bool = False) -> Path:
+            epochs: int | None = None, overrides=(), fresh: bool = False, table_format: str = "markdown",
+            full: bool = False) -> Path:
     """Train (or reuse) <name>_<backbone> and <name>_causalmer_<backbone> for every seed, then write
     <runs_dir>/<dataset>/<name>_<backbone>_summary.csv of exactly these runs; returns its path.
 
@@ -27,5 +28,5 @@ def compare(dataset: str, seeds=(1, 2, 3), backbone: str = "mult", name: str = "
     # Exactly the runs of this command: other seeds in the same directories may be of another config.
     groups = {run_name: [s.run_dir for s in specs if s.name == run_name] for run_name in models}
     out = Path(runs_dir) / dataset / f"{name}_{backbone}_summary.csv"
-    summarize_groups(groups, out)
+    summarize_groups(groups, out, table_format, full)
     return out

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..analysis.summary import check_groups, collect_runs, format_summary, summarize, write_csv
+from ..analysis.table import EXTENSIONS, build_table, render
+from ..atomic import write_text
 
 
 def parse_groups(items: list[str]) -> dict[str, list[Path]]:
@@ -24,19 +26,35 @@ def parse_groups(items: list[str]) -> dict[str, list[Path]]:
     return groups
 
 
-def summarize_flags(items: list[str], out: str | None = None) -> Path:
+def summarize_flags(items: list[str], out: str | None = None, table_format: str = "markdown",
+                    full: bool = False) -> Path:
     """summarize_groups of LABEL=DIR strings; `out` defaults to summary.csv in the first DIR."""
     groups = parse_groups(items)
     path = Path(out) if out else Path(items[0].split("=", 1)[1]) / "summary.csv"
-    summarize_groups(groups, path)
+    summarize_groups(groups, path, table_format, full)
     return path
 
 
-def summarize_groups(groups: dict[str, list[Path]], out: Path) -> None:
-    """Print the table of `groups` ({label: run directories}) and write it to the CSV `out`."""
+def summarize_groups(groups: dict[str, list[Path]], out: Path, table_format: str = "markdown",
+                     full: bool = False) -> Path:
+    """Check the groups, write every metric's mean ± std to the CSV `out` and the paper table
+    (src/analysis/table.py) beside it in `table_format`; print the table (with `full` the per-metric
+    summary first). Returns the table's path."""
     for warning in check_groups(groups):
         print(f"warning: {warning}", file=sys.stderr)
     rows = summarize(groups)
     write_csv(rows, out)
-    print(format_summary(rows, list(groups)))
-    print(f"\nwrote {out}")
+    if full:
+        print(format_summary(rows, list(groups)))
+        print()
+    text = render(build_table(groups), table_format)
+    path = table_path(Path(out), table_format)
+    write_text(path, text.rstrip("\n") + "\n")
+    print(text.rstrip("\n"))
+    print(f"\nwrote {out} (every metric, accuracies and F1 in %) and {path}")
+    return path
+
+
+def table_path(summary_csv: Path, fmt: str) -> Path:
+    """Where the paper table goes: beside the summary CSV, `<stem>_table.<md|tex|csv>`."""
+    return summary_csv.with_name(f"{summary_csv.stem}_table.{EXTENSIONS[fmt]}")

@@ -191,6 +191,36 @@ def headline(task: str) -> tuple[str, bool]:
     return ("avg_acc", True) if task == "binary" else ("acc7", True)
 
 
+# The columns of the table a paper prints (compare, summarize), the headline first: IEMOCAP's two
+# averages; for sentiment the figures MulT's evaluation prints (Acc7, Acc2 and weighted F1 without the
+# zero-score samples, MAE, correlation).
+PAPER_METRICS = {"binary": ("avg_acc", "avg_f1"),
+                 "cls": ("acc7", "acc2_pos", "f1_pos_weighted", "mae", "corr"),
+                 "regression": ("acc7", "acc2_pos", "f1_pos_weighted", "mae", "corr")}
+
+
+def headline_hits(logits, target, task: str, score=None) -> np.ndarray:
+    """(N,) per-sample share of the headline metric: its mean over the samples is the headline.
+
+    IEMOCAP: the fraction of the four emotion decisions a sample gets right (mean: ``avg_acc``);
+    sentiment: 1 where the 7-class score is right (mean: ``acc7``). Arguments as in compute_metrics.
+    A paired bootstrap (src/analysis/stats.py) resamples these.
+    """
+    _check_task(task)
+    if task == "binary":
+        target = _as_numpy(target)
+        if target.ndim == 3:
+            target = target.argmax(-1)
+        predicted = _as_numpy(logits).reshape(len(target), len(EMOTIONS), 2).argmax(-1)
+        return (predicted == target).mean(axis=1).astype(np.float64)
+    predicted = predictions_to_scores(logits, task)
+    if score is not None:
+        truth = _as_numpy(score).astype(np.float64).reshape(-1)
+    else:
+        truth = _as_numpy(target).astype(np.float64).reshape(-1) - (SENTIMENT_CLASSES // 2 if task == "cls" else 0)
+    return (np.round(np.clip(predicted, -3, 3)) == np.round(np.clip(truth, -3, 3))).astype(np.float64)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Presentation
 
