@@ -5,12 +5,11 @@ import torch
 from torch import nn
 
 from src.errors import ConfigError
-import logging
-
-from src.train.accumulation import Accumulation, warn_if_no_step
+from src.train.accumulation import Accumulation, refuse_if_no_step
 from src.run.config import load_config
 from src.run.distributed import Context
 from src.train.loop import epoch_order, train_epoch
+from tests.helpers import run
 
 
 def test_reference_plan_steps_every_window_clips_every_batch_and_drops_the_partial_window():
@@ -34,16 +33,24 @@ def test_a_window_of_one_is_the_same_under_both_policies():
         assert all(plan.steps_after(b) and plan.clips_after(b) for b in range(1, 6))
 
 
-def test_an_epoch_that_would_never_step_is_warned_about(caplog):
-    log = logging.getLogger("test_accumulation")
+def test_an_epoch_that_would_never_step_is_refused():
     assert Accumulation("reference", window=10, n_batches=9).steps == 0
-    with caplog.at_level(logging.WARNING):
-        assert warn_if_no_step(Accumulation("reference", window=10, n_batches=9), log)
-    assert "never be updated" in caplog.text and "train.accumulate = 10" in caplog.text
+    with pytest.raises(ConfigError) as refused:
+        refuse_if_no_step(Accumulation("reference", window=10, n_batches=9))
+    message = str(refused.value)
+    assert "9 batches" in message and "train.accumulate = 10" in message and "train.accumulate=9" in message
     assert Accumulation("reference", window=10, n_batches=25).steps == 2
     assert Accumulation("corrected", window=10, n_batches=9).steps == 1
-    assert not warn_if_no_step(Accumulation("corrected", window=10, n_batches=9), log)
-    assert not warn_if_no_step(Accumulation("reference", window=10, n_batches=10), log)
+    refuse_if_no_step(Accumulation("corrected", window=10, n_batches=9))
+    refuse_if_no_step(Accumulation("reference", window=10, n_batches=10))
+
+
+def test_a_run_that_cannot_learn_is_refused_before_its_directory_exists(capsys, synthetic_data, tmp_path):
+    code, _, err = run(capsys, "train", "--dataset", "iemocap", "--name", "x", "--data-dir", synthetic_data(),
+                       "--runs-dir", tmp_path, "--device", "cpu", "--set", "train.accumulation=reference",
+                       "--set", "train.accumulate=100000")
+    assert code == 2 and "train.accumulate = 100000" in err and "Traceback" not in err
+    assert not (tmp_path / "iemocap" / "x").exists()
 
 
 def test_an_unknown_policy_is_refused_naming_the_key():

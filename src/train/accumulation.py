@@ -56,12 +56,12 @@ class Accumulation:
         return self.policy == "reference" or self.steps_after(batch)
 
 
-def warn_if_no_step(plan: Accumulation, logger) -> bool:
-    """Warn when an epoch would end without an optimiser step (the reference procedure, fewer batches
-    than the window): the model would never train. Returns whether it warned."""
+def refuse_if_no_step(plan: Accumulation) -> None:
+    """Refuse an epoch that would end without an optimiser step (the reference procedure, fewer batches
+    than the window): the model would never be trained, so the run is not started (ConfigError, exit 2)."""
     if plan.steps > 0:
-        return False
-    logger.warning("an epoch has %d batches, fewer than train.accumulate = %d, and train.accumulation = %s "
-                   "discards a partial window: the model will never be updated. Lower train.accumulate or "
-                   "train.batch_size, or use train.accumulation = corrected", plan.n_batches, plan.window, plan.policy)
-    return True
+        return
+    raise ConfigError(f"an epoch has {plan.n_batches} batches, fewer than train.accumulate = {plan.window}, and "
+                      f"train.accumulation = {plan.policy} discards a partial window: the model would never be "
+                      f"updated, so the run was not started. Fix: --set train.accumulate={plan.n_batches} (or less), "
+                      "a smaller train.batch_size, or --set train.accumulation=corrected (which steps the partial window)")

@@ -23,7 +23,7 @@ from ..causal import warn_if_constants_cannot_learn
 from ..errors import NonFiniteError
 from ..run import checkpoint as ckpt_io
 from ..run import identity as run_identity
-from .accumulation import Accumulation, warn_if_no_step
+from .accumulation import Accumulation, refuse_if_no_step
 from ..run.build import compile_model, load_data, make_model, make_optimizer
 from ..run.config import dump_config, model_signature
 from ..run.distributed import Context, barrier
@@ -53,6 +53,9 @@ def prepare(cfg: dict, ctx: Context, seed: int, resume: bool = False, run_dir: P
     require_logger(tcfg.get("logger", "none"), run_dir)
     seed_everything(seed)
     splits = load_data(cfg)
+    per_rank = len(splits["train"]) // ctx.world_size  # as train_epoch shares an epoch out
+    refuse_if_no_step(Accumulation(tcfg.get("accumulation", "corrected"), tcfg.get("accumulate", 1),
+                                   math.ceil(per_rank / tcfg["batch_size"])))
     model = make_model(cfg, splits["train"], ctx.device)
     if cfg["model"].get("init_from") and not resume:  # a resumed run's weights come from last.pt
         init_from_published(model, cfg["model"]["init_from"], cfg["dataset"])
@@ -73,10 +76,6 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
     optimizer, scheduler = prepared["optimizer"], prepared["scheduler"]
     if cfg["model"]["name"] == "causalmer" and ctx.is_main:
         warn_if_constants_cannot_learn(splits["train"].output_dim, log)
-    if ctx.is_main:
-        per_rank = len(splits["train"]) // ctx.world_size  # as train_epoch shares an epoch out
-        warn_if_no_step(Accumulation(tcfg.get("accumulation", "corrected"), tcfg.get("accumulate", 1),
-                                     math.ceil(per_rank / tcfg["batch_size"])), log)
     state = {"epoch": 0, "best_loss": math.inf, "best_acc": -math.inf, "since_best": 0, "history": []}
     signature = model_signature(cfg)
     # What every checkpoint of this run records: its id, seed and data file (src/run/identity.py).
