@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--epochs", type=int, default=None)
             p.add_argument("--clean-nonfinite", action="store_true", help="replace NaN/inf in the data by 0")
             p.add_argument("--resume", action="store_true", help="continue an interrupted run from last.pt")
+            p.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
+                           help="without a terminal (nohup, a scheduler): a progress line this often (default 60; "
+                           "0: none)")
             p.add_argument("--logger", default=None, choices=("none", "tensorboard"),
                            help="per-epoch scalars to TensorBoard in <run>/tensorboard (default: train.logger)")
         else:
@@ -186,7 +189,8 @@ COMMANDS = {
     "make-data": lambda a: make_data(a.dataset, data_dir=a.data_dir, unaligned=a.unaligned, scale=a.scale,
                                      seed=a.seed, bias_modality=a.bias_modality, bias_strength=a.bias_strength,
                                      force=a.force),
-    "train": lambda a: start_run(run_spec(a), device=a.device, amp=a.amp, resume=a.resume),
+    "train": lambda a: start_run(run_spec(a), device=a.device, amp=a.amp, resume=a.resume,
+                                 progress_seconds=a.progress_every),
     "eval": lambda a: evaluate_run(run_path(a.runs_dir, a.dataset, a.name, a.seed), checkpoint=a.checkpoint,
                                    split=a.split, remove=a.remove, device=a.device, amp=a.amp, data_dir=a.data_dir,
                                    analyze=a.analyze, compiled=a.compile, dataset=a.dataset),

@@ -26,7 +26,7 @@ from ..run.published import init_record
 from ..run.identity import check_resume_data
 from ..run.rundir import exclusive, holds_run, refuse_if_in_use, run_path, set_aside
 from ..run.runtime import setup_logging
-from ..train.loop import prepare, train
+from ..train.loop import PROGRESS_SECONDS, prepare, train
 
 log = logging.getLogger("causalmer")
 
@@ -90,7 +90,8 @@ def check_run_start(run_dir: Path, cfg: dict, resume: bool) -> None:
                         "another --name or --seed (nothing was overwritten)")
 
 
-def start_run(spec: RunSpec, device: str = "auto", amp: bool = False, resume: bool = False) -> dict:
+def start_run(spec: RunSpec, device: str = "auto", amp: bool = False, resume: bool = False,
+              progress_seconds: float = PROGRESS_SECONDS) -> dict:
     """Train the run `spec` describes (or continue it, `resume`) and return its metrics (metrics.json)."""
     cfg = spec.config()
     run_dir = spec.run_dir
@@ -116,7 +117,8 @@ def start_run(spec: RunSpec, device: str = "auto", amp: bool = False, resume: bo
             setup_logging(run_dir / "train.log", ctx.is_main)
             log.info("run %s | %s on %s | device %s%s", run_dir, cfg["model"]["name"], cfg["model"]["backbone"],
                      ctx.device, f" x{ctx.world_size}" if ctx.distributed else "")
-            results = train(cfg, run_dir, ctx, seed=spec.seed, resume=resume, amp=amp, prepared=prepared)
+            results = train(cfg, run_dir, ctx, seed=spec.seed, resume=resume, amp=amp, prepared=prepared,
+                            progress_seconds=progress_seconds)
             if ctx.is_main:
                 headline_key, _ = metrics.headline(prepared["splits"]["train"].task)
                 write_curves(results["history"], run_dir / "curves.png", headline_key)

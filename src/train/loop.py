@@ -32,6 +32,7 @@ from ..eval.evaluate import autocast, evaluate, iterate_batches, main_prediction
 from .tracking import make_logger, require_logger
 
 log = logging.getLogger("causalmer")
+PROGRESS_SECONDS = 60.0  # without a terminal, a progress line this often (train --progress-every)
 
 
 def seed_everything(seed: int) -> None:
@@ -66,10 +67,11 @@ def prepare(cfg: dict, ctx: Context, seed: int, resume: bool = False, run_dir: P
 
 
 def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = False, amp: bool = False,
-          prepared: dict | None = None) -> dict:
+          prepared: dict | None = None, progress_seconds: float = PROGRESS_SECONDS) -> dict:
     """Train (or resume) the run in run_dir; return the final metrics dict written to metrics.json.
 
-    `prepared` is what prepare(cfg, ctx, seed) returned, when the caller has already checked the input."""
+    `prepared` is what prepare(cfg, ctx, seed) returned, when the caller has already checked the input.
+    `progress_seconds`: without a terminal, a progress line this often (see ProgressLog)."""
     tcfg = cfg["train"]
     prepared = prepared or prepare(cfg, ctx, seed, resume)
     splits, model = prepared["splits"], prepared["model"]
@@ -104,9 +106,14 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
     headline_key, _ = metrics.headline(splits["train"].task)
     config_text = dump_config(cfg)
     logger = make_logger(tcfg.get("logger", "none"), run_dir, ctx.is_main, first_epoch=state["epoch"] + 1)
+    unit = " (%)" if metrics.is_fraction_metric(headline_key) else ""
+    log.info("each epoch: mean training loss, validation loss, validation %s%s of the %s prediction; *loss marks a "
+             "new best validation loss (best_loss.pt written), *score a new best validation %s (best_acc.pt written)",
+             headline_key, unit, prediction, headline_key)
     for epoch in range(state["epoch"] + 1, tcfg["epochs"] + 1):
         started = time.time()
-        train_loss, train_terms = train_epoch(trained, optimizer, splits["train"], tcfg, ctx, seed, epoch, amp)
+        train_loss, train_terms = train_epoch(trained, optimizer, splits["train"], tcfg, ctx, seed, epoch, amp,
+                                              progress_seconds)
         train_seconds = time.time() - started
         valid = evaluate(trained, splits["valid"], tcfg["eval_batch_size"], ctx, amp=amp, margins=True)
         stop_if_nonfinite(valid["loss"], "validation loss", epoch)
@@ -138,9 +145,9 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
         else:
             state["best_loss"] = min(state["best_loss"], valid["loss"])
             state["best_acc"] = max(state["best_acc"], score)
-        log.info("epoch %d | train loss %.4f | valid loss %.4f | valid %s (%s) %.4f%s%s | %.1fs", epoch, train_loss,
-                 valid["loss"], headline_key, prediction, score, " *loss" if improved_loss else "",
-                 " *score" if improved_score else "", entry["seconds"])
+        log.info("epoch %d | train loss %.4f | valid loss %.4f | valid %s (%s) %s%s%s | %.1fs", epoch, train_loss,
+                 valid["loss"], headline_key, prediction, f"{100 * score:.2f}%" if unit else f"{score:.4f}",
+                 " *loss" if improved_loss else "", " *score" if improved_score else "", entry["seconds"])
         logger.log_epoch(entry)
         barrier(ctx)
         if tcfg.get("early_stop") and state["since_best"] >= tcfg["early_stop"]:
@@ -200,7 +207,7 @@ def train_step(model, optimizer, batch: dict, tcfg: dict, device: torch.device, 
 
 
 def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, epoch: int,
-                amp: bool) -> tuple[float, dict]:
+                amp: bool, progress_seconds: float = PROGRESS_SECONDS) -> tuple[float, dict]:
     """One epoch of training; returns the mean loss per sample and the mean of each of its parts."""
     model.train()
     order = epoch_order(len(dataset), seed, epoch)
@@ -216,6 +223,8 @@ def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, 
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(iterate_batches(dataset, indices, batch_size), total=n_batches, desc=f"epoch {epoch}",
                leave=False, disable=None if ctx.is_main else True)
+    # tqdm turns itself off without a terminal (disable=None); then plain lines say how the epoch goes.
+    progress = ProgressLog(epoch, n_batches, progress_seconds) if ctx.is_main and bar.disable else None
     for step, batch in enumerate(bar, start=1):
         batch = to_device(batch, ctx.device)
         terms = train_step(model, optimizer, batch, tcfg, ctx.device, amp, loss_scale=plan.loss_scale,
@@ -227,9 +236,41 @@ def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, 
         for key, value in terms.items():
             term_totals[key] = term_totals.get(key, 0) + value * n
         count += n
+        if progress is not None:
+            progress.update(step, count * ctx.world_size)
     optimizer.zero_grad(set_to_none=True)  # a partial window that did not step is discarded
     stop_if_nonfinite(float(total), "training loss", epoch, step=int(first_bad), n_batches=n_batches)
     return float(total) / max(1, count), {key: float(value) / max(1, count) for key, value in term_totals.items()}
+
+
+class ProgressLog:
+    """An epoch's progress as a plain log line every `every` seconds, for logs nobody watches live (nohup,
+    a batch scheduler), where tqdm's bar is off: step, samples per second (over all ranks) and the
+    epoch's remaining time. `every` <= 0 turns it off."""
+
+    def __init__(self, epoch: int, n_batches: int, every: float, clock=time.monotonic):
+        self.epoch, self.n_batches, self.every, self.clock = epoch, n_batches, every, clock
+        self.started = self.last = clock()
+
+    def update(self, step: int, samples: int) -> bool:
+        """Called after each step with the samples seen so far; returns whether it logged a line."""
+        now = self.clock()
+        if self.every <= 0 or now - self.last < self.every or step >= self.n_batches:
+            return False
+        self.last = now
+        elapsed = max(now - self.started, 1e-9)
+        remaining = elapsed / step * (self.n_batches - step)
+        log.info("epoch %d | step %d/%d | %.1f samples/s | epoch ETA %s", self.epoch, step, self.n_batches,
+                 samples / elapsed, duration(remaining))
+        return True
+
+
+def duration(seconds: float) -> str:
+    """1h02m, 4m05s, 12s."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def clip_gradients(model, tcfg: dict) -> None:
