@@ -150,3 +150,50 @@ def test_npz_holds_one_array_per_encoder_and_the_grid_is_a_png(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
     png = plot_attention_grid(maps, tmp_path / "attention.png", "title")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_padded_steps_are_left_out_of_the_mean():
+    """Sample 0 is left-padded; its padded query and key steps must not enter the mean, and a cell no
+    sample fills is nan. Checked against the per-sample maps picked by hand."""
+    from src.analysis.attention import SIDES, real_steps
+
+    features = torch.ones(2, 5, 3)
+    features[0, :2] = 0.0  # sample 0: input steps 0 and 1 are padding
+    # Kernel 3 (5 input steps -> 3 encoder steps): step 0 sees inputs 0-2 (real, input 2), no step is padding;
+    # kernel 2: step 0 sees inputs 0-1, all padding.
+    assert real_steps(features, 3)[0].tolist() == [True, True, True]
+    assert real_steps(features, 4)[0].tolist() == [False, True, True, True]
+    assert real_steps(features, 5)[1].all()
+
+    model = tiny_mult().eval()
+    data = list(inputs(2))
+    for tensor in data:
+        tensor[0, :3] = 0.0  # sample 0 padded at its first 3 input steps in every modality
+    data[0][:, 0] = 0.0  # every sample's first text step is padding: text-query row 0 is empty
+    maps = attention_maps(model, Batches(data), 2, torch.device("cpu"))
+    per_sample = crossmodal_attention(model, *data)
+    by_name = dict(zip(("text", "audio", "vision"), data))
+    for name in CROSSMODAL_NAMES:
+        weights = per_sample[name].double().mean(dim=1)  # (B, T_q, T_k)
+        query, key = SIDES[name]
+        real_q = real_steps(by_name[query], weights.shape[1])
+        real_k = real_steps(by_name[key], weights.shape[2])
+        for i in range(weights.shape[1]):
+            for j in range(weights.shape[2]):
+                kept = [weights[b, i, j].item() for b in range(BATCH) if real_q[b, i] and real_k[b, j]]
+                if kept:
+                    assert maps[name][i, j] == pytest.approx(np.mean(kept), abs=1e-6)
+                else:
+                    assert np.isnan(maps[name][i, j])
+    assert np.isnan(maps["trans_l_with_a"][0]).all() and np.isnan(maps["trans_a_with_l"][:, 0]).all()
+    assert not np.isnan(maps["trans_a_with_v"]).any()
+
+
+def test_each_attention_panel_has_its_own_colour_scale():
+    from src.analysis.plots import colour_limits
+
+    uniform = np.full((3, 4), 0.25)
+    uniform[0, 0] = 0.26
+    assert colour_limits(uniform) == (0.25, 0.26)  # not 0..1: the near-uniform panel keeps its contrast
+    assert colour_limits(np.array([[np.nan, 0.1], [0.7, np.nan]])) == (0.1, 0.7)
+    assert colour_limits(np.full((2, 2), np.nan)) == (0.0, 1.0)

@@ -254,8 +254,21 @@ def plot_confusion(matrices: dict, path, title: str, class_labels: list, panel_l
 
 # --- crossmodal attention -------------------------------------------------------------------------
 
+def colour_limits(weights) -> tuple[float, float]:
+    """(vmin, vmax) of one attention panel: its own finite range (nan cells ignored), never empty."""
+    import numpy as np
+
+    finite = np.asarray(weights, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if not finite.size:
+        return 0.0, 1.0
+    low, high = float(finite.min()), float(finite.max())
+    return low, high if high > low else low + 1e-12
+
+
 def plot_attention_grid(maps: dict, path, title: str, labels: dict | None = None) -> Path | None:
-    """The crossmodal attention maps (query steps x key steps) as a grid of heatmaps, two per row.
+    """The crossmodal attention maps (query steps x key steps) as a grid of heatmaps, two per row, each
+    panel on its own colour scale, nan cells (padded steps) grey.
 
     ``maps``: ``{encoder name: (T_q, T_k) array}``; ``labels``: a readable title per encoder.
     Returns the PNG path, or None when matplotlib is not installed.
@@ -267,10 +280,16 @@ def plot_attention_grid(maps: dict, path, title: str, labels: dict | None = None
     figure = _new_figure(4.2 * cols, 3.4 * rows + 0.4)
     if figure is None:
         return None
+    import matplotlib  # optional dependency, present once _new_figure has a figure
+
     for index, (name, weights) in enumerate(maps.items()):
         axes = figure.add_subplot(rows, cols, index + 1)
-        weights = np.asarray(weights)
-        image = axes.imshow(weights, cmap="viridis", aspect="auto", interpolation="nearest", vmin=0.0)
+        weights = np.ma.masked_invalid(np.asarray(weights, dtype=np.float64))
+        # Each panel on its own colour scale: a near-uniform map has its structure in a narrow band, which
+        # a scale shared with a peaked map would flatten to one colour. Masked (padded) cells are grey.
+        low, high = colour_limits(weights)
+        colours = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+        image = axes.imshow(weights, cmap=colours, aspect="auto", interpolation="nearest", vmin=low, vmax=high)
         figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
         axes.set_title((labels or {}).get(name, name), fontsize=9)
         axes.set_xlabel("key step (source)", fontsize=8)
