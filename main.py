@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also write each run's crossmodal attention maps (mult, dmd): attention_*.npz/png")
     analyze.add_argument("--sample", type=int, default=None,
                          help="with --attention: the map of this sample of the split instead of the mean")
+    analyze.add_argument("--label", action="append", default=None,
+                         help="the name of a run in the charts, once per run in order (default: the run's name); "
+                         "runs with one label are averaged, with the std over them as error bars")
+    analyze.add_argument("--figure-format", default="png", choices=("png", "pdf", "svg"),
+                         help="the charts' file format (default png)")
 
     compare = sub.add_parser("compare", help="train the backbone alone and CausalMER over several seeds, then "
                              "summarise both as mean ± std")
@@ -196,7 +201,7 @@ COMMANDS = {
                                    analyze=a.analyze, compiled=a.compile, dataset=a.dataset),
     "analyze": lambda a: analyze_runs([Path(r) for r in a.runs], checkpoint=a.checkpoint, split=a.split,
                                       device=a.device, data_dir=a.data_dir, out_dir=a.out, attention=a.attention,
-                                      sample=a.sample),
+                                      sample=a.sample, labels=a.label, figure_format=a.figure_format),
     "compare": lambda a: compare(a.dataset, seeds=a.seeds, backbone=a.backbone, name=a.name, runs_dir=a.runs_dir,
                                  data_dir=a.data_dir, device=a.device, config_file=a.config, unaligned=a.unaligned,
                                  task=a.task, epochs=a.epochs, overrides=a.overrides, fresh=a.fresh,

@@ -224,3 +224,21 @@ def test_plots_return_none_without_matplotlib(tmp_path, monkeypatch):
     assert plot_contributions(CONTRIBUTIONS, tmp_path / "c.png") is None
     assert plot_removal_drops(DROPS, tmp_path / "d.png") is None
     assert not any(tmp_path.iterdir())
+
+
+def test_charts_are_in_points_with_error_bars_over_the_seeds_of_a_label():
+    from src.commands.analyze import chart_values
+
+    values = {"causal/seed1": {"text": 0.10, "audio": 0.02}, "causal/seed2": {"text": 0.14, "audio": 0.04},
+              "mult/seed1": {"text": 0.05, "audio": 0.01}}
+    charted = chart_values({"CausalMER": ["causal/seed1", "causal/seed2"], "MulT": ["mult/seed1"]}, values)
+    mean, std = charted["CausalMER"]["text"]
+    assert (mean, std) == (pytest.approx(12.0), pytest.approx(100 * np.std([0.10, 0.14], ddof=1)))
+    assert charted["MulT"] == {"text": pytest.approx(5.0), "audio": pytest.approx(1.0)}  # one run: no error bar
+
+
+def test_analyze_refuses_a_label_count_that_does_not_match_the_runs(tmp_path):
+    from src.commands.analyze import analyze_runs
+
+    with pytest.raises(UserError, match="--label is given 1 times for 2 runs"):
+        analyze_runs([tmp_path / "a", tmp_path / "b"], labels=["x"])

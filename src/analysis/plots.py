@@ -18,6 +18,7 @@ from ..eval.metrics import is_fraction_metric
 from ..modalities import MODALITIES, REMOVALS
 
 PLOTS_HINT = "install the plots extra: pip install -e .[plots]"
+FIGURE_FORMATS = ("png", "pdf", "svg")  # a figure's format is its file's suffix
 
 REMOVAL_LABELS = {key: "no " + "+".join(sorted(REMOVALS[key], key=MODALITIES.index)) for key in REMOVALS}
 
@@ -193,11 +194,14 @@ def plot_curves(history: list, path, headline_key: str) -> Path | None:
 
 
 def _save(figure, path) -> Path:
-    """The figure as a PNG at `path`, through the atomic writer."""
+    """The figure at `path` in the format its suffix names (png, pdf, svg), through the atomic writer."""
     path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in FIGURE_FORMATS:
+        raise ValueError(f"a figure is written as {', '.join(FIGURE_FORMATS)}, not {path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as tmp:
-        figure.savefig(tmp, format="png")
+        figure.savefig(tmp, format=fmt)
     return path
 
 

@@ -12,9 +12,12 @@ import os
 from pathlib import Path
 
 from ..eval import metrics
-from ..atomic import write_text
+from ..atomic import write_bytes, write_text
 
 LABELS = {"tie": "tie (debiased)", "te": "te (fused)", "m": "m (backbone)"}
+# What the numbers of analysis.json (and metrics.json, eval_*.json) are: stored as fractions, shown in %.
+UNITS_NOTE = ("scores, Shapley contributions and drops are stored as fractions of the metric (0.1 = 10 points); "
+              "tables, charts and the console show them in percent / percentage points")
 TITLES = {"best_loss": "best validation loss", "best_acc": "best validation score"}
 
 
@@ -44,10 +47,24 @@ def _link(path: Path, base: Path) -> str:
 
 
 def _image(path: Path, base: Path, caption: str) -> list[str]:
-    return [f"**{caption}** ([{path.name}]({_link(path, base)}))", "", f"![{caption}]({_link(path, base)})", ""]
+    """A picture inline (png, svg), or only linked where a browser does not show it inline (pdf)."""
+    link = f"**{caption}** ([{path.name}]({_link(path, base)}))"
+    if path.suffix.lower() == ".pdf":
+        return [link, ""]
+    return [link, "", f"![{caption}]({_link(path, base)})", ""]
 
 
-def run_section(run_dir: Path, label: str, analysis: dict | None, base: Path) -> list[str]:
+def gathered(path: Path, base: Path, prefix: str) -> Path:
+    """`path` copied into the report's folder as `<prefix>_<name>` (unless it is there already), so that
+    the folder holds every picture its report shows."""
+    if path.parent.resolve() == base.resolve():
+        return path
+    copy = base / f"{prefix}_{path.name}"
+    write_bytes(copy, path.read_bytes())
+    return copy
+
+
+def run_section(run_dir: Path, label: str, analysis: dict | None, base: Path, gather: bool = False) -> list[str]:
     lines = [f"## {label}", ""]
     results = _read_json(run_dir / "metrics.json")
     if results:
@@ -80,10 +97,15 @@ def run_section(run_dir: Path, label: str, analysis: dict | None, base: Path) ->
         lines += analysis_section(analysis)
     pictures = [(run_dir / "curves.png", "Training curves")]
     pictures += [(p, f"Confusion matrices {p.stem[len('confusion_'):]}") for p in sorted(run_dir.glob("confusion_*.png"))]
-    pictures += [(p, f"Crossmodal attention {p.stem[len('attention_'):]}") for p in sorted(run_dir.glob("attention_*.png"))]
+    attention = sorted(p for p in run_dir.glob("attention_*") if p.suffix in (".png", ".pdf", ".svg"))
+    # Attention figures analyze wrote elsewhere (--out) for this run.
+    written = (analysis or {}).get("attention") or {}
+    if written.get("figure") and Path(written["figure"]) not in attention:
+        attention.append(Path(written["figure"]))
+    pictures += [(p, f"Crossmodal attention {p.stem.split('attention_', 1)[-1]}") for p in attention]
     for path, caption in pictures:
         if path.is_file():
-            lines += _image(path, base, caption)
+            lines += _image(gathered(path, base, label.replace("/", "_")) if gather else path, base, caption)
     return lines
 
 
@@ -104,15 +126,17 @@ def analysis_section(r: dict) -> list[str]:
     return lines
 
 
-def write_report(path: Path, run_dirs: list[Path], analyses: dict, charts: dict | None = None) -> Path:
+def write_report(path: Path, run_dirs: list[Path], analyses: dict, charts: dict | None = None,
+                 gather: bool = False) -> Path:
     """The report at `path` for the runs (in order), with `analyses` as analyze_runs computed them and
-    `charts` ({caption: PNG path}) the analysis charts drawn beside it."""
+    `charts` ({caption: figure path}) the analysis charts drawn beside it. With `gather`, the runs'
+    pictures are copied beside the report, so that its folder stands alone."""
     path = Path(path)
     base = path.parent
     labels = [f"{Path(r).parent.name}/{Path(r).name}" for r in run_dirs]
     lines = ["# Report: " + ", ".join(labels), ""]
     for run_dir, label in zip(run_dirs, labels):
-        lines += run_section(Path(run_dir), label, analyses.get(label), base)
+        lines += run_section(Path(run_dir), label, analyses.get(label), base, gather)
     drawn = {caption: Path(png) for caption, png in (charts or {}).items() if Path(png).is_file()}
     if drawn:
         lines += ["## Modality analysis charts", ""]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ..atomic import write_text
 from ..errors import UserError
 from ..modalities import MODALITIES
@@ -17,14 +19,16 @@ from ..eval.contributions import (balance_index, nde_shares, removal_report, rem
                                   shapley_values)
 from ..eval.evaluate import main_prediction, predict, subset_scores
 from ..analysis.attention import LABELS, attention_maps, has_crossmodal_attention, write_attention_npz
-from ..analysis.plots import PLOTS_HINT, plot_attention_grid, plot_contributions, plot_removal_drops
-from ..analysis.report import write_report
+from ..analysis.plots import FIGURE_FORMATS, PLOTS_HINT, plot_attention_grid, plot_contributions, plot_removal_drops
+from ..analysis.report import UNITS_NOTE, write_report
 
 
 def analyze_run(run_dir: Path, checkpoint: str, split: str, ctx, data_dir: str | None, attention: bool = False,
-                sample: int | None = None) -> dict:
+                sample: int | None = None, attention_dir: Path | None = None, attention_prefix: str = "",
+                figure_format: str = "png") -> dict:
     """Shapley contributions, NDE shares, balance and robustness of one run's main prediction; with
-    `attention`, also its crossmodal attention maps (written to the run directory)."""
+    `attention`, also its crossmodal attention maps, written to `attention_dir` (default: the run
+    directory) with file names starting `attention_<attention_prefix>`."""
     cfg, splits, model, saved = load_run(run_dir, checkpoint, ctx.device, data_dir)
     dataset = splits[split]
     batch_size = cfg["train"]["eval_batch_size"]
@@ -36,7 +40,7 @@ def analyze_run(run_dir: Path, checkpoint: str, split: str, ctx, data_dir: str |
     origin = provenance(run_dir, checkpoint, saved, dataset)
     if ctx.is_main and other_data_line(origin):
         print(other_data_line(origin))
-    result = {"run": str(run_dir), "dataset": cfg["dataset"], "task": dataset.task, **origin,
+    result = {"units": UNITS_NOTE, "run": str(run_dir), "dataset": cfg["dataset"], "task": dataset.task, **origin,
               "model": cfg["model"]["name"], "backbone": cfg["model"]["backbone"], "prediction": prediction,
               "metric": key, "split": split,
               "subset_scores": {"+".join(sorted(s)) or "none": v for s, v in subsets.items()},
@@ -49,14 +53,15 @@ def analyze_run(run_dir: Path, checkpoint: str, split: str, ctx, data_dir: str |
         result["nde_balance"] = balance_index(shares)
     if attention and ctx.is_main:
         tag = result_tag(run_dir, checkpoint, data_dir, dataset.source, saved.get("run"))
-        result["attention"] = write_attention(model, dataset, cfg, Path(run_dir), tag, split, ctx.device, sample)
+        result["attention"] = write_attention(model, dataset, cfg, Path(attention_dir or run_dir),
+                                              f"{attention_prefix}{tag}", split, ctx.device, sample, figure_format)
     return result
 
 
 def write_attention(model, dataset, cfg: dict, run_dir: Path, tag: str, split: str, device,
-                    sample: int | None) -> dict | None:
-    """attention_<tag>_<split>[_sample<N>].npz and .png in the run directory; None for a backbone
-    without crossmodal encoders (PMR)."""
+                    sample: int | None, figure_format: str = "png") -> dict | None:
+    """attention_<tag>_<split>[_sample<N>].npz and the figure in `run_dir`; None for a backbone without
+    crossmodal encoders (PMR). Returns the files' paths."""
     if not has_crossmodal_attention(model):
         print(f"attention maps skipped for {run_dir}: the {cfg['model']['backbone']} backbone has no MulT "
               "crossmodal encoders (maps are for mult and dmd)")
@@ -66,61 +71,97 @@ def write_attention(model, dataset, cfg: dict, run_dir: Path, tag: str, split: s
     stem = f"attention_{tag}_{split}" + ("" if sample is None else f"_sample{sample}")
     npz = write_attention_npz(maps, run_dir / f"{stem}.npz")
     what = f"sample {sample}" if sample is not None else f"mean over {len(dataset)} samples"
-    png = plot_attention_grid(maps, run_dir / f"{stem}.png", f"last-layer crossmodal attention, {split} split "
-                              f"({tag}), mean over heads, {what}", LABELS)
-    print(f"wrote {npz}" + (f" and {png}" if png else f" (PNG skipped: {PLOTS_HINT})"))
-    return {"npz": npz.name, "png": png.name if png else None, "sample": sample}
+    png = plot_attention_grid(maps, run_dir / f"{stem}.{figure_format}", f"last-layer crossmodal attention, {split} "
+                              f"split ({tag}), mean over heads, {what}, padded steps left out (grey)", LABELS)
+    print(f"wrote {npz}" + (f" and {png}" if png else f" (figure skipped: {PLOTS_HINT})"))
+    return {"npz": str(npz), "figure": str(png) if png else None, "sample": sample}
 
 
 def analyze_runs(run_dirs: list[Path], checkpoint: str = "best_acc", split: str = "test", device: str = "auto",
                  data_dir: str | None = None, out_dir: str | None = None, attention: bool = False,
-                 sample: int | None = None) -> dict:
-    """Analyse the runs on the same split and write analysis.json, the charts and report.md into `out_dir`
-    (default: the first run's directory); `attention` also writes each run's attention maps (of one
-    `sample` of the split, or the mean over it)."""
+                 sample: int | None = None, labels: list[str] | None = None, figure_format: str = "png") -> dict:
+    """Analyse runs side by side: analysis.json, the charts and report.md in `out_dir` (default: the
+    first run's directory), and with `out_dir` every attention file too.
+
+    `labels` (one per run) name the runs in the charts; runs sharing a label (by default the run's name,
+    so the seeds of one run) are one bar with its mean and an error bar of the sample std over them."""
     if sample is not None and not attention:
         raise UserError("--sample picks the sample of the attention maps; it needs --attention")
     check_same_data(run_dirs)
+    if labels is not None and len(labels) != len(run_dirs):
+        raise UserError(f"--label is given {len(labels)} times for {len(run_dirs)} runs: give one label per run, "
+                        "in the order of the runs (runs with the same label are averaged in the charts)")
+    if figure_format not in FIGURE_FORMATS:
+        raise UserError(f"--figure-format {figure_format!r} is unknown; use one of {', '.join(FIGURE_FORMATS)}")
     out = Path(out_dir) if out_dir else Path(run_dirs[0])
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is an existing file; analyze writes analysis.json and the plots into a folder "
                         "there: give a folder (new or existing)")
     ctx = distributed.setup(device)
     try:
-        results = {}
-        for run_dir in run_dirs:
-            label = f"{Path(run_dir).parent.name}/{Path(run_dir).name}"
-            results[label] = analyze_run(Path(run_dir), checkpoint, split, ctx, data_dir, attention, sample)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the output folder {out}: {err.strerror or err}") from None
+        results, groups = {}, {}
+        for index, run_dir in enumerate(run_dirs):
+            key = run_key(run_dir)
+            # With --out everything goes there, the attention files named after their run.
+            prefix = key.replace("/", "_") + "_" if out_dir else ""
+            results[key] = analyze_run(Path(run_dir), checkpoint, split, ctx, data_dir, attention, sample,
+                                       attention_dir=out if out_dir else None, attention_prefix=prefix,
+                                       figure_format=figure_format)
+            groups.setdefault(labels[index] if labels else Path(run_dir).parent.name, []).append(key)
         # Into the first run's directory, the analysis of another checkpoint or other data is named apart
         # (as eval's results are), so it never replaces the run's own.
         first = next(iter(results.values()))
         tag = result_tag(run_dirs[0], checkpoint, data_dir, first["data"], first["checkpoint"]["run"])
         suffix = "" if out_dir or tag == checkpoint_path(run_dirs[0], checkpoint).stem else f"_{tag}"
         files = {name: out / f"{name}{suffix}.{ext}" for name, ext in
-                 (("analysis", "json"), ("contributions", "png"), ("removal_drops", "png"), ("report", "md"))}
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"cannot create the output folder {out}: {err.strerror or err}") from None
+                 (("analysis", "json"), ("contributions", figure_format), ("removal_drops", figure_format),
+                  ("report", "md"))}
         print_analysis(results)
         write_text(files["analysis"], json.dumps(results, indent=2))
         print(f"\nwrote {files['analysis']}")
-        contributions = {label: r["shapley"] for label, r in results.items()}
-        drops = {label: {k: v["drop"] for k, v in r["robustness"]["removals"].items()}
-                 for label, r in results.items()}
-        png = plot_contributions(contributions, files["contributions"], "Shapley contribution per modality")
-        if png is None:
+        metric = first["metric"]
+        contributions = chart_values(groups, {key: r["shapley"] for key, r in results.items()})
+        drops = chart_values(groups, {key: {k: v["drop"] for k, v in r["robustness"]["removals"].items()}
+                                      for key, r in results.items()})
+        seeds = " (mean ± std over seeds)" if any(len(keys) > 1 for keys in groups.values()) else ""
+        figure = plot_contributions(contributions, files["contributions"], f"Shapley contribution per modality{seeds}",
+                                    ylabel=f"contribution (points of {metric})")
+        if figure is None:
             print(f"plots skipped: {PLOTS_HINT}")
         else:
-            plot_removal_drops(drops, files["removal_drops"], "Drop when modalities are removed")
+            plot_removal_drops(drops, files["removal_drops"], f"Drop when modalities are removed{seeds}",
+                               ylabel=f"drop from the full-input {metric} (points)")
             print(f"wrote {files['contributions']} and {files['removal_drops']}")
         report = write_report(files["report"], [Path(r) for r in run_dirs], results,
                               charts={"Shapley contribution per modality": files["contributions"],
-                                      "Drop when modalities are removed": files["removal_drops"]})
+                                      "Drop when modalities are removed": files["removal_drops"]},
+                              gather=out_dir is not None)
         print(f"wrote {report}")
         return results
     finally:
         distributed.teardown(ctx)
+
+
+def run_key(run_dir) -> str:
+    """How analyze names a run: `<run name>/<seed folder>`, never its path."""
+    return f"{Path(run_dir).parent.name}/{Path(run_dir).name}"
+
+
+def chart_values(groups: dict, values: dict) -> dict:
+    """{label: {category: value in points}}: a group of one run keeps its value, a larger one becomes
+    (mean, sample std) over its runs, which the charts draw as a bar with an error bar."""
+    charted = {}
+    for label, keys in groups.items():
+        categories = [c for c in values[keys[0]] if all(c in values[k] for k in keys)]
+        charted[label] = {c: (100.0 * values[keys[0]][c] if len(keys) == 1 else
+                              (100.0 * float(np.mean([values[k][c] for k in keys])),
+                               100.0 * float(np.std([values[k][c] for k in keys], ddof=1))))
+                          for c in categories}
+    return charted
 
 
 def check_same_data(run_dirs: list[Path]) -> None:
