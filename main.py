@@ -31,6 +31,7 @@ from src.data.layout import DATASETS
 from src.errors import UserError
 from src.modalities import MODALITIES
 from src.models import BACKBONES
+from src.train.tracking import LOGGERS
 from src.run.rundir import run_path
 from src.run.runtime import keep_freed_memory, setup_logging
 
@@ -110,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
                            help="without a terminal (nohup, a scheduler): a progress line this often (default 60; "
                            "0: none)")
-            p.add_argument("--logger", default=None, choices=("none", "tensorboard"),
-                           help="per-epoch scalars to TensorBoard in <run>/tensorboard (default: train.logger)")
+            p.add_argument("--logger", default=None, choices=LOGGERS,
+                           help="per-epoch scalars to TensorBoard in <run>/tensorboard, or to Weights & Biases "
+                           "in <run>/wandb (offline unless WANDB_MODE=online) (default: train.logger)")
         else:
             p.add_argument("--checkpoint", default="best_acc",
                            help="best_acc (default), best_loss, last, or a path to a .pt file")

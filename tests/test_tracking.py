@@ -47,14 +47,54 @@ def test_the_logger_is_chosen_once_and_only_rank_0_writes(tmp_path):
     logger = tracking.make_logger("tensorboard", tmp_path, True)
     logger.close()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    with pytest.raises(ConfigError, match="train.logger 'wandb'.*none, tensorboard"):
-        tracking.make_logger("wandb", tmp_path, True)
+    with pytest.raises(ConfigError, match="train.logger 'mlflow'.*none, tensorboard, wandb"):
+        tracking.make_logger("mlflow", tmp_path, True)
 
 
 def test_missing_tensorboard_is_a_user_error_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` now fails
     with pytest.raises(UserError, match=r"pip install -e \.\[tensorboard\]"):
         tracking.make_logger("tensorboard", tmp_path, True)
+
+
+class FakeWandb:
+    """A stand-in for the wandb package that records what a run is given (the real one is an optional extra)."""
+
+    def __init__(self):
+        self.calls, self.logged, self.summary, self.finished = [], [], {}, False
+
+    def init(self, **kwargs):
+        self.calls.append(kwargs)
+        return self
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+    def finish(self):
+        self.finished = True
+
+
+def test_wandb_gets_the_tensorboard_scalars_offline_in_the_run(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run_dir = tmp_path / "iemocap" / "w" / "seed1"
+    logger = tracking.make_logger("wandb", run_dir, True, cfg={"train": {"epochs": 2}})
+    (init,) = fake.calls
+    assert init["mode"] == "offline" and init["dir"] == str(run_dir / "wandb") and (run_dir / "wandb").is_dir()
+    assert init["id"] == "iemocap-w-seed1" and init["config"] == {"train.epochs": 2}
+    logger.log_epoch(ENTRY)
+    assert fake.logged == [(3, tracking.epoch_scalars(ENTRY))]
+    results = {which: {"epoch": 1, "test": {"loss": 0.5, "predictions": {"tie": {"avg_acc": 0.8}}}}
+               for which in tracking.CHECKPOINTS}
+    logger.log_final(results, {}, "avg_acc")
+    assert fake.summary == {tag: value for tag, value, _ in tracking.final_scalars(results)}
+    logger.close()
+    assert fake.finished
+    assert isinstance(tracking.make_logger("wandb", run_dir, False), tracking.NullLogger)
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(UserError, match=r"pip install -e \.\[wandb\]"):
+        tracking.make_logger("wandb", run_dir, True)
 
 
 def test_config_knows_the_logger_key():

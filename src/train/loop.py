@@ -105,7 +105,7 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
     prediction = main_prediction(model)
     headline_key, _ = metrics.headline(splits["train"].task)
     config_text = dump_config(cfg)
-    logger = make_logger(tcfg.get("logger", "none"), run_dir, ctx.is_main, first_epoch=state["epoch"] + 1)
+    logger = make_logger(tcfg.get("logger", "none"), run_dir, ctx.is_main, first_epoch=state["epoch"] + 1, cfg=cfg)
     unit = " (%)" if metrics.is_fraction_metric(headline_key) else ""
     log.info("each epoch: mean training loss, validation loss, validation %s%s of the %s prediction; *loss marks a "
              "new best validation loss (best_loss.pt written), *score a new best validation %s (best_acc.pt written)",

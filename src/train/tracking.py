@@ -1,7 +1,8 @@
-"""Watching a run: per-epoch scalars to TensorBoard (the optional `tensorboard` extra), or nowhere.
+"""Watching a run: per-epoch scalars to TensorBoard (the optional `tensorboard` extra), to Weights & Biases
+(the optional `wandb` extra), or nowhere.
 
-The logger is chosen once from `train.logger` (`none` | `tensorboard`) and only rank 0 gets a real
-one. It reads the run's per-epoch history entries (src/train/loop.py), so what TensorBoard shows is
+The logger is chosen once from `train.logger` (`none` | `tensorboard` | `wandb`) and only rank 0 gets a
+real one. It reads the run's per-epoch history entries (src/train/loop.py), so what TensorBoard shows is
 exactly what metrics.json keeps:
 
     train/loss, train/<term>          the training loss and its weighted parts (model.loss_terms)
@@ -19,6 +20,11 @@ metrics in TensorBoard's hparams view. Event files go to <run>/tensorboard/.
 A TensorBoard folder that cannot be written is refused before the run starts; a write that fails during
 the run (a full disk) stops it with a message, after cutting the events file back to its last complete
 flush, so no torn record is left (the epoch's checkpoints are already saved: --resume continues).
+
+W&B gets the same scalars under the same names (the final test metrics in the run's summary, the config
+as the run's config), offline by default: the files go to <run>/wandb/ and `wandb sync <run>/wandb/offline-run-*`
+uploads them later. Set WANDB_MODE=online to log live. Values are as metrics.json stores them
+(accuracies and F1 as fractions).
 """
 from __future__ import annotations
 
@@ -32,9 +38,11 @@ from pathlib import Path
 from ..errors import ConfigError, UserError
 from ..trees import flatten
 
-LOGGERS = ("none", "tensorboard")
+LOGGERS = ("none", "tensorboard", "wandb")
 TENSORBOARD_HINT = "pip install -e .[tensorboard]"
+WANDB_HINT = "pip install -e .[wandb]"
 LOG_DIR = "tensorboard"
+WANDB_DIR = "wandb"
 CHECKPOINTS = ("best_loss", "best_acc")
 
 
@@ -99,6 +107,12 @@ class NullLogger:
 def require_logger(name: str, run_dir: Path | None = None) -> None:
     """Refuse a logger whose package is missing, or whose folder in `run_dir` cannot be written, before
     anything is written (UserError naming the extra or the folder)."""
+    if check_logger(name) == "wandb":
+        try:
+            import wandb  # noqa: F401  (optional dependency: fail here, before the run starts, with a hint)
+        except ImportError:
+            raise UserError(f"--logger wandb (train.logger) needs the wandb package, which is not installed; "
+                            f"install the wandb extra: {WANDB_HINT}") from None
     if check_logger(name) == "tensorboard":
         try:
             import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it; fail here with a hint)
@@ -216,9 +230,41 @@ class TensorBoardLogger:
             self.writer.close()
 
 
-def make_logger(name: str, run_dir: Path, is_main: bool, first_epoch: int = 1):
-    """The run's logger: a TensorBoard writer in <run>/tensorboard on rank 0, else a NullLogger."""
+class WandbLogger:
+    """The same scalars as TensorBoardLogger, to a W&B run kept in <run>/wandb (offline unless WANDB_MODE
+    says otherwise). A resumed run continues the same W&B run: its id is the run directory's name path."""
+
+    def __init__(self, run_dir: Path, cfg: dict):
+        require_logger("wandb")
+        import os
+
+        import wandb  # optional dependency (the wandb extra), checked above
+
+        run_dir = Path(run_dir)
+        (run_dir / WANDB_DIR).mkdir(parents=True, exist_ok=True)
+        run_id = "-".join(run_dir.resolve().parts[-3:])  # <dataset>-<name>-seed<k>
+        self.run = wandb.init(project="causalmer", name=run_id, id=run_id, resume="allow",
+                              dir=str(run_dir / WANDB_DIR), config=flat_hparams(cfg),
+                              mode=os.environ.get("WANDB_MODE", "offline"))
+
+    def log_epoch(self, entry: dict) -> None:
+        self.run.log({tag: value for tag, value in epoch_scalars(entry).items()
+                      if value is not None and math.isfinite(value)}, step=entry["epoch"])
+
+    def log_final(self, results: dict, cfg: dict, headline_key: str) -> None:
+        for tag, value, _ in final_scalars(results):
+            if value is not None and math.isfinite(value):
+                self.run.summary[tag] = value
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_logger(name: str, run_dir: Path, is_main: bool, first_epoch: int = 1, cfg: dict | None = None):
+    """The run's logger on rank 0 (TensorBoard in <run>/tensorboard, W&B in <run>/wandb), else a NullLogger."""
     check_logger(name)
     if name == "none" or not is_main:
         return NullLogger()
+    if name == "wandb":
+        return WandbLogger(run_dir, cfg or {})
     return TensorBoardLogger(Path(run_dir) / LOG_DIR, purge_step=first_epoch if first_epoch > 1 else None)
