@@ -21,7 +21,7 @@ from pathlib import Path
 from src.commands.analyze import analyze_runs
 from src.commands.compare import compare
 from src.commands.demo import demo
-from src.commands.evaluate import evaluate_run
+from src.commands.evaluate import check_run_flags, evaluate_run
 from src.commands.importing import import_checkpoint
 from src.commands.make_data import make_data
 from src.commands.summarize import summarize_flags
@@ -32,6 +32,7 @@ from src.errors import UserError
 from src.modalities import MODALITIES
 from src.models import BACKBONES
 from src.train.tracking import LOGGERS
+from src.run.config import parse_override
 from src.run.rundir import run_path
 from src.run.runtime import keep_freed_memory, setup_logging
 
@@ -95,26 +96,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the model for training and evaluation (config train.compile)")
-        if name == "train":
-            p.add_argument("--model", default="causalmer", choices=MODEL_CHOICES,
-                           help=f"causalmer (default), or a backbone trained alone: {', '.join(BACKBONE_CHOICES)}")
-            p.add_argument("--backbone", default=None, choices=BACKBONE_CHOICES,
-                           help="the backbone CausalMER wraps (default: the config's, mult)")
-            p.add_argument("--config", default=None, help="a config file (default configs/<dataset>.yaml)")
-            p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                           help="override a config value, e.g. --set train.epochs=5 (repeatable)")
-            p.add_argument("--unaligned", action="store_true")
-            p.add_argument("--task", default=None, help="mosei_senti/mosi: cls (default) or regression")
-            p.add_argument("--epochs", type=int, default=None)
-            p.add_argument("--clean-nonfinite", action="store_true", help="replace NaN/inf in the data by 0")
-            p.add_argument("--resume", action="store_true", help="continue an interrupted run from last.pt")
-            p.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
-                           help="without a terminal (nohup, a scheduler): a progress line this often (default 60; "
-                           "0: none)")
-            p.add_argument("--logger", default=None, choices=LOGGERS,
-                           help="per-epoch scalars to TensorBoard in <run>/tensorboard, or to Weights & Biases "
-                           "in <run>/wandb (offline unless WANDB_MODE=online) (default: train.logger)")
-        else:
+        # What a run is and how it trains: train's flags, and eval's too, since inference.sh passes main.sh's
+        # arguments through; eval checks those that say what the run is against its config (check_run_flags)
+        # and has no use for the rest (--resume, --logger, --progress-every).
+        p.add_argument("--model", default="causalmer", choices=MODEL_CHOICES,
+                       help=f"causalmer (default), or a backbone trained alone: {', '.join(BACKBONE_CHOICES)}")
+        p.add_argument("--backbone", default=None, choices=BACKBONE_CHOICES,
+                       help="the backbone CausalMER wraps (default: the config's, mult)")
+        p.add_argument("--config", default=None, help="a config file (default configs/<dataset>.yaml)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+        p.add_argument("--unaligned", action="store_true")
+        p.add_argument("--task", default=None, help="mosei_senti/mosi: cls (default) or regression")
+        p.add_argument("--epochs", type=int, default=None)
+        p.add_argument("--clean-nonfinite", action="store_true", help="replace NaN/inf in the data by 0")
+        p.add_argument("--resume", action="store_true", help="continue an interrupted run from last.pt")
+        p.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
+                       help="without a terminal (nohup, a scheduler): a progress line this often (default 60; "
+                       "0: none)")
+        p.add_argument("--logger", default=None, choices=LOGGERS,
+                       help="per-epoch scalars to TensorBoard in <run>/tensorboard, or to Weights & Biases "
+                       "in <run>/wandb (offline unless WANDB_MODE=online) (default: train.logger)")
+        if name == "eval":
             p.add_argument("--checkpoint", default="best_acc",
                            help="best_acc (default), best_loss, last, or a path to a .pt file")
             p.add_argument("--split", default="test", choices=("train", "valid", "test"))
@@ -192,13 +195,34 @@ def run_spec(args) -> RunSpec:
                    logger=args.logger, compile=args.compile, init_from=args.init_from)
 
 
+def run_flags(args) -> list:
+    """(config key, value, flag) of each training flag given to eval, for check_run_flags."""
+    if args.config is not None:
+        raise UserError(f"--config {args.config}: eval reads the run's own config.yaml; --config is for train")
+    expected = []
+    if args.model != "causalmer":
+        expected += [("model.name", "backbone", f"--model {args.model}"), ("model.backbone", args.model, f"--model {args.model}")]
+    for key, value, flag in (("model.backbone", args.backbone, "--backbone"), ("data.task", args.task, "--task"),
+                             ("train.epochs", args.epochs, "--epochs")):
+        if value is not None:
+            expected.append((key, value, f"{flag} {value}"))
+    if args.unaligned:
+        expected.append(("data.aligned", False, "--unaligned"))
+    if args.clean_nonfinite:
+        expected.append(("data.clean_nonfinite", True, "--clean-nonfinite"))
+    for text in args.overrides:
+        path, value = parse_override(text)
+        expected.append((".".join(path), value, f"--set {text}"))
+    return expected
+
+
 COMMANDS = {
     "make-data": lambda a: make_data(a.dataset, data_dir=a.data_dir, unaligned=a.unaligned, scale=a.scale,
                                      seed=a.seed, bias_modality=a.bias_modality, bias_strength=a.bias_strength,
                                      force=a.force),
     "train": lambda a: start_run(run_spec(a), device=a.device, amp=a.amp, resume=a.resume,
                                  progress_seconds=a.progress_every),
-    "eval": lambda a: evaluate_run(run_path(a.runs_dir, a.dataset, a.name, a.seed), checkpoint=a.checkpoint,
+    "eval": lambda a: check_run_flags(run_path(a.runs_dir, a.dataset, a.name, a.seed), run_flags(a)) or evaluate_run(run_path(a.runs_dir, a.dataset, a.name, a.seed), checkpoint=a.checkpoint,
                                    split=a.split, remove=a.remove, device=a.device, amp=a.amp, data_dir=a.data_dir,
                                    analyze=a.analyze, compiled=a.compile, dataset=a.dataset),
     "analyze": lambda a: analyze_runs([Path(r) for r in a.runs], checkpoint=a.checkpoint, split=a.split,

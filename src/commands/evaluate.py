@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 from ..atomic import write_text
+from ..errors import UserError
+from ..run import checkpoint as ckpt_io
 from ..run import distributed
 from ..run.build import compile_model
 from ..run.rundir import exclusive
@@ -16,6 +18,32 @@ from ..eval.tables import prediction_table, print_removal_report
 from ..analysis.confusion import confusion_matrices, write_confusion_png
 from ..analysis.plots import PLOTS_HINT
 from .analyze import analyze_runs
+
+
+def check_run_flags(run_dir: Path, expected: list) -> None:
+    """Refuse evaluation flags that describe another run than the one in `run_dir`.
+
+    `expected`: (dotted config key, value, the flag that asked for it), e.g. ("data.aligned", False,
+    "--unaligned"), from the training flags that inference.sh passes through to eval. Each must agree
+    with the run's config.yaml: the run is evaluated as it was trained, never reconfigured."""
+    path = Path(run_dir) / "config.yaml"
+    if not expected or not path.is_file():
+        return  # load_run says what is missing
+    saved = ckpt_io.read_config_file(path)
+
+    def agrees(found, wanted) -> bool:  # a mapping asks for its keys only, as --set merges it
+        if isinstance(wanted, dict):
+            return isinstance(found, dict) and all(agrees(found.get(k), v) for k, v in wanted.items())
+        return found == wanted
+
+    for key, value, flag in expected:
+        node = saved
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if not agrees(node, value):
+            raise UserError(f"{flag} asks for {key} = {value!r}, but the run in {run_dir} was trained with "
+                            f"{key} = {node!r} ({path}); evaluation uses the run's own config, so drop the flag or "
+                            "name the run that was trained with it")
 
 
 def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test", remove: str | None = None,
