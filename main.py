@@ -20,6 +20,7 @@ from pathlib import Path
 
 from src.commands.analyze import analyze_runs
 from src.commands.compare import compare
+from src.commands.parallel import main_program, parse_devices
 from src.commands.demo import demo
 from src.commands.evaluate import check_run_flags, evaluate_run
 from src.commands.importing import import_checkpoint
@@ -158,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     compare.add_argument("--fresh", action="store_true",
                          help="move existing runs of another config aside (to <name>/replaced/) and train them again")
+    compare.add_argument("--jobs", type=int, default=1,
+                         help="train this many runs at once, each in its own process (default 1: one after another)")
+    compare.add_argument("--devices", default=None, metavar="LIST",
+                         help="with --jobs: spread the runs over these devices in turn, e.g. cuda:0,cuda:1 "
+                         "(default: --device for all; on the CPU each process gets its share of the cores)")
     add_table_arguments(compare)
 
     summarize = sub.add_parser("summarize", help="mean ± std over seeds of every metric, groups side by side")
@@ -231,7 +237,8 @@ COMMANDS = {
     "compare": lambda a: compare(a.dataset, seeds=a.seeds, backbone=a.backbone, name=a.name, runs_dir=a.runs_dir,
                                  data_dir=a.data_dir, device=a.device, config_file=a.config, unaligned=a.unaligned,
                                  task=a.task, epochs=a.epochs, overrides=a.overrides, fresh=a.fresh,
-                                 table_format=a.format, full=a.full),
+                                 table_format=a.format, full=a.full, jobs=a.jobs,
+                                 devices=parse_devices(a.devices), program=main_program(__file__)),
     "summarize": lambda a: summarize_flags(a.group, a.out, table_format=a.format, full=a.full),
     "demo": lambda a: demo(data_dir=a.data_dir, runs_dir=a.runs_dir, epochs=a.epochs, device=a.device,
                            fresh=a.fresh),

@@ -27,6 +27,7 @@ from ..run.identity import check_resume_data
 from ..run.rundir import exclusive, holds_run, refuse_if_in_use, run_path, set_aside
 from ..run.runtime import setup_logging
 from ..train.loop import PROGRESS_SECONDS, prepare, train
+from .parallel import run_jobs, spec_argv
 
 log = logging.getLogger("causalmer")
 
@@ -160,10 +161,15 @@ def plan_run(spec: RunSpec, fresh: bool, flag: str) -> str:
     return "replace"
 
 
-def train_all(specs: list[RunSpec], fresh: bool, flag: str, device: str = "auto") -> None:
+def train_all(specs: list[RunSpec], fresh: bool, flag: str, device: str = "auto", jobs: int = 1,
+              devices: list[str] | None = None, program: list[str] | None = None) -> None:
     """Train (or continue, or reuse) every run; every existing run is checked before anything is trained.
-    `flag` is how the caller spells `fresh`, for the message that refuses a run of another config."""
+    `flag` is how the caller spells `fresh`, for the message that refuses a run of another config.
+
+    With `jobs` > 1 the runs to train go to that many `program` processes (main.py) at once, dealt over
+    `devices` when given (src/commands/parallel.py)."""
     plans = [plan_run(spec, fresh, flag) for spec in specs]
+    queued = []
     for spec, plan in zip(specs, plans):
         print(f"\n=== {spec.name}, seed {spec.seed} ===")
         if plan == "reuse":
@@ -171,4 +177,9 @@ def train_all(specs: list[RunSpec], fresh: bool, flag: str, device: str = "auto"
             continue
         if plan == "replace":
             print(f"{spec.run_dir} was trained with another config; moved it to {set_aside(spec.run_dir)}")
-        start_run(spec, device=device, resume=plan == "resume")
+        if jobs > 1:
+            queued.append((f"{spec.name}, seed {spec.seed}", spec_argv(spec, device, resume=plan == "resume")))
+        else:
+            start_run(spec, device=device, resume=plan == "resume")
+    if queued:
+        run_jobs(program, queued, jobs, devices or [])
