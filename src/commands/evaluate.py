@@ -13,6 +13,7 @@ from ..run import distributed
 from ..run.build import compile_model
 from ..run.rundir import exclusive
 from ..run.trained import load_run, other_data_line, provenance, result_tag
+from ..eval.metrics import STORED_UNITS
 from ..eval.evaluate import parse_removal, predict, removal_sweep, score_predictions
 from ..eval.tables import prediction_table, print_removal_report
 from ..analysis.confusion import confusion_matrices, write_confusion_png
@@ -73,7 +74,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test
                     print(f"missing-modality test on {split} ({name}, epoch {saved['epoch']}); scores in %:")
                     print_removal_report(report)
                     out = Path(run_dir) / f"robustness_{tag}_{split}.json"
-                    write_text(out, json.dumps({**origin, **report}, indent=2))
+                    write_text(out, json.dumps({"units": STORED_UNITS, **origin, **report}, indent=2))
                     print(f"\nwrote {out}")
                 result = report
             else:
@@ -88,8 +89,8 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test
                     matrices = confusion_matrices(pred, dataset.task)
                     confusion = {prediction: counts.tolist() for prediction, counts in matrices.items()}
                     out = Path(run_dir) / f"eval_{tag}_{split}{suffix}.json"
-                    write_text(out, json.dumps({**origin, "removed": list(removed), **result, "confusion": confusion},
-                                               indent=2))
+                    write_text(out, json.dumps({"units": STORED_UNITS, **origin, "removed": list(removed), **result,
+                                                "confusion": confusion}, indent=2))
                     print(f"wrote {out}")
                     png = write_confusion_png(matrices, dataset.task, Path(run_dir) / f"confusion_{tag}_{split}{suffix}.png",
                                               f"{cfg['dataset']} {split} ({name}, epoch {saved['epoch']}{what})")

@@ -224,6 +224,10 @@ def headline_hits(logits, target, task: str, score=None) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 # Presentation
 
+# Every result file (metrics.json, eval_*.json, analysis.json) stores accuracies and F1 as fractions, the
+# unit the computation gives; every table, chart and log line shows them in percent. The files say so.
+STORED_UNITS = "accuracies and F1 are fractions (0.834 = 83.4%); MAE and corr in their own units"
+
 
 def is_fraction_metric(key: str) -> bool:
     """Whether a metric is a proportion shown as a percentage (accuracies and F1 scores)."""

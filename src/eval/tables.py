@@ -8,8 +8,9 @@ LABELS = {"tie": "tie (debiased)", "te": "te (fused)", "m": "m (backbone)"}
 
 
 def prediction_table(predictions: dict) -> str:
-    """The metrics of each prediction side by side, columns labelled by what the prediction is."""
-    return metrics.format_table({LABELS.get(name, name): values for name, values in predictions.items()})
+    """The metrics of each prediction side by side, columns labelled by what the prediction is, and the units."""
+    return (metrics.format_table({LABELS.get(name, name): values for name, values in predictions.items()})
+            + "\n(accuracies and F1 in %; MAE and corr in their own units)")
 
 
 def print_run_results(results: dict, cfg: dict) -> None:

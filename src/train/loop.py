@@ -307,7 +307,7 @@ def final_evaluation(model, splits, cfg, run_dir: Path, ctx: Context, amp: bool,
     run = model if run is None else run
     batch_size = cfg["train"]["eval_batch_size"]
     # Which file every number below came from: the data as it was when the run opened it.
-    results = {"data": splits["test"].source, "history": state["history"]}
+    results = {"units": metrics.STORED_UNITS, "data": splits["test"].source, "history": state["history"]}
     for which in ("best_loss", "best_acc"):
         path = run_dir / ckpt_io.CHECKPOINT_NAMES[which]
         saved = ckpt_io.load_checkpoint(path)
