@@ -63,7 +63,7 @@ from src.models import BRANCHES  # noqa: E402
 from src.modalities import MODALITIES  # noqa: E402
 
 GROUPS = ("reference", "published", "layouts", "pmr", "data", "compile", "dmd")
-LAYOUTS = {  # name -> (dataset, aligned); lengths and dims come from src.data.layout (SPEC §1)
+LAYOUTS = {  # name -> (dataset, aligned); lengths and dims come from src.data.layout (docs/design.md § Data)
     "iemocap_aligned": ("iemocap", True),
     "iemocap_unaligned": ("iemocap", False),
     "mosei_aligned": ("mosei_senti", True),

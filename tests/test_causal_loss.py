@@ -29,7 +29,7 @@ def run_head(fusion, constants, z):
 
 
 def manual_kl(out):
-    """SPEC §5's L_KL written out long-hand, one softmax over the whole last dimension."""
+    """The L_KL of docs/design.md § The training objective, written out long-hand, one softmax over the whole last dimension."""
     def h(p, q):
         return (-(F.softmax(out[p], -1) * F.log_softmax(out[q], -1)).sum(-1)).mean()
 

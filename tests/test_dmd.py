@@ -1,4 +1,4 @@
-"""DMD backbone (SPEC §8) on tiny models: shapes per dataset and layout, the distillation graphs, the
+"""DMD backbone (docs/design.md § DMD) on tiny models: shapes per dataset and layout, the distillation graphs, the
 margin and orthogonality losses against hand-worked values, the weighted auxiliary loss, training
 signal of every term, the fixed-length contract (module and command line), the official weights
 (fixture dmd_mosei_official.pt and a round trip on other configurations) and the validation loss."""

@@ -1,4 +1,4 @@
-"""SPEC §6 metrics against hand-worked examples."""
+"""The metrics of docs/design.md § Metrics against hand-worked examples."""
 import warnings
 
 import numpy as np

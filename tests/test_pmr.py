@@ -1,4 +1,4 @@
-"""PMR backbone (SPEC §9) on tiny tensors: shapes, the MRU gate, message aggregation, cross-modality
+"""PMR backbone (docs/design.md § PMR) on tiny tensors: shapes, the MRU gate, message aggregation, cross-modality
 flow, determinism, gradients, a learnable toy task, and PMR inside CausalMER."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Checkpoints of the published code (SPEC §10): read without running, import, evaluate, start from.
+"""Checkpoints of the published code (docs/design.md): read without running, import, evaluate, start from.
 
 The MULTModel fixture was written by the published code. CAUSALMER files, and MULTModels of other
 configurations, are written here: stand-in nn.Modules with the published attribute layout are pickled by
@@ -248,7 +248,7 @@ def published_causalmer(fusion="hm", constants=(0.3, -0.2, 0.45), width=8, outpu
 
 
 def published_causal_outputs(model, reference, text, audio, vision):
-    """The published CAUSALMER's eval outputs, computed here: CF-VQA fusion with its constants (SPEC §4)."""
+    """The published CAUSALMER's eval outputs, computed here: CF-VQA fusion with its constants (docs/design.md § The causal head)."""
     eps = 1e-12
     fusions = {
         "mask": lambda m, t, a, v: m * torch.sigmoid(t + a + v),
