@@ -29,7 +29,8 @@ def test_the_readme_python_example_runs_outside_the_checkout(tmp_path):
     notebook = tmp_path / "notebook"
     notebook.mkdir()
     script = readme_example() + (
-        "\nimport sys, causalmer\n"
+        "\nimport logging, sys, causalmer\n"
+        "logging.getLogger('causalmer').warning('a line logged after the run')\n"
         "print('causalmer at', causalmer.__file__)\n"
         "print('checkout names imported:', sorted(m for m in sys.modules if m == 'src' or m.startswith('src.')))\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=notebook, env={**os.environ, "PYTHONPATH": str(path)},
@@ -41,6 +42,10 @@ def test_the_readme_python_example_runs_outside_the_checkout(tmp_path):
     run = notebook / "checkpoints" / "iemocap" / "notebook" / "seed1"
     for name in ("config.yaml", "train.log", "metrics.json", "best_acc.pt", "robustness_best_acc_test.json"):
         assert (run / name).is_file(), name
+    # The run's log holds the run: what a notebook logs afterwards goes to the console only.
+    log = (run / "train.log").read_text()
+    assert "epoch 2" in log and "a line logged after the run" not in log
+    assert "a line logged after the run" in done.stdout
     assert re.search(r"test avg_acc \(tie\): [0-9.]+", done.stdout)
     assert re.search(r"\(\d+, 8\) \(\d+, 4\)", done.stdout)  # per test sample: IEMOCAP's 8 logits, 4 targets
     assert re.search(r"without audio: [0-9.]+", done.stdout)

@@ -4,9 +4,6 @@
 matplotlib extra is installed.
 """
 from ..eval.contributions import (
-    MODALITIES,
-    REMOVALS,
-    SUBSETS,
     balance_index,
     nde_shares,
     removal_report,
@@ -14,6 +11,7 @@ from ..eval.contributions import (
     shapley_values,
     subset_label,
 )
+from ..modalities import MODALITIES, REMOVALS, SUBSETS
 from .summary import collect_runs, flatten_metrics, format_summary, summarize, write_csv
 
 __all__ = [

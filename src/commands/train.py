@@ -127,6 +127,8 @@ def start_run(spec: RunSpec, device: str = "auto", amp: bool = False, resume: bo
             print_run_results(results, cfg)
         return results
     finally:
+        # What is logged after the run (the next run of compare, a notebook's next cell) is not this run's.
+        setup_logging(main_process=ctx.is_main)
         distributed.teardown(ctx)
 
 

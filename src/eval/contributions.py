@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from ..modalities import LETTERS, MODALITIES, REMOVALS, SUBSETS
+from ..modalities import LETTERS, MODALITIES, REMOVALS
 
 
 def subset_label(subset) -> str:

@@ -28,6 +28,8 @@ from pathlib import Path
 def setup_logging(log_file: Path | None = None, main_process: bool = True) -> None:
     """Console lines (INFO on the main process, WARNING on the others), and `log_file` if given."""
     root = logging.getLogger()
+    for handler in root.handlers:
+        handler.close()  # a previous run's train.log
     root.handlers.clear()
     root.setLevel(logging.INFO if main_process else logging.WARNING)
     console = logging.StreamHandler(sys.stdout)
