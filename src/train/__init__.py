@@ -1,1 +1,1 @@
-
+"""The training loop (loop.py), its gradient accumulation plans, and the per-epoch logger."""
