@@ -59,6 +59,15 @@ def test_saved_predictions_recompute_every_metric_of_the_evaluation(capsys, runs
     assert np.array_equal(pred["index"], np.arange(len(pred["target"])))
     saved = json.loads((runs["causal"] / "eval_best_acc_test.json").read_text())
     assert score_file(pred, "binary") == saved["predictions"]
+    # Each array is the model's own output of that name, row by row.
+    ctx = Context(rank=0, world_size=1, device=torch.device("cpu"))
+    _, splits, model, _ = load_run(runs["causal"], "best_acc", ctx.device, str(runs["data"]))
+    expected = {"tie": "logits_tie", "te": "logits_te", "m": "logits_m", "t": "logits_t", "a": "logits_a",
+                "v": "logits_v", "te_effect": "te", "nde": "nde", "nde_t": "nde_t", "nde_a": "nde_a", "nde_v": "nde_v"}
+    outputs = predict(model, splits["test"], 7, ctx, keys=tuple(expected.values()))
+    for key, output in expected.items():
+        assert np.allclose(pred[f"logits_{key}"], outputs[output], atol=1e-6), key
+    assert np.array_equal(pred["target"], splits["test"].targets)
 
 
 def test_every_accuracy_of_the_result_is_recomputed_from_the_predictions(capsys, runs):
@@ -103,6 +112,15 @@ def test_a_fixed_mask_is_the_removal_of_its_modalities(runs):
         assert np.array_equal(kept[key], removed[key])
         assert np.array_equal(everything[key], plain[key])
     assert not np.array_equal(kept["logits_m"], plain["logits_m"])
+    # Sample by sample: a mixed mask gives each row what removing its own missing modalities gives it.
+    mixed = np.random.default_rng(0).random((len(test), 3)) < 0.5
+    mixed[:, 0] |= ~mixed.any(axis=1)
+    pred = predict(model, test, 16, ctx, keep=mixed)
+    for pattern in np.unique(mixed, axis=0):
+        rows = (mixed == pattern).all(axis=1)
+        gone = tuple(m for m, kept_m in zip(("text", "audio", "vision"), pattern) if not kept_m)
+        assert np.allclose(pred["logits_m"][rows], predict(model, test, 16, ctx, remove=gone)["logits_m"][rows],
+                           atol=1e-6)
 
 
 def test_subsets_do_not_depend_on_the_run_judged(capsys, runs):
