@@ -161,3 +161,26 @@ def test_a_subsets_file_with_foreign_rows_or_ids_is_refused(biased_splits, tmp_p
     path.write_text("{not json")
     with pytest.raises(UserError, match="cannot read it as JSON"):
         file_subsets(path, test)
+
+
+def test_summaries_over_seeds_average_robustness_figures_and_test_the_pairs(tmp_path):
+    from src.analysis.summary import summarize
+
+    tie, te = [0.61, 0.58, 0.66], [0.55, 0.57, 0.60]
+    runs = []
+    for seed, (a, b) in enumerate(zip(tie, te), start=1):
+        run = tmp_path / f"seed{seed}"
+        (run / "robustness").mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps({"best_acc": {"test": {"tie": {"avg_acc": a}}}}))
+        interval = {"difference": a - b, "low": 0.0, "high": 0.1, "n": 10, "rounds": 5}
+        (run / "robustness" / "robustness.json").write_text(json.dumps({
+            "metric": "avg_acc", "accuracy": {"all": {"tie": a, "te": b}}, "missing": {"auilc": {"tie": 0.4}},
+            "alpha": {"selected": 1.0}, "bootstrap": {"intervals": {"tie-te": {"all": interval}}}}))
+        runs.append(run)
+    rows = {row["metric"]: row for row in summarize({"causal": runs})}
+    assert rows["robustness/all/tie/avg_acc"]["mean"] == pytest.approx(np.mean(tie))
+    assert rows["robustness/all/tie-te/avg_acc_difference"]["std"] == pytest.approx(np.std(np.subtract(tie, te), ddof=1))
+    differences = np.subtract(tie, te)
+    t = differences.mean() / (differences.std(ddof=1) / np.sqrt(3))
+    assert rows["robustness/all/tie-te/paired_t"]["mean"] == pytest.approx(t)
+    assert 0 < rows["robustness/all/tie-te/paired_p"]["mean"] < 1 and rows["robustness/all/tie-te/paired_p"]["n"] == 3
