@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from scipy.stats import ttest_rel  # scipy comes with scikit-learn
 
 from ..atomic import replacing
 from ..errors import UserError
@@ -73,8 +74,6 @@ def robustness_metrics(run_dir: Path) -> dict[str, float]:
 def paired_seed_tests(run_dirs: list) -> dict[str, tuple[float, int]]:
     """Paired t-tests over seeds (one pair per run) of each bootstrapped difference, per subset:
     {metric: (value, number of pairs)}."""
-    from scipy.stats import ttest_rel  # scipy comes with scikit-learn
-
     per_run = [robustness_metrics(run_dir) for run_dir in run_dirs]
     tests = {}
     for key in per_run[0] if per_run else {}:

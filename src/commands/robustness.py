@@ -25,6 +25,7 @@ from ..eval.robustness import (ALPHA_GRID, DRAWS, MISSING_SEED, RATES, alpha_cur
 from ..eval.subsets import bias_subsets, probe_subsets, subsets_record
 from ..run import checkpoint as ckpt_io
 from ..run import distributed
+from ..run.rundir import exclusive
 from ..analysis.plots import PLOTS_HINT, plot_lines
 from ..analysis.robustness import robustness_markdown
 from ..run.trained import load_run, provenance, result_tag
@@ -71,8 +72,6 @@ def robustness_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "te
                    dataset: str | None = None) -> dict:
     """The robustness result of one run (module docstring); `dataset`, when given, is the dataset the run
     must be of."""
-    from ..run.rundir import exclusive
-
     rates = check_options(rates, draws, rounds, grid)
     run_dir = Path(run_dir)
     ctx = distributed.setup(device)
