@@ -9,7 +9,8 @@ on every model counts batches, and the command's prediction function counts pass
 expected count, one pass per split (test, valid) plus one per missing rate above 0 and draw, for each
 model, is printed beside the measured one.
 
-    python benchmarks/robustness.py                   # about 10 minutes on 2 shared CPU cores
+    python benchmarks/robustness.py                   # the command's defaults, with --baseline
+    python benchmarks/robustness.py --draws 1 --no-baseline   # fewer passes on a busy machine
     python benchmarks/robustness.py --quick           # small splits, a smoke run
 
 Results: benchmarks/results/robustness.json and robustness.md (robustness_quick.* with --quick).
@@ -91,7 +92,7 @@ def main_benchmark(args) -> dict:
     write_data(data_dir, sizes)
     common = ["--dataset", "mosei_senti", "--data-dir", str(data_dir), "--runs-dir", str(runs), "--device", "cpu",
               "--epochs", "1", *MODEL]
-    for name, model in (("causal", "causalmer"), ("alone", "mult")):
+    for name, model in (("causal", "causalmer"), ("alone", "mult"))[:1 if args.no_baseline else 2]:
         assert main.main(["train", *common, "--name", name, "--model", model]) == 0
     run_dir, baseline = runs / "mosei_senti" / "causal" / "seed1", runs / "mosei_senti" / "alone" / "seed1"
 
@@ -104,17 +105,18 @@ def main_benchmark(args) -> dict:
     original = counter.watch_predictions()
     try:
         started = time.perf_counter()
-        command.robustness_run(run_dir, device="cpu", baseline=str(baseline))
+        command.robustness_run(run_dir, device="cpu", baseline=None if args.no_baseline else str(baseline),
+                               draws=args.draws)
         robustness_seconds = time.perf_counter() - started
     finally:
         handle.remove()
         command.predict_all = original
-    masked_per_model = sum(1 for r in RATES if r > 0) * DRAWS
-    expected = {"test": 2, "valid": 1, "test (masked)": 2 * masked_per_model}  # run + baseline on test
+    models = 1 if args.no_baseline else 2  # the run, and the baseline on the test split
+    expected = {"test": models, "valid": 1, "test (masked)": models * sum(1 for r in RATES if r > 0) * args.draws}
     return {"size": size, "split_sizes": sizes, "model": "CausalMER on MulT d_model 10, 1 layer, pool branches; "
             "baseline MulT alone of the same size", "eval_batch_size": 256,
-            "defaults": {"rates": list(RATES), "draws": DRAWS, "alpha_grid": list(ALPHA_GRID),
-                         "bootstrap": DEFAULT_ROUNDS},
+            "options": {"rates": list(RATES), "draws": args.draws, "alpha_grid": list(ALPHA_GRID),
+                        "bootstrap": DEFAULT_ROUNDS, "baseline": not args.no_baseline},
             "eval_seconds": round(eval_seconds, 2), "robustness_seconds": round(robustness_seconds, 2),
             "ratio": round(robustness_seconds / eval_seconds, 1),
             "split_passes": counter.passes, "expected_split_passes": expected, "batches": counter.batches,
@@ -132,8 +134,9 @@ def markdown(result: dict) -> str:
         f"load average {result['machine']['load_average'][0]:.1f} at the end.", "",
         "| measure | value |", "|---|---|",
         f"| one plain `eval` of the test split | {result['eval_seconds']:.1f} s |",
-        f"| `robustness --baseline` (defaults: {len(result['defaults']['rates'])} rates × {result['defaults']['draws']} "
-        f"draws, α grid of {len(result['defaults']['alpha_grid'])}, {result['defaults']['bootstrap']} bootstrap rounds) "
+        f"| `robustness`{' --baseline' if result['options']['baseline'] else ''} ({len(result['options']['rates'])} "
+        f"rates × {result['options']['draws']} draws, α grid of {len(result['options']['alpha_grid'])}, "
+        f"{result['options']['bootstrap']} bootstrap rounds) "
         f"| {result['robustness_seconds']:.1f} s ({result['ratio']}× eval) |",
         "| passes over a split, measured | " + ", ".join(f"{k} {v}" for k, v in passes.items()) + " |",
         "| passes over a split, expected | " + ", ".join(f"{k} {v}" for k, v in result["expected_split_passes"].items())
@@ -144,6 +147,8 @@ def markdown(result: dict) -> str:
 def main_cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--draws", type=int, default=DRAWS, help=f"mask draws per missing rate (default {DRAWS})")
+    parser.add_argument("--no-baseline", action="store_true", help="without a backbone-alone baseline run")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     result = main_benchmark(args)
