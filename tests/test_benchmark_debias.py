@@ -19,7 +19,7 @@ def test_quick_run_writes_a_complete_report(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run([sys.executable, "benchmarks/debias.py", "--quick", "--output", str(output),
                              "--work-dir", str(tmp_path / "work")],
-                            cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+                            cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| strength | fusion | branches |" in result.stdout  # the markdown table was printed
 
