@@ -113,8 +113,8 @@ def main_benchmark(args) -> dict:
         command.predict_all = original
     models = 1 if args.no_baseline else 2  # the run, and the baseline on the test split
     expected = {"test": models, "valid": 1, "test (masked)": models * sum(1 for r in RATES if r > 0) * args.draws}
-    return {"size": size, "split_sizes": sizes, "model": "CausalMER on MulT d_model 10, 1 layer, pool branches; "
-            "baseline MulT alone of the same size", "eval_batch_size": 256,
+    return {"command": "python benchmarks/robustness.py " + " ".join(sys.argv[1:]), "size": size, "split_sizes": sizes, "model": "CausalMER on MulT d_model 10, 1 layer, pool branches"
+            + ("" if args.no_baseline else "; baseline MulT alone of the same size"), "eval_batch_size": 256,
             "options": {"rates": list(RATES), "draws": args.draws, "alpha_grid": list(ALPHA_GRID),
                         "bootstrap": DEFAULT_ROUNDS, "baseline": not args.no_baseline},
             "eval_seconds": round(eval_seconds, 2), "robustness_seconds": round(robustness_seconds, 2),
