@@ -184,3 +184,24 @@ def test_summaries_over_seeds_average_robustness_figures_and_test_the_pairs(tmp_
     t = differences.mean() / (differences.std(ddof=1) / np.sqrt(3))
     assert rows["robustness/all/tie-te/paired_t"]["mean"] == pytest.approx(t)
     assert 0 < rows["robustness/all/tie-te/paired_p"]["mean"] < 1 and rows["robustness/all/tie-te/paired_p"]["n"] == 3
+
+
+def test_unimodal_label_and_word_subsets_follow_their_definitions():
+    from types import SimpleNamespace
+
+    from src.eval.subsets import unimodal_subsets, word_subsets
+
+    split = SimpleNamespace(task="cls", targets=np.array([0, 6, 3, 3]), scores=None,
+                            unimodal_targets={"text": np.array([0, 6, 2, 3]), "audio": np.array([1, 6, 3, 3])})
+    subsets = unimodal_subsets(split)
+    assert subsets["conflicting_text_label"] == [2] and subsets["aligned_text_label"] == [0, 1, 3]
+    assert subsets["conflicting_audio_label"] == [0] and "conflicting_vision_label" not in subsets
+    assert unimodal_subsets(SimpleNamespace(task="cls", targets=np.zeros(2), scores=None)) == {}
+
+    # "great" appears only with class 6, "awful" only with class 0, "the" evenly: cv 0, not a bias word.
+    train = SimpleNamespace(task="cls", targets=np.array([6, 6, 0, 0]), scores=None,
+                            raw_text=["the great", "great", "the awful", "awful"])
+    test = SimpleNamespace(task="cls", targets=np.array([6, 6, 0, 3]), scores=None,
+                           raw_text=["Great!", "awful awful great", "the", "GREAT"])
+    assert word_subsets(train, test) == {"aligned_words": [0], "conflicting_words": [1, 3]}
+    assert word_subsets(SimpleNamespace(raw_text=None), test) == {}
