@@ -198,10 +198,12 @@ def test_unimodal_label_and_word_subsets_follow_their_definitions():
     assert subsets["conflicting_audio_label"] == [0] and "conflicting_vision_label" not in subsets
     assert unimodal_subsets(SimpleNamespace(task="cls", targets=np.zeros(2), scores=None)) == {}
 
-    # "great" appears only with class 6, "awful" only with class 0, "the" evenly: cv 0, not a bias word.
-    train = SimpleNamespace(task="cls", targets=np.array([6, 6, 0, 0]), scores=None,
-                            raw_text=["the great", "great", "the awful", "awful"])
-    test = SimpleNamespace(task="cls", targets=np.array([6, 6, 0, 3]), scores=None,
-                           raw_text=["Great!", "awful awful great", "the", "GREAT"])
-    assert word_subsets(train, test) == {"aligned_words": [0], "conflicting_words": [1, 3]}
+    # Per-class counts over train: "great" (0, 2) and "good" (4, 5) vary enough (cv 1 and 0.11 ≥ 0.1) to
+    # carry the label of their larger count; "nice" (5, 6, cv 0.09) and "the" (1, 1, cv 0) do not.
+    texts = {6: ["great", "the great"] + ["good nice"] * 5 + ["nice"], 0: ["good nice"] * 4 + ["nice", "the"]}
+    train = SimpleNamespace(task="cls", targets=np.array([6] * 8 + [0] * 6), scores=None,
+                            raw_text=texts[6] + texts[0][:-1] + ["the"])
+    test = SimpleNamespace(task="cls", targets=np.array([6, 6, 0, 3, 0, 0]), scores=None,
+                           raw_text=["Great!", "the the great the", "nice the", "GREAT", "good", "nice, nice"])
+    assert word_subsets(train, test) == {"aligned_words": [0, 1], "conflicting_words": [3, 4]}
     assert word_subsets(SimpleNamespace(raw_text=None), test) == {}
