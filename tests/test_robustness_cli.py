@@ -7,7 +7,7 @@ import torch
 import yaml
 
 import main
-from src.commands.evaluate import load_run
+from src.run.trained import load_run
 from src.eval import metrics
 from src.eval.evaluate import predict
 from src.eval.predictions import read_predictions, score_file
