@@ -67,7 +67,7 @@ def test_per_sample_headline_averages_to_the_headline(task):
         target = (np.round(np.clip(score, -3, 3)) + 3).astype(int) if task == "cls" else score
         logits = rng.normal(size=(n, 7)) if task == "cls" else rng.normal(size=(n, 1)) * 2
     key, _ = metrics.headline(task)
-    per_sample = metrics.headline_per_sample(logits, target, task, score)
+    per_sample = metrics.headline_hits(logits, target, task, score)
     assert per_sample.mean() == pytest.approx(metrics.compute_metrics(logits, target, task, score)[key], abs=1e-12)
 
 
