@@ -25,11 +25,14 @@ from src.commands.demo import demo
 from src.commands.evaluate import check_run_flags, evaluate_run
 from src.commands.importing import import_checkpoint
 from src.commands.make_data import make_data
+from src.commands.robustness import robustness_run
 from src.commands.summarize import summarize_flags
 from src.analysis.table import FORMATS as TABLE_FORMATS
 from src.commands.train import RunSpec, start_run
 from src.data.layout import DATASETS
 from src.errors import UserError
+from src.eval.bootstrap import DEFAULT_ROUNDS
+from src.eval.robustness import DRAWS, RATES
 from src.modalities import MODALITIES
 from src.models import BACKBONES
 from src.train.tracking import LOGGERS
@@ -125,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--remove", default=None,
                            help="zero these modalities at evaluation: letters of t, a, v (e.g. a, tv), or sweep")
             p.add_argument("--analyze", action="store_true", help="also run the modality analysis")
+            p.add_argument("--save-predictions", action="store_true",
+                           help="also write every per-sample output to <run>/predictions_<split>.npz")
 
     analyze = sub.add_parser("analyze", help="modality contributions, NDE shares, balance and robustness of runs")
     analyze.add_argument("runs", nargs="+", help="run directories (e.g. CausalMER and its baseline)")
@@ -189,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("file", help="the published .pt file")
     add_run_arguments(imported)
     imported.add_argument("--unaligned", action="store_true", help="the model is evaluated on unaligned data")
+    robust = sub.add_parser("robustness", help="debiasing where the shortcut stops paying: bias-conflicting "
+                            "subsets, effect scaling chosen on valid, random missing modalities, intervals")
+    add_run_arguments(robust)
+    robust.add_argument("--checkpoint", default="best_acc")
+    robust.add_argument("--split", default="test", help="the split reported (α is chosen on valid)")
+    robust.add_argument("--device", default="auto")
+    robust.add_argument("--subsets", default=None, metavar="FILE.json", help="more subsets: {name: [rows or ids]}")
+    robust.add_argument("--baseline", default=None, metavar="RUN_DIR", help="a backbone-alone run of the same data")
+    robust.add_argument("--rates", type=float, nargs="+", default=list(RATES), help="missing rates (default 0, 0.1, ..., 0.7)")
+    robust.add_argument("--draws", type=int, default=DRAWS, help=f"mask draws per rate (default {DRAWS})")
+    robust.add_argument("--bootstrap", type=int, default=DEFAULT_ROUNDS, help=f"bootstrap rounds (default {DEFAULT_ROUNDS})")
     return parser
 
 
@@ -230,7 +246,8 @@ COMMANDS = {
                                  progress_seconds=a.progress_every),
     "eval": lambda a: check_run_flags(run_path(a.runs_dir, a.dataset, a.name, a.seed), run_flags(a)) or evaluate_run(run_path(a.runs_dir, a.dataset, a.name, a.seed), checkpoint=a.checkpoint,
                                    split=a.split, remove=a.remove, device=a.device, amp=a.amp, data_dir=a.data_dir,
-                                   analyze=a.analyze, compiled=a.compile, dataset=a.dataset),
+                                   analyze=a.analyze, compiled=a.compile, dataset=a.dataset,
+                                   save_predictions=a.save_predictions),
     "analyze": lambda a: analyze_runs([Path(r) for r in a.runs], checkpoint=a.checkpoint, split=a.split,
                                       device=a.device, data_dir=a.data_dir, out_dir=a.out, attention=a.attention,
                                       sample=a.sample, labels=a.label, figure_format=a.figure_format),
@@ -244,6 +261,10 @@ COMMANDS = {
                            fresh=a.fresh),
     "import-checkpoint": lambda a: import_checkpoint(a.file, a.dataset, a.name, seed=a.seed, runs_dir=a.runs_dir,
                                                      data_dir=a.data_dir, unaligned=a.unaligned),
+    "robustness": lambda a: robustness_run(run_path(a.runs_dir, a.dataset, a.name, a.seed), checkpoint=a.checkpoint,
+                                           split=a.split, device=a.device, data_dir=a.data_dir, subsets_file=a.subsets,
+                                           baseline=a.baseline, rates=a.rates, draws=a.draws, rounds=a.bootstrap,
+                                           dataset=a.dataset),
 }
 
 

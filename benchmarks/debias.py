@@ -14,6 +14,11 @@ select the best-validation checkpoint as the project does, and evaluate on the s
     (TE, logits_te) and of its debiased prediction (TIE, logits_tie);
   - the missing-modality test (each of the six removals' drop, and the std of the drops);
   - Shapley contributions of the modalities (from the scores of all 8 presence subsets);
+  - where the shortcut stops paying (the `robustness` command, src/commands/robustness.py, with the
+    backbone-alone run of the same seed as its baseline): accuracy on the test samples where a probe fit
+    on each modality alone on train is wrong (conflicting_<modality>) and right (aligned_<modality>);
+    the TE − α·NDE curve with α chosen on valid (tie_alpha); accuracy against the random missing rate
+    (AUILC); paired bootstrap intervals of TIE − TE and TIE − baseline;
   - diagnostics of why TIE does or doesn't help: the learned constants c_t, c_a, c_v at the end of
     training, each branch's accuracy on train vs test (did the branch capture the shortcut?), the
     mean |NDE_m| per modality on test (how much the head subtracts per modality), and the decision
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import math
@@ -82,6 +88,9 @@ BRANCH_OPTIONS = {
 DEFAULTS = dict(seeds=[1, 2, 3], bias_modality="audio", bias_strength=[0.7, 0.9], fusion=["mask"],
                 backbone="mult", branches=["transformer"], scale=0.3, epochs=20)
 QUICK = dict(seeds=[1, 2], bias_strength=[0.9], fusion=["mask"], branches=["pool"], scale=0.02, epochs=2)
+# The robustness measurement (module docstring): missing rates, mask draws per rate, bootstrap rounds.
+ROBUSTNESS = {"default": dict(rates=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], draws=5, rounds=1000),
+              "quick": dict(rates=[0.0, 0.5], draws=1, rounds=50)}
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -129,6 +138,7 @@ def resolve(args) -> dict:
     setting["overrides"] = list(args.overrides)
     setting["causal_overrides"] = list(args.causal_overrides)
     setting["checkpoint"] = "best_acc"  # selected on the (biased) valid split, as a user would
+    setting["robustness"] = ROBUSTNESS[size]
     return setting
 
 
@@ -338,6 +348,52 @@ def run_all(jobs: list[dict], work_dir: Path, n_jobs: int, remeasure_cached: boo
     return [records[job["key"]] for job in jobs]
 
 
+def robustness_of(causal: dict, baseline: dict, work_dir: str, options: dict) -> dict:
+    """The `robustness` command on one CausalMER run with its seed's backbone-alone run as the baseline."""
+    import logging
+
+    import torch
+
+    torch.set_num_threads(1)
+    logging.getLogger("causalmer").setLevel(logging.WARNING)
+    from src.commands.robustness import robustness_run
+
+    runs = Path(work_dir) / "runs"
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # its table, once per run, is noise here
+        result = robustness_run(runs / causal["job"]["key"], device="cpu", baseline=str(runs / baseline["job"]["key"]),
+                                **options)
+    keep = ("metric", "predictions", "subset_sizes", "accuracy", "alpha", "missing", "bootstrap")
+    return {key: result[key] for key in keep}
+
+
+def add_robustness(records: list[dict], work_dir: Path, n_jobs: int, options: dict) -> None:
+    """Attach `robustness` to every CausalMER record that has its baseline (cached like the runs)."""
+    cache = work_dir / "cache"
+    ok = [r for r in records if "error" not in r]
+    baselines = {(r["job"]["bias_strength"], r["job"]["seed"]): r for r in ok if r["job"]["model"] == "backbone"}
+    todo = []
+    for record in ok:
+        base = baselines.get((record["job"]["bias_strength"], record["job"]["seed"]))
+        if record["job"]["model"] != "causalmer" or base is None:
+            continue
+        path = cache / f"{record['job']['key']}_robustness_{hashlib.sha1(json.dumps(options).encode()).hexdigest()[:8]}.json"
+        if path.is_file():
+            record["robustness"] = json.loads(path.read_text())
+        else:
+            todo.append((record, base, path))
+    if not todo:
+        return
+    print(f"robustness of {len(todo)} CausalMER run(s)", flush=True)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=n_jobs, mp_context=context) as pool:
+        futures = {pool.submit(robustness_of, record, base, str(work_dir), options): (record, path)
+                   for record, base, path in todo}
+        for future in concurrent.futures.as_completed(futures):
+            record, path = futures[future]
+            record["robustness"] = future.result()
+            path.write_text(json.dumps(record["robustness"], indent=1))
+
+
 # ------------------------------------------------------------------------------------------ summary
 def mean_std(values: list[float]) -> dict:
     """Mean and sample standard deviation (ddof=1; 0 for a single value) over seeds."""
@@ -398,10 +454,35 @@ def summarize(setting: dict, records: list[dict]) -> list[dict]:
                                 for split in ("train", "test")},
                  "mean_abs_nde_test": {m: mean_std([r["mean_abs_nde"]["test"][m] for r in runs])
                                        for m in (*MODALITIES, "te")}}
+        if all("robustness" in r for r in runs):
+            entry["robustness"] = robustness_summary(setting, [r["robustness"] for r in runs])
         if all("margins" in r for r in runs):
             entry["margins_test"] = {k: mean_std([r["margins"][k] for r in runs]) for k in runs[0]["margins"]}
         summary.append(entry)
     return summary
+
+
+def robustness_summary(setting: dict, results: list[dict]) -> dict:
+    """Mean ± std over seeds of the robustness command's figures, and each seed's intervals."""
+    shortcut = setting["bias_modality"]
+    subsets = ("all", f"conflicting_{shortcut}", f"aligned_{shortcut}")
+    predictions = results[0]["predictions"]
+    alpha = [r["alpha"] for r in results]
+    return {
+        "accuracy": {s: {p: mean_std([r["accuracy"][s][p] for r in results if r["accuracy"][s][p] is not None])
+                         for p in predictions} for s in subsets if all(s in r["accuracy"] for r in results)},
+        "alpha_selected": [a["selected"] for a in alpha],
+        "alpha_selected_conflicting": [a["selected_conflicting"].get(f"conflicting_{shortcut}") for a in alpha],
+        "alpha_grid": alpha[0]["grid"],
+        "alpha_curve": {split: [mean_std([a[split]["all"][i] for a in alpha]) for i in range(len(alpha[0]["grid"]))]
+                        for split in ("valid", "test")},
+        "missing_rates": results[0]["missing"]["rates"],
+        "missing_curve": {p: [mean_std([r["missing"]["curves"][p]["mean"][i] for r in results])
+                              for i in range(len(results[0]["missing"]["rates"]))] for p in predictions},
+        "auilc": {p: mean_std([r["missing"]["auilc"][p] for r in results]) for p in predictions},
+        "intervals": [{name: {s: iv for s, iv in per.items() if s in ("all", f"conflicting_{shortcut}")}
+                       for name, per in r["bootstrap"]["intervals"].items()} for r in results],
+    }
 
 
 def pct(stats: dict, signed: bool = False) -> str:
@@ -451,6 +532,7 @@ def tables(setting: dict, summary: list[dict]) -> str:
         lines.append(f"| {e['bias_strength']:g} | {e['fusion']} | {e['branches']} | {consts} | {acc['text']} | "
                      f"{acc['audio']} | {acc['vision']} | {nde_text} | "
                      f"{e['mean']['seconds_baseline']['mean']:.0f} / {e['mean']['seconds_causalmer']['mean']:.0f} |")
+    lines += robustness_tables(setting, summary)
     with_margins = [e for e in summary if "margins_test" in e]
     if with_margins:
         lines += ["", "Decision margins on test (present − absent logit per emotion): mean |margin| of TE and of "
@@ -463,6 +545,53 @@ def tables(setting: dict, summary: list[dict]) -> str:
                          + " | ".join(f"{g[m]['mean']:.3f}" for m in MODALITIES)
                          + f" | {pct(g['tie_te_flip_rate'])} |")
     return "\n".join(lines)
+
+
+def robustness_tables(setting: dict, summary: list[dict]) -> list[str]:
+    """Where the shortcut stops paying: conflicting subset, chosen α, missing rates, intervals."""
+    entries = [e for e in summary if "robustness" in e]
+    if not entries:
+        return []
+    shortcut = setting["bias_modality"]
+    names = ("baseline", "m", "te", "tie", "tie_alpha")
+    lines = ["", f"Where the shortcut stops paying, test avg_acc in %: all samples, those where a probe on "
+             f"{shortcut} alone (fit on train) is wrong (conflicting) and right (aligned); α of TE − α·NDE chosen "
+             "on valid (per seed); AUILC over the missing rates (× 100):", "",
+             "| strength | fusion | branches | subset | " + " | ".join(names) + " |", "|---" * (len(names) + 4) + "|"]
+    for e in entries:
+        rob = e["robustness"]
+        for subset, values in rob["accuracy"].items():
+            lines.append(f"| {e['bias_strength']:g} | {e['fusion']} | {e['branches']} | {subset} | "
+                         + " | ".join(pct(values[n]) if n in values and values[n]["n"] else "-" for n in names) + " |")
+        lines.append(f"| {e['bias_strength']:g} | {e['fusion']} | {e['branches']} | AUILC | "
+                     + " | ".join(pct(rob["auilc"][n]) if n in rob["auilc"] else "-" for n in names) + " |")
+        lines.append(f"| {e['bias_strength']:g} | {e['fusion']} | {e['branches']} | α chosen on valid "
+                     f"(all / conflicting) | {rob['alpha_selected']} / {rob['alpha_selected_conflicting']} |"
+                     + " |" * (len(names) - 1))
+    lines += ["", "α curve (TE − α·NDE, mean over seeds, %), valid → test:", "",
+              "| strength | fusion | branches | " + " | ".join(f"α={a:g}" for a in entries[0]["robustness"]["alpha_grid"])
+              + " |", "|---" * (len(entries[0]["robustness"]["alpha_grid"]) + 3) + "|"]
+    for e in entries:
+        rob = e["robustness"]
+        lines.append(f"| {e['bias_strength']:g} | {e['fusion']} | {e['branches']} | " + " | ".join(
+            f"{100 * v['mean']:.1f} → {100 * t['mean']:.1f}" for v, t in zip(rob["alpha_curve"]["valid"],
+                                                                          rob["alpha_curve"]["test"])) + " |")
+    lines += ["", "Missing-rate curves (each modality of each sample zeroed at rate η, at least one kept; mean "
+              "over draws, then mean ± std over seeds, %):", "",
+              "| strength | prediction | " + " | ".join(f"η={r:g}" for r in entries[0]["robustness"]["missing_rates"])
+              + " |", "|---" * (len(entries[0]["robustness"]["missing_rates"]) + 2) + "|"]
+    for e in entries:
+        for name, curve in e["robustness"]["missing_curve"].items():
+            lines.append(f"| {e['bias_strength']:g} | {name} | " + " | ".join(pct(v) for v in curve) + " |")
+    lines += ["", "Paired bootstrap 95% intervals per seed (points; all / conflicting):", "",
+              "| strength | seed | difference | all | conflicting |", "|---|---|---|---|---|"]
+    for e in entries:
+        for seed, intervals in zip(e["per_seed"]["seed"], e["robustness"]["intervals"]):
+            for name, per in intervals.items():
+                cells = [f"{100 * iv['difference']:+.1f} [{100 * iv['low']:+.1f}, {100 * iv['high']:+.1f}]"
+                         if iv["difference"] is not None else "-" for iv in per.values()]
+                lines.append(f"| {e['bias_strength']:g} | {seed} | {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -486,6 +615,7 @@ def main(argv=None) -> int:
     jobs = plan_jobs(setting)
     write_data(work_dir, jobs)
     records = run_all(jobs, work_dir, max(1, args.jobs), args.remeasure)
+    add_robustness(records, work_dir, max(1, args.jobs), setting["robustness"])
     summary = summarize(setting, records)
     wall = time.time() - started
     if temporary:

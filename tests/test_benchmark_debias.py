@@ -19,7 +19,7 @@ def test_quick_run_writes_a_complete_report(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run([sys.executable, "benchmarks/debias.py", "--quick", "--output", str(output),
                              "--work-dir", str(tmp_path / "work")],
-                            cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+                            cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| strength | fusion | branches |" in result.stdout  # the markdown table was printed
 
@@ -48,6 +48,15 @@ def test_quick_run_writes_a_complete_report(tmp_path):
             assert all(0.0 <= entry["branch_acc"][split][m]["mean"] <= 1.0 for m in MODALITIES)
         assert all(math.isfinite(entry["constants_last"][m]["mean"]) for m in MODALITIES)
         assert all(entry["mean_abs_nde_test"][m]["mean"] >= 0.0 for m in (*MODALITIES, "te"))
+        # Where the shortcut stops paying: the robustness command on each seed's pair of runs.
+        rob = entry["robustness"]
+        shortcut = setting["bias_modality"]
+        assert {"all", f"conflicting_{shortcut}", f"aligned_{shortcut}"} <= set(rob["accuracy"])
+        assert set(rob["accuracy"]["all"]) == {"baseline", "m", "te", "tie", "tie_alpha"}
+        assert len(rob["alpha_selected"]) == len(setting["seeds"])
+        assert all(a in rob["alpha_grid"] for a in rob["alpha_selected"])
+        assert rob["missing_rates"] == setting["robustness"]["rates"]
+        assert len(rob["intervals"]) == len(setting["seeds"]) and "tie-baseline" in rob["intervals"][0]
 
     for run in report["runs"]:
         predictions = ("te", "tie", "m") if run["job"]["model"] == "causalmer" else ("m",)

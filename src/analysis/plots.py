@@ -302,3 +302,33 @@ def plot_attention_grid(maps: dict, path, title: str, labels: dict | None = None
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return _save(figure, path)
+
+
+# --- robustness: score against effect scaling α and against the missing rate ------------------------
+
+def plot_lines(x: list, lines: dict, path, title: str, xlabel: str, ylabel: str, marks: dict | None = None) -> Path | None:
+    """One line per entry of `lines` ({label: values, or {"mean": [...], "std": [...]}}, std as a band),
+    with vertical markers at `marks` ({label: x}). Returns the PNG path, or None without matplotlib."""
+    figure = _new_figure(6.5, 4.0)
+    if figure is None:
+        return None
+    axes = figure.add_subplot(1, 1, 1)
+    for label, values in lines.items():
+        mean = values["mean"] if isinstance(values, dict) else values
+        y = [math.nan if v is None else 100.0 * v for v in mean]
+        line, = axes.plot(x, y, marker="o", markersize=3, label=label)
+        if isinstance(values, dict) and values.get("std"):
+            std = [100.0 * s for s in values["std"]]
+            axes.fill_between(x, [a - s for a, s in zip(y, std)], [a + s for a, s in zip(y, std)],
+                              color=line.get_color(), alpha=0.15)
+    for label, value in (marks or {}).items():
+        if value is not None:
+            axes.axvline(value, color="grey", linestyle="--", linewidth=1)
+            axes.text(value, axes.get_ylim()[1], f" {label}", fontsize=7, va="top", color="grey")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(frameon=False, fontsize=7)
+    figure.tight_layout()
+    return _save(figure, path)

@@ -1,7 +1,8 @@
 """report.md: one page per `analyze` that reads in a browser or a pull request.
 
 It gathers what the run directories already hold — the test results of metrics.json, every
-eval_*.json and robustness_*.json, the modality analysis just computed — as markdown tables, and
+eval_*.json and robustness_*.json, the robustness command's robustness*/robustness.md, the modality
+analysis just computed — as markdown tables, and
 links every picture (curves.png, confusion_*.png, attention_*.png, the analysis charts) by a path
 relative to the report, so the directory can be moved or committed as it is.
 """
@@ -93,6 +94,8 @@ def run_section(run_dir: Path, label: str, analysis: dict | None, base: Path, ga
                       "| removed | " + " | ".join(f"{n} score | {n} drop" for n in names) + " |",
                       "|---" * (2 * len(names) + 1) + "|"]
             lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    for folder in sorted(run_dir.glob("robustness*/")):
+        lines += robustness_section(folder, base)
     if analysis:
         lines += analysis_section(analysis)
     pictures = [(run_dir / "curves.png", "Training curves")]
@@ -107,6 +110,21 @@ def run_section(run_dir: Path, label: str, analysis: dict | None, base: Path, ga
         if path.is_file():
             lines += _image(gathered(path, base, label.replace("/", "_")) if gather else path, base, caption)
     return lines
+
+
+def robustness_section(folder: Path, base: Path) -> list[str]:
+    """The robustness command's page of a run (its robustness.md, one level down), pictures relinked."""
+    page = folder / "robustness.md"
+    if not page.is_file():
+        return []
+    lines = [f"### Robustness `{folder.name}`", ""]
+    for line in page.read_text().splitlines()[1:]:  # its own title gives way to the heading above
+        if line.startswith("![") and line.endswith(".png)"):
+            caption, name = line[2:].split("](", 1)
+            lines += _image(folder / name[:-1], base, caption)
+        else:
+            lines.append(line)
+    return lines + [""]
 
 
 def analysis_section(r: dict) -> list[str]:

@@ -6,6 +6,12 @@ The structure is read generically: nested keys are joined with ``/`` (``best_los
 and leaves that are not numbers (strings, lists, null, booleans) are ignored, so new sections in
 ``metrics.json`` show up in the summary without changes here.
 
+A run with a robustness result (``robustness/robustness.json``, the robustness command's) adds its figures
+as ``robustness/<subset>/<prediction>/<metric>``, ``robustness/auilc/<prediction>``,
+``robustness/alpha_selected`` and ``robustness/<subset>/<difference>/<metric>_difference``; over seeds a
+group also gets a paired t-test of TIE against TE (and TE − α·NDE against TE, TIE against the baseline)
+per subset: ``robustness/<subset>/<difference>/paired_t`` and ``paired_p``.
+
 Groups are typically the baseline (the backbone trained alone, e.g. ``mult``) and ``causalmer``, each a
 list of runs that differ only in seed.
 """
@@ -19,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from scipy.stats import ttest_rel  # scipy comes with scikit-learn
 
 from ..atomic import replacing
 from ..errors import UserError
@@ -26,6 +33,7 @@ from ..trees import flatten
 from ..eval.metrics import format_value, is_fraction_metric
 
 METRICS_FILE = "metrics.json"
+ROBUSTNESS_FILE = Path("robustness") / "robustness.json"
 CONFIG_FILE = "config.yaml"
 CSV_FIELDS = ("group", "metric", "unit", "n", "mean", "std")
 # Sections of metrics.json that say where the numbers came from; they are not metrics.
@@ -42,8 +50,51 @@ def flatten_metrics(tree: dict) -> dict[str, float]:
             if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
+def robustness_metrics(run_dir: Path) -> dict[str, float]:
+    """The figures of a run's robustness result (module docstring), or {} when it has none."""
+    path = Path(run_dir) / ROBUSTNESS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from error
+    metric = result["metric"]
+    flat = {f"robustness/{subset}/{prediction}/{metric}": value
+            for subset, per in result["accuracy"].items() for prediction, value in per.items() if value is not None}
+    flat.update({f"robustness/auilc/{p}": v for p, v in result["missing"]["auilc"].items() if v is not None})
+    if result.get("alpha") and result["alpha"]["selected"] is not None:
+        flat["robustness/alpha_selected"] = result["alpha"]["selected"]
+    for name, per in result["bootstrap"]["intervals"].items():
+        flat.update({f"robustness/{subset}/{name}/{metric}_difference": iv["difference"]
+                     for subset, iv in per.items() if iv["difference"] is not None})
+    return {key: float(value) for key, value in flat.items()}
+
+
+def paired_seed_tests(run_dirs: list) -> dict[str, tuple[float, int]]:
+    """Paired t-tests over seeds (one pair per run) of each bootstrapped difference, per subset:
+    {metric: (value, number of pairs)}."""
+    per_run = [robustness_metrics(run_dir) for run_dir in run_dirs]
+    tests = {}
+    for key in per_run[0] if per_run else {}:
+        parts = key.split("/")
+        if len(parts) != 4 or not parts[3].endswith("_difference"):
+            continue
+        first, second = parts[2].split("-", 1)
+        metric = parts[3][:-len("_difference")]
+        pairs = [(r.get(f"robustness/{parts[1]}/{first}/{metric}"), r.get(f"robustness/{parts[1]}/{second}/{metric}"))
+                 for r in per_run]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        if len(pairs) < 2 or all(a == b for a, b in pairs):
+            continue  # no test of one seed, nor of differences that are all zero
+        result = ttest_rel([a for a, _ in pairs], [b for _, b in pairs])
+        tests[f"robustness/{parts[1]}/{parts[2]}/paired_t"] = (float(result.statistic), len(pairs))
+        tests[f"robustness/{parts[1]}/{parts[2]}/paired_p"] = (float(result.pvalue), len(pairs))
+    return tests
+
+
 def load_run_metrics(run_dir: Path) -> dict[str, float]:
-    """The flattened metrics of one run directory."""
+    """The flattened metrics of one run directory (and its robustness figures, module docstring)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise UserError(f"{path} not found: is {run_dir} a finished run directory?")
@@ -53,7 +104,7 @@ def load_run_metrics(run_dir: Path) -> dict[str, float]:
         raise UserError(f"cannot read {path}: {error}") from error
     if not isinstance(tree, dict):
         raise UserError(f"{path} should hold a JSON object of metrics, found {type(tree).__name__}")
-    return flatten_metrics(tree)
+    return {**flatten_metrics(tree), **robustness_metrics(run_dir)}
 
 
 def collect_runs(root, pattern: str = "*") -> list[Path]:
@@ -149,6 +200,9 @@ def summarize(groups: dict[str, list]) -> list[dict]:
                 "mean": float(np.mean(samples)) if n else float("nan"),
                 "std": float(np.std(samples, ddof=1)) if n > 1 else float("nan"),
             })
+        # A test over the seeds, not a mean: one value per group, n the number of paired seeds.
+        for metric, (value, n) in paired_seed_tests(run_dirs).items():
+            rows.append({"group": group, "metric": metric, "n": n, "mean": value, "std": float("nan")})
     return rows
 
 

@@ -16,6 +16,7 @@ from ..run.trained import load_run, other_data_line, provenance, result_tag
 from ..eval.metrics import STORED_UNITS
 from ..eval.evaluate import parse_removal, predict, removal_sweep, score_predictions
 from ..eval.tables import prediction_table, print_removal_report
+from ..eval.predictions import predict_all, prediction_file, write_predictions
 from ..analysis.confusion import confusion_matrices, write_confusion_png
 from ..analysis.plots import PLOTS_HINT
 from .analyze import analyze_runs
@@ -49,10 +50,11 @@ def check_run_flags(run_dir: Path, expected: list) -> None:
 
 def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test", remove: str | None = None,
                  device: str = "auto", amp: bool = False, data_dir: str | None = None, analyze: bool = False,
-                 compiled: bool = False, dataset: str | None = None) -> dict:
+                 compiled: bool = False, dataset: str | None = None, save_predictions: bool = False) -> dict:
     """Score a run's checkpoint; `compiled` (or the run's train.compile) evaluates it torch.compiled;
     `analyze` adds the modality analysis (analyze_runs) of the same checkpoint; `dataset`, when given, is
-    the dataset the run must be of."""
+    the dataset the run must be of; `save_predictions` also writes every per-sample output
+    (src/eval/predictions.py)."""
     ctx = distributed.setup(device)
     distributed.warn_if_amp_ignored(ctx.device, amp)
     try:
@@ -79,7 +81,10 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test
                 result = report
             else:
                 removed = parse_removal(remove)
-                pred = predict(model, dataset, batch_size, ctx, remove=removed, amp=amp)
+                if save_predictions:
+                    pred = predict_all(model, dataset, batch_size, ctx, remove=removed, amp=amp)
+                else:
+                    pred = predict(model, dataset, batch_size, ctx, remove=removed, amp=amp)
                 result = {"loss": pred["loss"], "predictions": score_predictions(pred, dataset.task)}
                 if ctx.is_main:
                     what = f", without {' and '.join(removed)}" if removed else ""
@@ -92,6 +97,10 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test
                     write_text(out, json.dumps({"units": STORED_UNITS, **origin, "removed": list(removed), **result,
                                                 "confusion": confusion}, indent=2))
                     print(f"wrote {out}")
+                    if save_predictions:
+                        saved_to = write_predictions(prediction_file(run_dir, tag, tag == "best_acc", split, suffix),
+                                                     pred, dataset)
+                        print(f"wrote {saved_to}")
                     png = write_confusion_png(matrices, dataset.task, Path(run_dir) / f"confusion_{tag}_{split}{suffix}.png",
                                               f"{cfg['dataset']} {split} ({name}, epoch {saved['epoch']}{what})")
                     print(f"plots skipped: {PLOTS_HINT}" if png is None else f"wrote {png}")

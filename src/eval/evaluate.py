@@ -12,6 +12,7 @@ import torch
 
 from . import metrics
 from ..errors import UserError
+from .missing import zero_missing
 from ..modalities import LETTERS, MODALITIES, REMOVALS, SUBSETS
 from ..run.distributed import Context, gather_objects
 from .contributions import removal_report
@@ -56,8 +57,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def predict(model, dataset, batch_size: int, ctx: Context, remove=(), amp: bool = False,
-            keys=PREDICTION_KEYS) -> dict:
+            keys=PREDICTION_KEYS, keep: np.ndarray | None = None) -> dict:
     """Outputs for every sample of `dataset`, in dataset order, on every rank.
+
+    `remove` zeroes whole modalities; `keep`, an (N, 3) boolean mask over the dataset's rows
+    (src/eval/missing.py), zeroes each sample's modalities it marks False.
 
     Ranks take disjoint strided shards (no padding samples), so after gathering each sample appears
     exactly once. Returns numpy arrays per output key present, plus `target`, `score` when the data has
@@ -66,9 +70,12 @@ def predict(model, dataset, batch_size: int, ctx: Context, remove=(), amp: bool 
     indices = np.arange(ctx.rank, len(dataset), ctx.world_size)
     outputs = {}
     loss_sum, count = 0.0, 0
-    for batch in iterate_batches(dataset, indices, batch_size):
-        batch = to_device(batch, ctx.device)
+    for start in range(0, len(indices), batch_size):
+        rows = indices[start:start + batch_size]
+        batch = to_device(dataset.get_batch(rows), ctx.device)
         inputs = [torch.zeros_like(batch[m]) if m in remove else batch[m] for m in MODALITIES]
+        if keep is not None:
+            inputs = zero_missing(inputs, torch.as_tensor(keep[rows], device=ctx.device))
         with autocast(ctx.device, amp):
             out = model(*inputs)
             loss = unwrap(model).validation_loss(out, batch["target"])

@@ -169,14 +169,16 @@ def compute_metrics(logits, target, task: str, score=None) -> dict[str, float]:
     _check_task(task)
     if task == "binary":
         return iemocap_metrics(logits, target)
-    predicted = predictions_to_scores(logits, task)
+    return sentiment_metrics(predictions_to_scores(logits, task), true_scores(target, task, score))
+
+
+def true_scores(target, task: str, score=None) -> np.ndarray:
+    """The true sentiment scores: the raw `score` when given, else reconstructed from the target."""
     if score is not None:
-        truth = _as_numpy(score).astype(np.float64).reshape(-1)
-    elif task == "cls":
-        truth = _as_numpy(target).astype(np.float64).reshape(-1) - (SENTIMENT_CLASSES // 2)
-    else:
-        truth = _as_numpy(target).astype(np.float64).reshape(-1)
-    return sentiment_metrics(predicted, truth)
+        return _as_numpy(score).astype(np.float64).reshape(-1)
+    if task == "cls":
+        return _as_numpy(target).astype(np.float64).reshape(-1) - (SENTIMENT_CLASSES // 2)
+    return _as_numpy(target).astype(np.float64).reshape(-1)
 
 
 def headline(task: str) -> tuple[str, bool]:

@@ -56,6 +56,8 @@ SCHEMA = {
         "early_stop": (int, type(None)),
         "logger": str,
         "compile": bool,
+        "missing_rate": NUM,  # training with random missing modalities: rate in [0, 1), 0 = off (train/missing.py)
+        "missing_schedule": str,  # fixed (each modality at missing_rate) | uniform (half complete, r ~ U(0, rate))
     },
 }
 # Keys earlier versions wrote that no longer mean anything (train.num_workers was never read): dropped when

@@ -24,6 +24,7 @@ from ..errors import NonFiniteError
 from ..run import checkpoint as ckpt_io
 from ..run import identity as run_identity
 from .accumulation import Accumulation, refuse_if_no_step
+from .missing import check_missing, drop_modalities, epoch_keep_masks
 from ..run.build import compile_model, load_data, make_model, make_optimizer
 from ..run.config import dump_config, model_signature
 from ..run.distributed import Context, barrier
@@ -52,6 +53,7 @@ def prepare(cfg: dict, ctx: Context, seed: int, resume: bool = False, run_dir: P
     where the run will be, whose logger folder must be writable."""
     tcfg = cfg["train"]
     require_logger(tcfg.get("logger", "none"), run_dir)
+    check_missing(tcfg)
     seed_everything(seed)
     splits = load_data(cfg)
     per_rank = len(splits["train"]) // ctx.world_size  # as train_epoch shares an epoch out
@@ -225,8 +227,11 @@ def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, 
                leave=False, disable=None if ctx.is_main else True)
     # tqdm turns itself off without a terminal (disable=None); then plain lines say how the epoch goes.
     progress = ProgressLog(epoch, n_batches, progress_seconds) if ctx.is_main and bar.disable else None
+    keep = epoch_keep_masks(len(dataset), tcfg, seed, epoch)
     for step, batch in enumerate(bar, start=1):
         batch = to_device(batch, ctx.device)
+        if keep is not None:
+            batch = drop_modalities(batch, keep[indices[(step - 1) * batch_size:step * batch_size]])
         terms = train_step(model, optimizer, batch, tcfg, ctx.device, amp, loss_scale=plan.loss_scale,
                            clip=plan.clips_after(step), update=plan.steps_after(step))
         loss = sum(terms.values())
