@@ -31,7 +31,7 @@ from src.analysis.table import FORMATS as TABLE_FORMATS
 from src.commands.train import RunSpec, start_run
 from src.data.layout import DATASETS
 from src.errors import UserError
-from src.eval.bootstrap import DEFAULT_ROUNDS
+from src.eval.stats import DEFAULT_ROUNDS
 from src.eval.robustness import DRAWS, RATES
 from src.modalities import MODALITIES
 from src.models import BACKBONES

@@ -39,7 +39,7 @@ from src.commands import robustness as command  # noqa: E402
 from src.commands.evaluate import evaluate_run  # noqa: E402
 from src.data.layout import SPLITS, data_file, get_spec  # noqa: E402
 from src.data.synthetic import _split  # noqa: E402  (one split of a chosen size; write_synthetic scales all)
-from src.eval.bootstrap import DEFAULT_ROUNDS  # noqa: E402
+from src.eval.stats import DEFAULT_ROUNDS  # noqa: E402
 from src.eval.robustness import ALPHA_GRID, DRAWS, RATES  # noqa: E402
 
 SIZES = {"full": {"train": 400, "valid": 1871, "test": 4659}, "quick": {"train": 60, "valid": 40, "test": 80}}

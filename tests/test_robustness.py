@@ -9,7 +9,7 @@ from src.causal.head import CausalHead
 from src.data import load_splits
 from src.errors import ConfigError, UserError
 from src.eval import metrics
-from src.eval.bootstrap import paired_interval
+from src.eval.stats import paired_interval
 from src.eval.missing import check_rate, keep_masks, uniform_keep_masks, zero_missing
 from src.eval.robustness import ALPHA_GRID, alpha_curves, auilc, scaled_logits, select_alpha
 from src.eval.subsets import bias_subsets, file_subsets, probe_predictions

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from src.analysis.stats import incomplete_beta, paired_bootstrap, paired_t_test, t_two_sided_p
+from src.eval.stats import incomplete_beta, paired_bootstrap, paired_t_test, t_two_sided_p
 from src.analysis.table import build_table, render
 from src.errors import UserError
 from src.eval.metrics import compute_metrics, headline_hits
@@ -124,8 +124,9 @@ def make_groups(tmp_path, seeds=3, predictions=False):
                                npz=npz_alone))
         causal.append(write_run(tmp_path / "causal" / f"seed{k + 1}", "causalmer",
                                 {p: {"avg_acc": v, "avg_f1": v} for p, v in (("tie", TIE[k]), ("te", 0.8), ("m", 0.7))},
-                                robustness={"accuracy": {"all": {"tie_alpha": 0.84, "tie": TIE[k]}},
-                                            "alpha": {"selected": 0.5}}, npz=npz_causal))
+                                robustness={"metric": "avg_acc", "accuracy": {"all": {"tie_alpha": 0.84, "tie": TIE[k]}},
+                                            "alpha": {"selected": 0.5}, "missing": {"auilc": {}},
+                                            "bootstrap": {"intervals": {}}}, npz=npz_causal))
     return {"mult": alone, "causalmer": causal}
 
 
@@ -207,3 +208,12 @@ def test_summarize_prints_the_paper_table_and_writes_it(capsys, tmp_path):
     summary = list(csv.DictReader((tmp_path / "alone" / "summary.csv").open()))
     row = next(r for r in summary if r["metric"] == "best_acc/test/predictions/m/avg_acc")
     assert (row["unit"], float(row["mean"])) == ("%", pytest.approx(81.0))
+
+
+def test_summary_refuses_a_robustness_file_it_cannot_read_by_name(tmp_path):
+    from src.analysis.summary import robustness_metrics
+
+    groups = make_groups(tmp_path, seeds=1)
+    (groups["causalmer"][0] / "robustness" / "robustness.json").write_text(json.dumps({"accuracy": {}}))
+    with pytest.raises(UserError, match="robustness.json is not a robustness result"):
+        robustness_metrics(groups["causalmer"][0])

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from scipy.stats import ttest_rel  # scipy comes with scikit-learn
+from ..eval.stats import paired_t_test
 
 from ..atomic import replacing
 from ..errors import UserError
@@ -59,16 +59,20 @@ def robustness_metrics(run_dir: Path) -> dict[str, float]:
         result = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"cannot read {path}: {error}") from error
-    metric = result["metric"]
-    flat = {f"robustness/{subset}/{prediction}/{metric}": value
-            for subset, per in result["accuracy"].items() for prediction, value in per.items() if value is not None}
-    flat.update({f"robustness/auilc/{p}": v for p, v in result["missing"]["auilc"].items() if v is not None})
-    if result.get("alpha") and result["alpha"]["selected"] is not None:
-        flat["robustness/alpha_selected"] = result["alpha"]["selected"]
-    for name, per in result["bootstrap"]["intervals"].items():
-        flat.update({f"robustness/{subset}/{name}/{metric}_difference": iv["difference"]
-                     for subset, iv in per.items() if iv["difference"] is not None})
-    return {key: float(value) for key, value in flat.items()}
+    try:
+        metric = result["metric"]
+        flat = {f"robustness/{subset}/{prediction}/{metric}": value
+                for subset, per in result["accuracy"].items() for prediction, value in per.items() if value is not None}
+        flat.update({f"robustness/auilc/{p}": v for p, v in result["missing"]["auilc"].items() if v is not None})
+        if result.get("alpha") and result["alpha"]["selected"] is not None:
+            flat["robustness/alpha_selected"] = result["alpha"]["selected"]
+        for name, per in result["bootstrap"]["intervals"].items():
+            flat.update({f"robustness/{subset}/{name}/{metric}_difference": iv["difference"]
+                         for subset, iv in per.items() if iv["difference"] is not None})
+        return {key: float(value) for key, value in flat.items()}
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        raise UserError(f"{path} is not a robustness result as `robustness` writes it (missing or malformed: "
+                        f"{error}); run `main.py robustness` on this run again") from error
 
 
 def paired_seed_tests(run_dirs: list) -> dict[str, tuple[float, int]]:
@@ -87,9 +91,9 @@ def paired_seed_tests(run_dirs: list) -> dict[str, tuple[float, int]]:
         pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
         if len(pairs) < 2 or all(a == b for a, b in pairs):
             continue  # no test of one seed, nor of differences that are all zero
-        result = ttest_rel([a for a, _ in pairs], [b for _, b in pairs])
-        tests[f"robustness/{parts[1]}/{parts[2]}/paired_t"] = (float(result.statistic), len(pairs))
-        tests[f"robustness/{parts[1]}/{parts[2]}/paired_p"] = (float(result.pvalue), len(pairs))
+        result = paired_t_test([b for _, b in pairs], [a for a, _ in pairs])  # the t of first - second
+        tests[f"robustness/{parts[1]}/{parts[2]}/paired_t"] = (result["t"], len(pairs))
+        tests[f"robustness/{parts[1]}/{parts[2]}/paired_p"] = (result["p"], len(pairs))
     return tests
 
 

@@ -12,7 +12,7 @@
 Cells are mean ± sample std (ddof = 1) over the group's seeds; with one seed the std is undefined and
 shown as "—". Accuracies and F1 are in percent, MAE and correlation in their own units. The difference
 row pairs the seeds the two groups share (seed k with seed k) and tests them with a paired t-test
-(src/analysis/stats.py); the interval resamples test samples, the same ones for both predictors. Losses
+(src/eval/stats.py); the interval resamples test samples, the same ones for both predictors. Losses
 never appear: the runs minimise different objectives. The numbers come from each run's metrics.json,
 test split, checkpoint of the best validation headline score (selected on validation only).
 """
@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..eval.metrics import PAPER_METRICS, headline, headline_hits, is_fraction_metric
-from .stats import paired_bootstrap, paired_t_test
+from ..eval.stats import paired_bootstrap, paired_t_test
 from .summary import METRICS_FILE, read_run_config
 
 FORMATS = ("markdown", "latex", "csv")

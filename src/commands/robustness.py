@@ -17,7 +17,7 @@ import numpy as np
 from ..atomic import write_text
 from ..errors import UserError
 from ..eval import metrics
-from ..eval.bootstrap import DEFAULT_ROUNDS, DEFAULT_SEED, LEVEL, paired_interval
+from ..eval.stats import DEFAULT_ROUNDS, DEFAULT_SEED, LEVEL, paired_interval
 from ..eval.missing import check_rate
 from ..eval.predictions import predict_all
 from ..eval.robustness import (ALPHA_GRID, DRAWS, MISSING_SEED, RATES, alpha_curves, auilc, main_predictions,

@@ -206,7 +206,7 @@ def headline_hits(logits, target, task: str, score=None) -> np.ndarray:
 
     IEMOCAP: the fraction of the four emotion decisions a sample gets right (mean: ``avg_acc``);
     sentiment: 1 where the 7-class score is right (mean: ``acc7``). Arguments as in compute_metrics.
-    A paired bootstrap (src/analysis/stats.py) resamples these.
+    A paired bootstrap (src/eval/stats.py) resamples these.
     """
     _check_task(task)
     if task == "binary":

@@ -16,6 +16,10 @@ import numpy as np
 
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
+# The robustness command's defaults (its --bootstrap flag sets the rounds).
+DEFAULT_ROUNDS = 1000
+DEFAULT_SEED = 0
+LEVEL = CONFIDENCE
 
 
 def _beta_continued_fraction(a: float, b: float, x: float, iterations: int = 300, eps: float = 1e-15) -> float:
@@ -110,3 +114,19 @@ def paired_bootstrap(first_hits, second_hits, resamples: int = BOOTSTRAP_RESAMPL
     low, high = np.quantile(estimates, [tail, 1.0 - tail])
     return {"mean": float(per_sample.mean()), "low": float(low), "high": float(high), "confidence": confidence,
             "resamples": resamples}
+
+
+def paired_interval(first, second, rounds: int = DEFAULT_ROUNDS, seed: int = DEFAULT_SEED,
+                    level: float = LEVEL) -> dict:
+    """{difference, low, high, rounds, n}: mean(first) - mean(second) over one run's test rows (1-d per-sample
+    scores, paired by position) and its paired bootstrap interval; a predictor against itself gives exactly 0.
+    The robustness file's form of `paired_bootstrap`."""
+    first, second = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
+    if first.shape != second.shape:
+        raise ValueError(f"paired scores must be of one shape, got {first.shape} and {second.shape}")
+    n = len(first)
+    if n == 0:
+        return {"difference": None, "low": None, "high": None, "rounds": rounds, "n": 0}
+    interval = paired_bootstrap(second, first, resamples=rounds, confidence=level, seed=seed)
+    return {"difference": interval["mean"], "low": interval["low"], "high": interval["high"], "rounds": rounds,
+            "n": n}
