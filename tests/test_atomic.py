@@ -40,8 +40,8 @@ def test_failed_write_keeps_the_old_file_removes_the_temporary_and_names_the_pat
 
 
 def test_full_disk_during_a_checkpoint_save(tmp_path, monkeypatch):
-    def full_disk(obj, f, *args, **kwargs):
-        open(f, "wb").write(b"partial")
+    def full_disk(obj, f, *args, **kwargs):  # f: the open temporary file, as atomic_save hands it over
+        f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
