@@ -62,7 +62,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         # A payload is decoded from the file's text once and may be copied once (bytearray(encode(...))).
         self.copies = Budget(2 * file_size, "copied or decoded bytes")
         self.allocations = Budget(file_size, "declared data sizes")
-        self._resolved: dict[str, object] = {}
+        self.resolved: dict[str, object] = {}  # qualname -> what it became, once per file
 
     def find_class(self, module: str, name: str):
         # Protocols 0-2 may spell Python 2 names (__builtin__.set, copy_reg...): read them as pickle does.
@@ -71,12 +71,12 @@ class RestrictedUnpickler(pickle.Unpickler):
         elif module in _compat_pickle.IMPORT_MAPPING:
             module = _compat_pickle.IMPORT_MAPPING[module]
         qualname = f"{module}.{name}"
-        if qualname not in self._resolved:
+        if qualname not in self.resolved:
             factory = self.admitted.get(qualname) or self._package_factory(module, name)
             if factory is None:
                 raise self.refuse(f"it references the global '{qualname}', which is not admitted")
-            self._resolved[qualname] = factory(self, qualname)
-        return self._resolved[qualname]
+            self.resolved[qualname] = factory(self, qualname)
+        return self.resolved[qualname]
 
     def _package_factory(self, module: str, name: str):
         if not name.isidentifier():
