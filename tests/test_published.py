@@ -650,27 +650,26 @@ def test_module_that_contains_itself_is_refused(tmp_path):
 def test_a_deep_module_chain_is_read_without_recursion(tmp_path):
     import sys
 
-    fake, _ = published_mult()
-    expected = list(fake.state_dict())  # the chain holds no weights
-    head = link = FakeMULTModel()
-    for _ in range(5000):
-        link._modules["next"] = FakeMULTModel()
-        link = link._modules["next"]
-    fake.proj1._modules["chain"] = head
+    head = link = nn.Module()
+    for _ in range(3 * sys.getrecursionlimit()):
+        link.next = nn.Module()
+        link = link.next
+    link.out = nn.Linear(2, 1)
     limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(100_000)  # only pickle's writer recurses
+    sys.setrecursionlimit(100_000)  # only the writer recurses
     try:
-        path = save_published(fake, tmp_path / "deep.pt")
+        torch.save(head, tmp_path / "deep.pt")
     finally:
         sys.setrecursionlimit(limit)
-    assert list(read_published_state_dict(path)) == expected
+    state = read_published_state_dict(tmp_path / "deep.pt")
+    assert list(state) == ["next." * (3 * limit) + "out.weight", "next." * (3 * limit) + "out.bias"]
+    assert torch.equal(state["next." * (3 * limit) + "out.weight"], link.out.weight.detach())
 
 
 def _legacy_file(path, body: bytes) -> bytes:
     """A legacy torch.save file whose object pickle is `body`."""
-    from src.run.torch_pickle import LEGACY_MAGIC
-
-    path.write_bytes(pickle.dumps(LEGACY_MAGIC, protocol=2) + pickle.dumps(1001, protocol=2)
+    legacy_magic = 0x1950A86A20F9469CFC6C  # what torch's legacy format starts with
+    path.write_bytes(pickle.dumps(legacy_magic, protocol=2) + pickle.dumps(1001, protocol=2)
                      + pickle.dumps({"little_endian": True}, protocol=2) + body)
     return path
 
@@ -706,13 +705,33 @@ def test_legacy_file_declaring_a_huge_storage_is_refused(tmp_path):
 
 def test_widths_declared_through_an_overlapping_view_are_refused(tmp_path):
     fake, _ = published_mult()
-    for m in "lav":
+    for m, dim, kernel in zip("lav", (300, 74, 35), (1, 3, 3)):  # each projection one element, seen 10^7 times
         setattr(fake, f"d_{m}", 100_000)
-    fake.proj_l._parameters["weight"] = nn.Parameter(torch.zeros(1).expand(100_000, 300, 3))
+        getattr(fake, f"proj_{m}")._parameters["weight"] = nn.Parameter(torch.zeros(1).expand(100_000, dim, kernel))
     path = save_published(fake, tmp_path / "wide.pt")
-    assert path.stat().st_size < 5_000_000
-    with pytest.raises(RefusedCheckpoint, match=r"\(90000000 elements\) views a storage of 1 elements"):
+    with pytest.raises(RefusedCheckpoint, match=r"\(30000000 elements\) views a storage of 1 elements"):
         import_published(path, "iemocap")
+
+
+def test_widths_the_tensors_do_not_have_are_refused_before_a_model_is_built(tmp_path, monkeypatch):
+    import src.run.published as published
+
+    fake, _ = published_mult()
+    for m, dim, kernel in zip("lav", (300, 74, 35), (1, 3, 3)):  # projections 2000 wide, encoders 20
+        setattr(fake, f"d_{m}", 2000)
+        getattr(fake, f"proj_{m}")._parameters["weight"] = nn.Parameter(torch.zeros(2000, dim, kernel))
+    path = save_published(fake, tmp_path / "wide.pt")
+    devices = []
+
+    def recording(*args, **kwargs):
+        devices.append(torch.empty(0).device.type)
+        return build_model(*args, **kwargs)
+
+    build_model = published.build_model
+    monkeypatch.setattr(published, "build_model", recording)
+    with pytest.raises(CheckpointError, match="does not fit the model: .*trans_l_with_a"):
+        import_published(path, "iemocap")
+    assert devices == ["meta"]  # a MulT of width 2000 (5 GB) was never allocated
 
 
 # ------------------------------------------------------------------------------- weights refused at the door

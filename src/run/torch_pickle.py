@@ -446,13 +446,19 @@ def check_tree(root, unpickler) -> None:
 def modules_of(root: Record, source: str):
     """(dotted path, record) of every module under `root` ("" for the root), parents first and children in
     order, as nn.Module.state_dict walks them (a module shared by two parents is listed under both).
-    Iterative: a module that contains itself is refused, and a deep chain costs no Python stack."""
+    Iterative, with the modules of the current path in a set: a module that contains itself is refused,
+    and a deep chain costs no Python stack."""
     refuse = refusal(source)
-    out = []
-    todo = [("", root, (id(root),))]
+    out, on_path = [], set()
+    todo = [("", root)]
     while todo:
-        path, record, ancestors = todo.pop()
+        path, record = todo.pop()
+        if record is None:  # every module below `path` is done: it leaves the current path
+            on_path.discard(path)
+            continue
         out.append((path, record))
+        on_path.add(id(record))
+        todo.append((id(record), None))
         where = f"{root.cls}.{path}" if path else root.cls
         children = []
         for name, child in record.state["_modules"].items():
@@ -460,9 +466,9 @@ def modules_of(root: Record, source: str):
                 continue
             if not (isinstance(child, Record) and child.is_module) or not isinstance(name, str):
                 raise refuse(f"the submodule {where}.{name} is {_name(child)}, not a module")
-            if id(child) in ancestors:
+            if id(child) in on_path:
                 raise refuse(f"the module {where}.{name} contains itself")
-            children.append((f"{path}.{name}" if path else name, child, ancestors + (id(child),)))
+            children.append((f"{path}.{name}" if path else name, child))
         todo.extend(reversed(children))
     return out
 
