@@ -1,7 +1,8 @@
 """Foreign checkpoints -> the project's models and run directories: the published CausalMER code's whole-model
 files and the official DMD code's weights.
 
-- The published code saves whole models with `torch.save(model)` (its MULTModel or CAUSALMER). They are
+- The published code saves whole models with `torch.save(model)` (its MULTModel or CAUSALMER; docs/design.md
+  § Checkpoints of the published code). They are
   read without running anything (src/run/torch_pickle.py), then converted by the converter beside the
   model they become: src/models/mult_published.py (MULTModel -> MulT), src/causal/published.py
   (CAUSALMER -> CausalMER).
