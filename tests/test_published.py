@@ -816,18 +816,18 @@ def test_cli_import_of_non_finite_weights_writes_nothing(tmp_path, capsys):
 def test_cli_import_on_a_full_disk_leaves_no_partial_run(fixtures_dir, tmp_path, monkeypatch, capsys):
     from src.run import checkpoint as ckpt_io
 
-    def full_disk(obj, target):
-        with open(target, "wb") as handle:
-            handle.write(b"PK partial")
-        raise RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 0 vs 64\n"
-                           "PytorchStreamWriter failed writing file data/0: file write failed")
+    import errno
+
+    def full_disk(obj, handle):
+        handle.write(b"PK partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt_io.torch, "save", full_disk)
     runs = tmp_path / "runs"
     assert _main("import-checkpoint", fixtures_dir / FIXTURE, "--dataset", "iemocap", "--name", "x",
                  "--runs-dir", runs) == 2
     err = capsys.readouterr().err
-    assert "best_acc.pt" in err and "full disk" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "best_acc.pt" in err and "no space left" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     run = runs / "iemocap" / "x" / "seed1"
     assert sorted(p.name for p in run.iterdir()) == [".lock"]  # no config, no checkpoint, no temporary
 
