@@ -100,6 +100,8 @@ def check_weights(state: dict, source: str) -> None:
                               "storages they view; a checkpoint holds each weight once. The file is corrupt or crafted")
     limit = torch.finfo(torch.float32).max
     for name, tensor in state.items():
+        if name.endswith(WEIGHTLESS_SUFFIXES):
+            continue  # not loaded; the published position placeholder is uninitialised memory (NaN at times)
         if tensor.is_complex():
             raise CheckpointError(f"{source}: the weight {name} is complex ({tensor.dtype}); the model's weights "
                                   "are real, and dropping the imaginary part would change it. Nothing was imported")
