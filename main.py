@@ -190,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       help="start from a published checkpoint's weights (its MulT sets the "
                                       "backbone; a CAUSALMER's branches and constants are used where the kinds match)")
     imported = sub.add_parser("import-checkpoint", help="make a run directory from a checkpoint of the published "
-                              "code (torch.save of its MULTModel or CAUSALMER), read without running it")
-    imported.add_argument("file", help="the published .pt file")
+                              "code (torch.save of its MULTModel or CAUSALMER) or the official DMD's weights "
+                              "(torch.save of its state_dict), read without running it")
+    imported.add_argument("file", help="the published .pt file, or the official DMD's .pth")
     add_run_arguments(imported)
     imported.add_argument("--unaligned", action="store_true", help="the model is evaluated on unaligned data")
     robust = sub.add_parser("robustness", help="debiasing where the shortcut stops paying: bias-conflicting "

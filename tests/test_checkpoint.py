@@ -49,6 +49,15 @@ def test_one_flipped_byte_in_the_weights_is_refused(tmp_path):
     assert str(path) in str(error.value)
 
 
+def test_a_published_whole_model_file_points_at_import_checkpoint(fixtures_dir):
+    path = fixtures_dir / "published_mult_init_iemocap.pt"
+    with pytest.raises(CheckpointError) as error:
+        ckpt_io.load_checkpoint(path)
+    message = str(error.value)
+    assert "whole-model file" in message and f"import-checkpoint {path}" in message
+    assert "\x1b" not in message and "Weights only load failed" not in message and "\n" not in message
+
+
 @pytest.mark.parametrize("content, fragment", [(b"", "empty"), (b"not a zip at all", "not a readable zip")])
 def test_empty_or_foreign_file(tmp_path, content, fragment):
     path = tmp_path / "last.pt"

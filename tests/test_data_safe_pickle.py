@@ -110,10 +110,10 @@ CRAFTED = {
     "reconstruct with a real shape": (_Reduces(_reconstruct, (np.ndarray, HUGE, b"b")), "instead of numpy's"),
     "setstate payload too short": (
         _Reduces(_reconstruct, (np.ndarray, (0,), b"b"), (1, HUGE, np.dtype("f4"), False, b"abcd")),
-        "buffer size does not match"),
+        "needs 40000000000 bytes, the file holds 4 bytes"),
     "setstate payload one byte long": (
         _Reduces(_reconstruct, (np.ndarray, (0,), b"b"), (1, (2, 3), np.dtype("f4"), False, bytes(24 + 1))),
-        "buffer size does not match"),
+        "needs 24 bytes, the file holds 25 bytes"),
     "frombuffer payload too short": (_Reduces(_frombuffer, (b"abcd", np.dtype("f4"), HUGE, "C")),
                                      "needs 40000000000 bytes"),
     "frombuffer shape not a tuple of ints": (_Reduces(_frombuffer, (b"abcd", np.dtype("f4"), "x", "C")), "shape"),
@@ -147,3 +147,46 @@ def test_backed_arrays_written_by_hand_like_numpy_still_load(tmp_path, protocol)
     expected = np.arange(6, dtype=np.float32).reshape(2, 3)
     assert np.array_equal(loaded["reconstruct"], expected) and np.array_equal(loaded["frombuffer"], expected)
     assert type(loaded["reconstruct"]) is np.ndarray and loaded["scalar"] == np.float32(1.0)
+
+
+# ------------------------------------------------------------------ sizes a file declares but does not hold
+def _refusal(tmp_path, payload, protocol=2):
+    path = tmp_path / "iemocap_data.pkl"
+    path.write_bytes(pickle.dumps({"train": {"text": payload}}, protocol=protocol))
+    with pytest.raises(DataError) as error:
+        safe_load(path)
+    assert str(path) in str(error.value)
+    return str(error.value)
+
+
+def test_bytes_of_a_declared_size_are_refused(tmp_path):
+    # bytes(N) makes N bytes from a few bytes of pickle; numpy only ever writes bytes().
+    assert "only bytes() or a copy" in _refusal(tmp_path, _Reduces(bytes, (10 ** 9,)))
+
+
+def test_encode_with_another_codec_is_refused(tmp_path):
+    import codecs
+
+    assert "pickle only ever writes (text, 'latin1')" in _refusal(tmp_path, _Reduces(codecs.encode, ("ab", "utf-32")))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+@pytest.mark.parametrize("builder", ["reconstruct", "frombuffer"])
+def test_one_payload_backing_many_arrays_is_refused(tmp_path, builder, protocol):
+    # The payload is pickled once and referenced from the memo 1000 times: 10 MB of arrays from a 20 kB file.
+    data = np.arange(2500, dtype=np.float32).tobytes()
+    if builder == "reconstruct":
+        arrays = [_Reduces(_reconstruct, (np.ndarray, (0,), b"b"), (1, (2500,), np.dtype("f4"), False, data))
+                  for _ in range(1000)]
+    else:
+        arrays = [_Reduces(_frombuffer, (data, np.dtype("f4"), (2500,), "C")) for _ in range(1000)]
+    assert "more than the" in _refusal(tmp_path, arrays, protocol)
+
+
+def test_one_text_decoded_many_times_is_refused(tmp_path):
+    import codecs
+
+    text = "x" * 10_000
+    # The text is pickled once and referenced from the memo: each call would decode it again.
+    assert "copied or decoded bytes" in _refusal(tmp_path, [_Reduces(codecs.encode, (text, "latin1"))
+                                                            for _ in range(100)])

@@ -59,8 +59,8 @@ class RunSpec:
     def run_dir(self) -> Path:
         return run_path(self.runs_dir, self.dataset, self.name, self.seed)
 
-    def config(self) -> dict:
-        """The resolved, validated config of this run."""
+    def config(self, resume: bool = False) -> dict:
+        """The resolved, validated config of this run (`resume`: of the run being continued)."""
         model_name, backbone = "causalmer", self.backbone
         if self.model != "causalmer":
             model_name, backbone = "backbone", self.model
@@ -73,8 +73,12 @@ class RunSpec:
                "train.logger": self.logger, "train.compile": True if self.compile else None}
         cfg = load_config(self.dataset, self.config_file, backbone=backbone, model_name=model_name,
                           overrides=self.overrides, cli=cli)
-        if self.init_from:
-            cfg["model"]["init_from"] = init_record(self.init_from)
+        # A resumed run keeps the published file it started from in its config, and does not need the file.
+        config_file = self.run_dir / "config.yaml"
+        recorded = (ckpt_io.read_config_file(config_file)["model"].get("init_from")
+                    if resume and config_file.is_file() else None)
+        if self.init_from or recorded:
+            cfg["model"]["init_from"] = init_record(self.init_from, recorded)
         return cfg
 
 
@@ -94,7 +98,7 @@ def check_run_start(run_dir: Path, cfg: dict, resume: bool) -> None:
 def start_run(spec: RunSpec, device: str = "auto", amp: bool = False, resume: bool = False,
               progress_seconds: float = PROGRESS_SECONDS) -> dict:
     """Train the run `spec` describes (or continue it, `resume`) and return its metrics (metrics.json)."""
-    cfg = spec.config()
+    cfg = spec.config(resume)
     run_dir = spec.run_dir
     refuse_if_in_use(run_dir)
     check_run_start(run_dir, cfg, resume)
@@ -152,7 +156,8 @@ def plan_run(spec: RunSpec, fresh: bool, flag: str) -> str:
         return "train"
     refuse_if_in_use(run_dir)  # a run still training is neither reused, continued nor moved
     saved = ckpt_io.read_config_file(run_dir / "config.yaml")
-    difference = ckpt_io.first_difference(without_execution_keys(saved), without_execution_keys(spec.config()))
+    asked = spec.config(resume=True)
+    difference = ckpt_io.first_difference(without_execution_keys(saved), without_execution_keys(asked))
     if difference is None:
         return "reuse" if (run_dir / "metrics.json").is_file() else "resume"
     if not fresh:

@@ -10,12 +10,12 @@ See docs/architecture.md (Data) for the item/batch contract.
 from .dataset import MultimodalDataset, load_splits, targets_from_labels
 from .layout import (DATASETS, IEMOCAP_EMOTIONS, MODALITIES, SPLITS, data_file, get_spec,
                              output_dim, require_data_file, resolve_task)
-from .safe_pickle import RestrictedUnpickler, safe_load
+from .safe_pickle import safe_load
 from .synthetic import DEFAULT_DEMO, shortcut_directions, signal_directions, write_synthetic
 
 __all__ = [
     "DATASETS", "DEFAULT_DEMO", "IEMOCAP_EMOTIONS", "MODALITIES", "SPLITS", "MultimodalDataset",
-    "RestrictedUnpickler", "data_file", "get_spec", "load_splits", "output_dim", "require_data_file",
+    "data_file", "get_spec", "load_splits", "output_dim", "require_data_file",
     "resolve_task", "safe_load", "shortcut_directions", "signal_directions", "targets_from_labels",
     "write_synthetic",
 ]

@@ -460,19 +460,27 @@ def time_major_to_feature_major(tensor: torch.Tensor, axis: int, d_model: int, l
     return split.transpose(axis, axis + 1).reshape(shape)
 
 
-def load_official_state_dict(model: DMD, state_dict: dict, homo_gd_state_dict: dict, hetero_gd_state_dict: dict) -> None:
+def load_official_state_dict(model: DMD, state_dict: dict, homo_gd_state_dict: dict | None,
+                             hetero_gd_state_dict: dict | None) -> None:
     """Load the reference DMD's weights (its model and its two distillation units, under the
     reference's names) into `model`, strictly: every parameter of `model` must be given and every
     given tensor must have a place, except the reference's unused `proj_cosine_*` layers and its
     encoders' weightless buffers. The homogeneous heads' flattened axis is reordered (the reference
     flattens c_m time-major, we feature-major). A CheckpointError names every key that is missing,
     unexpected or of the wrong shape.
+
+    A distillation unit given as None keeps `model`'s own weights: the reference saves its best model
+    alone (`torch.save(model[0].state_dict())`), and the units only shape training, not predictions.
     """
     expected = model.state_dict()
+    kept = {key: tensor for key, tensor in expected.items()
+            if (homo_gd_state_dict is None and key.startswith("homo_graph."))
+            or (hetero_gd_state_dict is None and key.startswith("hetero_graph."))}
     mapped, official_name, unexpected = {}, {}, []
     sources = (("state_dict", state_dict, _official_to_ours),
-               ("homo_gd_state_dict", homo_gd_state_dict, lambda name: _official_graph_name("homo_graph.", name)),
-               ("hetero_gd_state_dict", hetero_gd_state_dict, lambda name: _official_graph_name("hetero_graph.", name)))
+               ("homo_gd_state_dict", homo_gd_state_dict or {}, lambda name: _official_graph_name("homo_graph.", name)),
+               ("hetero_gd_state_dict", hetero_gd_state_dict or {}, lambda name: _official_graph_name("hetero_graph.", name)))
+    mapped.update(kept)
     for where, source, rename in sources:
         for name, tensor in source.items():
             if name.startswith(_OFFICIAL_UNUSED_PREFIXES) or name.endswith(_OFFICIAL_UNUSED_SUFFIXES):

@@ -7,6 +7,7 @@ model or config is refused instead of silently half-loaded, and the identity of 
 """
 from __future__ import annotations
 
+import pickle
 import random
 import zipfile
 from pathlib import Path
@@ -166,6 +167,16 @@ def load_checkpoint(path: Path, resumable: bool = False) -> dict:
     verify_checksums(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise CheckpointError(f"checkpoint {path} cannot be read (corrupt, truncated, or not a checkpoint "
+                                  f"of this tool): {_first_line(err)}") from None
+        # torch's text (with terminal colour codes) explains its own loader; what matters here is the file.
+        raise CheckpointError(f"checkpoint {path} holds pickled Python objects, not tensors: it is a whole-model "
+                              "file (torch.save(model)), as the published CausalMER code writes them, not a "
+                              "checkpoint of this tool. Convert it into a run with `python main.py import-checkpoint "
+                              f"{path} --dataset <dataset> --name <name>` (it reads the file without running anything from "
+                              "it) and evaluate that run.") from None
     except Exception as err:  # torch raises several types for torn zips and foreign pickles
         raise CheckpointError(f"checkpoint {path} cannot be read (corrupt, truncated, or not a checkpoint "
                               f"of this tool): {_first_line(err)}") from None
