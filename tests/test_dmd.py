@@ -393,7 +393,8 @@ def test_bad_kernel_through_main_is_a_clean_user_error(synthetic_data, tmp_path)
     result = subprocess.run(
         [sys.executable, "main.py", "train", "--dataset", "mosei_senti", "--model", "dmd", "--data-dir", str(data_dir),
          "--runs-dir", str(tmp_path), "--device", "cpu", "--epochs", "1", "--name", "bad",
-         "--set", "model.backbone_params.kernel_sizes=[60, 1, 3]"],
+         # corrected accumulation: the tiny epoch would otherwise be refused first, for never stepping
+         "--set", "model.backbone_params.kernel_sizes=[60, 1, 3]", "--set", "train.accumulation=corrected"],
         cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert "Traceback" not in result.stderr
