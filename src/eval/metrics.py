@@ -20,6 +20,15 @@ CMU-MOSEI / CMU-MOSI (tasks ``cls`` and ``regression``): metrics on sentiment sc
 
 Rounding is numpy's (half to even), as in the reference evaluation, so that 0.5 rounds to 0 and 1.5 to 2.
 
+CH-SIMS (tasks ``sims_cls`` and ``sims_regression``), MMSA's definitions for scores in [-1, 1]: both
+scores clipped to [-1, 1], then binned with upper bounds included (the lowest bin takes -1 too):
+- ``acc2``: [-1, 0] vs (0, 1]; ``f1``: support-weighted F1 of those two classes;
+- ``acc3``: [-1, -0.1], (-0.1, 0.1], (0.1, 1];
+- ``acc5``: [-1, -0.7], (-0.7, -0.1], (-0.1, 0.1], (0.1, 0.7], (0.7, 1];
+- ``mae`` of the clipped scores; ``corr``: Pearson correlation.
+A ``sims_cls`` model predicts one of the five acc5 bins; its score is the bin's centre (SIMS_CENTRES), so
+acc5 and acc3 are exact, and the middle bin counts as [-1, 0] for acc2.
+
 Edge cases, chosen so that a metrics dict never needs special handling downstream:
 - ``corr`` is 0.0 when either side is constant (or there are fewer than two samples): a constant
   prediction carries no linear information about the truth, and 0.0 keeps multi-seed means finite where
@@ -35,9 +44,12 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
 EMOTIONS = ("neutral", "happy", "sad", "angry")
-TASKS = ("binary", "cls", "regression")
+TASKS = ("binary", "cls", "regression", "sims_cls", "sims_regression")
 # Number of sentiment classes of the ``cls`` task: scores -3..3.
 SENTIMENT_CLASSES = 7
+# CH-SIMS: the upper bounds of MMSA's bins (each bin is (lower, upper]) and the score a sims_cls class stands for.
+SIMS_BINS = {"acc2": (0.0,), "acc3": (-0.1, 0.1), "acc5": (-0.7, -0.1, 0.1, 0.7)}
+SIMS_CENTRES = (-0.85, -0.4, 0.0, 0.4, 0.85)
 
 
 def _as_numpy(values) -> np.ndarray:
@@ -142,15 +154,39 @@ def sentiment_metrics(pred_scores, truth_scores) -> dict[str, float]:
     return result
 
 
+def sims_metrics(pred_scores, truth_scores) -> dict[str, float]:
+    """MMSA's CH-SIMS metrics (see the module docstring) of (N,) scores in [-1, 1]."""
+    predicted = np.clip(_as_numpy(pred_scores).astype(np.float64).reshape(-1), -1.0, 1.0)
+    truth = np.clip(_as_numpy(truth_scores).astype(np.float64).reshape(-1), -1.0, 1.0)
+    if predicted.shape != truth.shape:
+        raise ValueError(f"{predicted.size} predicted scores but {truth.size} true scores")
+    if predicted.size == 0:
+        raise ValueError("cannot compute metrics on zero samples")
+    if not (np.isfinite(predicted).all() and np.isfinite(truth).all()):
+        raise ValueError("sentiment scores contain nan or inf")
+    bins = {name: (np.digitize(predicted, edges, right=True), np.digitize(truth, edges, right=True))
+            for name, edges in SIMS_BINS.items()}
+    result = {name: float(np.mean(p == t)) for name, (p, t) in bins.items()}
+    result["f1"] = float(f1_score(bins["acc2"][1], bins["acc2"][0], average="weighted", zero_division=0))
+    result["mae"] = float(np.mean(np.abs(predicted - truth)))
+    result["corr"] = _pearson(predicted, truth)
+    return result
+
+
 def predictions_to_scores(logits, task: str) -> np.ndarray:
-    """Sentiment scores (N,) from model outputs: argmax - 3 for ``cls`` (C = 7), the output for ``regression``."""
+    """Sentiment scores (N,) from model outputs: argmax - 3 for ``cls`` (C = 7), the bin's centre for
+    ``sims_cls`` (C = 5), the output for the regression tasks."""
     _check_task(task)
     logits = _as_numpy(logits)
     if task == "cls":
         if logits.ndim != 2 or logits.shape[1] != SENTIMENT_CLASSES:
             raise ValueError(f"cls logits must be (N, {SENTIMENT_CLASSES}), got {logits.shape}")
         return logits.argmax(-1).astype(np.float64) - (SENTIMENT_CLASSES // 2)
-    if task == "regression":
+    if task == "sims_cls":
+        if logits.ndim != 2 or logits.shape[1] != len(SIMS_CENTRES):
+            raise ValueError(f"sims_cls logits must be (N, {len(SIMS_CENTRES)}), got {logits.shape}")
+        return np.asarray(SIMS_CENTRES)[logits.argmax(-1)]
+    if task in ("regression", "sims_regression"):
         if logits.ndim not in (1, 2) or (logits.ndim == 2 and logits.shape[1] != 1):
             raise ValueError(f"regression outputs must be (N,) or (N, 1), got {logits.shape}")
         return logits.reshape(-1).astype(np.float64)
@@ -169,7 +205,10 @@ def compute_metrics(logits, target, task: str, score=None) -> dict[str, float]:
     _check_task(task)
     if task == "binary":
         return iemocap_metrics(logits, target)
-    return sentiment_metrics(predictions_to_scores(logits, task), true_scores(target, task, score))
+    predicted, truth = predictions_to_scores(logits, task), true_scores(target, task, score)
+    if task.startswith("sims_"):
+        return sims_metrics(predicted, truth)
+    return sentiment_metrics(predicted, truth)
 
 
 def true_scores(target, task: str, score=None) -> np.ndarray:
@@ -178,6 +217,8 @@ def true_scores(target, task: str, score=None) -> np.ndarray:
         return _as_numpy(score).astype(np.float64).reshape(-1)
     if task == "cls":
         return _as_numpy(target).astype(np.float64).reshape(-1) - (SENTIMENT_CLASSES // 2)
+    if task == "sims_cls":
+        return np.asarray(SIMS_CENTRES)[_as_numpy(target).reshape(-1)]
     return _as_numpy(target).astype(np.float64).reshape(-1)
 
 
@@ -188,9 +229,12 @@ def headline(task: str) -> tuple[str, bool]:
     MOSEI / MOSI, both tasks: ``acc7``. The paper does not name the metric of its MOSEI numbers
     (50.1% MulT, 48.8% PMR, 48.8% DMD); their magnitude matches 7-class accuracy, not Acc2 or F1, so
     Acc7 is the most likely reading and the one compared against.
+    CH-SIMS, both tasks: ``acc5``, its finest-grained accuracy (as Acc7 is MOSEI's and MOSI's).
     """
     _check_task(task)
-    return ("avg_acc", True) if task == "binary" else ("acc7", True)
+    if task == "binary":
+        return "avg_acc", True
+    return ("acc5", True) if task.startswith("sims_") else ("acc7", True)
 
 
 # The columns of the table a paper prints (compare, summarize), the headline first: IEMOCAP's two
