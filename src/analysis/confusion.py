@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..data.layout import SIMS_BINS, sims_bin
 from ..eval.evaluate import PREDICTIONS
-from ..eval.metrics import EMOTIONS, SENTIMENT_CLASSES, SIMS_BINS, SIMS_CENTRES, predictions_to_scores
+from ..eval.metrics import EMOTIONS, SENTIMENT_CLASSES, SIMS_CENTRES, predictions_to_scores
 from .plots import plot_confusion
 
 SENTIMENT_LABELS = [str(c) for c in range(-(SENTIMENT_CLASSES // 2), SENTIMENT_CLASSES // 2 + 1)]
@@ -34,8 +35,8 @@ def sentiment_confusion(pred_scores, truth_scores) -> np.ndarray:
 def sims_confusion(pred_scores, truth_scores) -> np.ndarray:
     """(5, 5) counts of (true bin, predicted bin) of CH-SIMS scores, MMSA's acc5 bins."""
     edges = SIMS_BINS["acc5"]
-    predicted = np.digitize(np.clip(np.asarray(pred_scores, dtype=np.float64).reshape(-1), -1, 1), edges, right=True)
-    truth = np.digitize(np.clip(np.asarray(truth_scores, dtype=np.float64).reshape(-1), -1, 1), edges, right=True)
+    predicted = sims_bin(np.clip(np.asarray(pred_scores, dtype=np.float64).reshape(-1), -1, 1), edges)
+    truth = sims_bin(np.clip(np.asarray(truth_scores, dtype=np.float64).reshape(-1), -1, 1), edges)
     if predicted.shape != truth.shape:
         raise ValueError(f"{predicted.size} predicted scores but {truth.size} true scores")
     counts = np.zeros((len(edges) + 1, len(edges) + 1), dtype=np.int64)

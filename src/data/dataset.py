@@ -33,13 +33,10 @@ from torch.utils.data import Dataset
 
 from .cache import CachedData, prepare_cache
 from .formats import UNIMODAL_KEYS
-from .layout import (ID_KEY, MODALITIES, check_format, get_spec, output_dim,
+from .layout import (ID_KEY, MODALITIES, SIMS_BINS, check_format, sims_bin, get_spec, output_dim,
                      require_data_file, resolve_task)
 from ..errors import DataError
 
-# CH-SIMS's classes (task sims_cls): MMSA's five Acc5 bins of a score in [-1, 1], upper bounds included:
-# [-1, -0.7], (-0.7, -0.1], (-0.1, 0.1], (0.1, 0.7], (0.7, 1].
-SIMS_CLASS_EDGES = (-0.7, -0.1, 0.1, 0.7)
 
 
 def targets_from_labels(labels: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -48,7 +45,8 @@ def targets_from_labels(labels: np.ndarray, task: str) -> tuple[np.ndarray, np.n
     - binary: argmax of each (absent, present) pair -> (N, 4) int64; no scores.
     - cls: round(clip(score, -3, 3)) + 3 -> (N,) int64 in 0..6. Rounding is half-to-even, as
       numpy's and torch's round are (so 2.5 -> 2, 1.5 -> 2).
-    - sims_cls: the bin of SIMS_CLASS_EDGES the score falls in -> (N,) int64 in 0..4.
+    - sims_cls: the MMSA Acc5 bin the score falls in -> (N,) int64 in 0..4: [-1, -0.7], (-0.7, -0.1],
+      (-0.1, 0.1], (0.1, 0.7], (0.7, 1].
     - regression, sims_regression: the score itself, (N,) float32.
     """
     labels = np.asarray(labels)
@@ -59,7 +57,7 @@ def targets_from_labels(labels: np.ndarray, task: str) -> tuple[np.ndarray, np.n
         return (np.round(np.clip(scores, -3.0, 3.0)) + 3).astype(np.int64), scores
     if task == "sims_cls":
         # `right=True` puts a score equal to an edge in the lower bin, as MMSA's (a, b] bins do.
-        return np.digitize(scores, SIMS_CLASS_EDGES, right=True).astype(np.int64), scores
+        return sims_bin(scores, SIMS_BINS["acc5"]).astype(np.int64), scores
     return scores.copy(), scores
 
 

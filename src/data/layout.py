@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import ConfigError, DataError
 from ..modalities import MODALITIES
 
@@ -142,6 +144,17 @@ DATASETS: dict[str, DatasetSpec] = {
         unimodal_labels=True,
     ),
 }
+
+# CH-SIMS's bins of a score in [-1, 1] (MMSA's metrics; acc5's are the sims_cls classes): the inner
+# edges, each bin (lower, upper], the lowest taking -1 too.
+SIMS_BINS = {"acc2": (0.0,), "acc3": (-0.1, 0.1), "acc5": (-0.7, -0.1, 0.1, 0.7)}
+
+
+def sims_bin(scores, edges) -> np.ndarray:
+    """The bin of each score, compared in float32 as MMSA compares its float32 labels: the label -0.7,
+    stored as float32, then falls in the bin that ends at -0.7, not in the next one."""
+    return np.digitize(np.asarray(scores, dtype=np.float32), np.asarray(edges, dtype=np.float32), right=True)
+
 
 # Output width of the models for each task: IEMOCAP's 4 (absent, present) pairs, 7 sentiment
 # classes (-3..3), SIMS's 5 classes (MMSA's Acc5 bins), or one regressed score.

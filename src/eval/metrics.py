@@ -43,12 +43,13 @@ import math
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
+from ..data.layout import SIMS_BINS, sims_bin
+
 EMOTIONS = ("neutral", "happy", "sad", "angry")
 TASKS = ("binary", "cls", "regression", "sims_cls", "sims_regression")
 # Number of sentiment classes of the ``cls`` task: scores -3..3.
 SENTIMENT_CLASSES = 7
-# CH-SIMS: the upper bounds of MMSA's bins (each bin is (lower, upper]) and the score a sims_cls class stands for.
-SIMS_BINS = {"acc2": (0.0,), "acc3": (-0.1, 0.1), "acc5": (-0.7, -0.1, 0.1, 0.7)}
+# CH-SIMS: the score a sims_cls class (an acc5 bin of SIMS_BINS) stands for.
 SIMS_CENTRES = (-0.85, -0.4, 0.0, 0.4, 0.85)
 
 
@@ -164,8 +165,7 @@ def sims_metrics(pred_scores, truth_scores) -> dict[str, float]:
         raise ValueError("cannot compute metrics on zero samples")
     if not (np.isfinite(predicted).all() and np.isfinite(truth).all()):
         raise ValueError("sentiment scores contain nan or inf")
-    bins = {name: (np.digitize(predicted, edges, right=True), np.digitize(truth, edges, right=True))
-            for name, edges in SIMS_BINS.items()}
+    bins = {name: (sims_bin(predicted, edges), sims_bin(truth, edges)) for name, edges in SIMS_BINS.items()}
     result = {name: float(np.mean(p == t)) for name, (p, t) in bins.items()}
     result["f1"] = float(f1_score(bins["acc2"][1], bins["acc2"][0], average="weighted", zero_division=0))
     result["mae"] = float(np.mean(np.abs(predicted - truth)))
