@@ -309,3 +309,37 @@ def test_mmsa_files_train_every_backbone(tmp_path_factory, capsys, dataset, mode
     assert results["data"]["format"] == "mmsa"
     headline = "acc5" if dataset == "sims" else "acc7"
     assert 0.0 <= results["best_acc"]["test"]["predictions"]["m"][headline] <= 1.0
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 6 MB tmpfs at tmp_path/fs, where the system lets this process mount one (root in a container); else skip."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("mounting a small tmpfs is not permitted here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_really_full_disk_is_a_message_not_sigbus(tiny_filesystem, capsys):
+    # Memory-mapped writes into a sparse file die with SIGBUS (exit 135) when the disk fills; ordinary
+    # writes into reserved space fail with ENOSPC, which becomes a message.
+    rng = np.random.default_rng(0)
+    data = {s: {"text": rng.standard_normal((20, 50, 300)).astype(np.float32),
+                "audio": rng.standard_normal((20, 50, 5)).astype(np.float32),
+                "vision": rng.standard_normal((20, 50, 20)).astype(np.float32),
+                "labels": rng.uniform(-3, 3, (20, 1, 1))} for s in ("train", "valid", "test")}
+    path = _write(tiny_filesystem / "mosi_data.pkl", data)  # 3.8 MB of 6: the cache cannot fit
+    script = ("import sys; sys.path.insert(0, {repo!r}); import main; sys.exit(main.main(['train', '--dataset', "
+              "'mosi', '--name', 'x', '--data-file', {path!r}, '--runs-dir', {runs!r}, '--device', 'cpu']))")
+    done = subprocess.run([sys.executable, "-c", script.format(repo=str(REPO), path=str(path),
+                                                                runs=str(tiny_filesystem.parent / "runs"))],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "no space left" in done.stderr and "Traceback" not in done.stderr
+    cache = cache_locations(path)[0]
+    assert not list(cache.glob("*.npy")) and not list(cache.glob(".*.tmp"))
