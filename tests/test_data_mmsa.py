@@ -174,6 +174,24 @@ def test_sims_labels_per_modality_are_batch_keys(tmp_path):
         load_splits(None, "sims", data_file=_write(tmp_path / "bad.pkl", data))
 
 
+def test_unimodal_labels_train_each_branch_on_its_own_label():
+    import torch
+
+    from src.causal.loss import causal_loss_terms
+
+    torch.manual_seed(0)
+    out = {key: torch.randn(6, 5) for key in ("logits_te", "logits_t", "logits_a", "logits_v", "te", "nde",
+                                               "nde_t", "nde_a", "nde_v")}
+    target = torch.tensor([0, 1, 2, 3, 4, 0])
+    own = {"label_t": torch.tensor([4, 4, 4, 4, 4, 4]), "label_a": target, "label_v": torch.tensor([1] * 6)}
+    plain = causal_loss_terms(out, target)
+    split = causal_loss_terms(out, target, unimodal_targets=own)
+    expected = 0.1 * torch.nn.functional.cross_entropy(out["logits_t"], own["label_t"])
+    assert torch.equal(split["task_text"], expected) and not torch.equal(split["task_text"], plain["task_text"])
+    assert torch.equal(split["task_audio"], plain["task_audio"])  # label_a equals the sample's label here
+    assert torch.equal(split["task_te"], plain["task_te"]) and torch.equal(split["kl"], plain["kl"])
+
+
 def test_sims_classes_and_metrics_follow_mmsa_bins():
     scores = np.array([-1.0, -0.7, -0.6, -0.1, 0.0, 0.1, 0.2, 0.7, 0.8, 1.0])
     classes, _ = targets_from_labels(scores.reshape(-1, 1, 1), "sims_cls")
@@ -211,6 +229,7 @@ sys.exit(main.main(["train", "--dataset", "mosi", "--name", "x", "--data-file", 
 """
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_conversion_is_a_message_and_leaves_nothing(tmp_path):
     rng = np.random.default_rng(0)
     data = _mmsa(_arrays())
@@ -277,7 +296,7 @@ def test_mult_and_mmsa_files_train_and_evaluate_identically(tmp_path, capsys):
     runs = tmp_path / "runs"
     for name, path in files.items():
         code, _, err = run(capsys, "train", "--dataset", "mosi", "--name", name, "--data-file", path, "--runs-dir",
-                           runs, "--device", "cpu", "--epochs", "2", "--set", "train.batch_size=4")
+                           runs, "--device", "cpu", "--epochs", "1", "--set", "train.batch_size=4")
         assert code == 0, err
     first, second = (_metrics(runs / "mosi" / name / "seed1") for name in files)
     assert first == second and "test_ood" in first["best_acc"]
@@ -292,8 +311,8 @@ def test_mult_and_mmsa_files_train_and_evaluate_identically(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset, model, options", [
-    ("mosi", "mult", []), ("mosi", "dmd", []), ("mosi", "pmr", []), ("mosi", "causalmer", []),
-    ("sims", "causalmer", []), ("sims", "causalmer", ["--set", "loss.unimodal_labels=true"]),
+    # CausalMER on MOSI-layout MMSA files: the identical-training test above.
+    ("mosi", "mult", []), ("mosi", "dmd", []), ("mosi", "pmr", []), ("sims", "causalmer", []), ("sims", "causalmer", ["--set", "loss.unimodal_labels=true"]),
 ])
 def test_mmsa_files_train_every_backbone(tmp_path_factory, capsys, dataset, model, options):
     data_dir = tmp_path_factory.getbasetemp() / f"mmsa_{dataset}"
@@ -325,6 +344,7 @@ def tiny_filesystem(tmp_path):
         subprocess.run(["umount", str(mount)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_really_full_disk_is_a_message_not_sigbus(tiny_filesystem, capsys):
     # Memory-mapped writes into a sparse file die with SIGBUS (exit 135) when the disk fills; ordinary
     # writes into reserved space fail with ENOSPC, which becomes a message.
