@@ -1,13 +1,15 @@
-"""Pickle -> validated float32 `.npy` cache, so training can memory-map the data.
+"""Pickle (MulT or MMSA layout, src/data/formats.py) -> validated float32 `.npy` cache, so training can
+memory-map the data.
 
-Unpickling a MulT file costs its whole size in memory (12 GB for unaligned MOSEI) and is slow, and
+Unpickling a data file costs its whole size in memory (12 GB for unaligned MOSEI) and is slow, and
 the features arrive as float64. So the first load validates the file, converts every array to
-float32 exactly once and writes one `.npy` per split and key into `<pickle>.cache/` (or, when that
+float32 exactly once and writes one `.npy` per split (every split the file holds) and key into `<pickle>.cache/` (or, when that
 folder can't be written, into a per-user cache folder). Later loads only check a small manifest and
 memory-map the arrays, so memory no longer grows with the dataset.
 
 The manifest is written last and atomically, and it records the source file's size, mtime and a
-fingerprint plus the shape, dtype, byte size and CRC-32 of the values of every array. A cache is
+fingerprint plus the shape, dtype, byte size and CRC-32 of the values and of the `.npy` header of every
+array (the header decides how the values are read: a flipped `fortran_order` transposes them). A cache is
 used only when all of that still matches, the checksums included (every array is read once when the
 cache is opened; see benchmarks/integrity.py for the cost); a stale one (the pickle changed), a torn
 one (a crash mid-write: manifest missing, an array missing or short) or a damaged one (values edited

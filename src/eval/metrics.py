@@ -128,12 +128,8 @@ def _binary_scores(truth: np.ndarray, predicted: np.ndarray, prefix_acc: str, pr
     }
 
 
-def sentiment_metrics(pred_scores, truth_scores) -> dict[str, float]:
-    """Acc7, Acc5, the two Acc2/F1 readings, MAE and Pearson correlation of sentiment scores.
-
-    ``pred_scores`` and ``truth_scores``: (N,) scores (any shape with N elements is flattened).
-    See the module docstring for each key's definition and the edge cases.
-    """
+def _score_pair(pred_scores, truth_scores) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and true scores as flat float64 arrays of one size, checked finite and non-empty."""
     predicted = _as_numpy(pred_scores).astype(np.float64).reshape(-1)
     truth = _as_numpy(truth_scores).astype(np.float64).reshape(-1)
     if predicted.shape != truth.shape:
@@ -142,7 +138,16 @@ def sentiment_metrics(pred_scores, truth_scores) -> dict[str, float]:
         raise ValueError("cannot compute metrics on zero samples")
     if not (np.isfinite(predicted).all() and np.isfinite(truth).all()):
         raise ValueError("sentiment scores contain nan or inf")
+    return predicted, truth
 
+
+def sentiment_metrics(pred_scores, truth_scores) -> dict[str, float]:
+    """Acc7, Acc5, the two Acc2/F1 readings, MAE and Pearson correlation of sentiment scores.
+
+    ``pred_scores`` and ``truth_scores``: (N,) scores (any shape with N elements is flattened).
+    See the module docstring for each key's definition and the edge cases.
+    """
+    predicted, truth = _score_pair(pred_scores, truth_scores)
     result = {
         "acc7": float(np.mean(np.round(np.clip(predicted, -3, 3)) == np.round(np.clip(truth, -3, 3)))),
         "acc5": float(np.mean(np.round(np.clip(predicted, -2, 2)) == np.round(np.clip(truth, -2, 2)))),
@@ -157,14 +162,7 @@ def sentiment_metrics(pred_scores, truth_scores) -> dict[str, float]:
 
 def sims_metrics(pred_scores, truth_scores) -> dict[str, float]:
     """MMSA's CH-SIMS metrics (see the module docstring) of (N,) scores in [-1, 1]."""
-    predicted = np.clip(_as_numpy(pred_scores).astype(np.float64).reshape(-1), -1.0, 1.0)
-    truth = np.clip(_as_numpy(truth_scores).astype(np.float64).reshape(-1), -1.0, 1.0)
-    if predicted.shape != truth.shape:
-        raise ValueError(f"{predicted.size} predicted scores but {truth.size} true scores")
-    if predicted.size == 0:
-        raise ValueError("cannot compute metrics on zero samples")
-    if not (np.isfinite(predicted).all() and np.isfinite(truth).all()):
-        raise ValueError("sentiment scores contain nan or inf")
+    predicted, truth = (np.clip(scores, -1.0, 1.0) for scores in _score_pair(pred_scores, truth_scores))
     bins = {name: (sims_bin(predicted, edges), sims_bin(truth, edges)) for name, edges in SIMS_BINS.items()}
     result = {name: float(np.mean(p == t)) for name, (p, t) in bins.items()}
     result["f1"] = float(f1_score(bins["acc2"][1], bins["acc2"][0], average="weighted", zero_division=0))
