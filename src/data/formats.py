@@ -106,8 +106,9 @@ def check_layout(data, spec: DatasetSpec, path: Path, insist: str | None = None)
                                 f"features, found shape {tuple(array.shape)}")
             n, length, dim = (int(x) for x in array.shape)
             if length == 0 or dim == 0:
-                raise DataError(f"{where(path, split, modality)}: shape {tuple(array.shape)} has no features; "
-                                f"every sample needs at least one step of {modality} features")
+                raise DataError(f"{where(path, split, modality)}: sequences of length {length} with {dim} features "
+                                f"(shape {tuple(array.shape)}); every sample needs at least one step of {modality} "
+                                "features")
             if modality in shapes and shapes[modality][:2] != (length, dim):
                 first_length, first_dim, first_split = shapes[modality]
                 raise DataError(f"{where(path, split, modality)}: (L, d) = ({length}, {dim}) differs from the "
