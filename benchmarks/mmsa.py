@@ -32,20 +32,27 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 TRAIN_STEPS = 8
 
-# Each measurement runs in a child of its own, so its peak memory is its own (ru_maxrss of the child).
-CONVERT = """
-import json, resource, sys, time
+# Each measurement runs in a child of its own and reads its peak memory from VmHWM, the high-water mark of
+# its own address space (getrusage's ru_maxrss would also count the parent's memory at the fork, which
+# Linux carries across exec).
+PEAK = """
+def peak_mb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+"""
+CONVERT = PEAK + """
+import json, sys, time
 sys.path.insert(0, {repo!r})
 from src.data import load_splits
 started = time.perf_counter()
 splits = load_splits(None, "mosei_senti", aligned=False, data_file={path!r})
 seconds = time.perf_counter() - started
-print(json.dumps({{"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({{"seconds": seconds, "peak_rss_mb": peak_mb(),
                   "samples": {{name: len(split) for name, split in splits.items()}},
                   "dims": list(splits["train"].dims), "seq_lens": list(splits["train"].seq_lens)}}))
 """
-TRAIN = """
-import json, resource, sys, time
+TRAIN = PEAK + """
+import json, sys, time
 sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads(1)
@@ -60,13 +67,13 @@ cfg = load_config("mosei_senti", backbone="mult", model_name="backbone",
 model = build_model(cfg, train.dims, train.seq_lens, train.output_dim)
 optimizer = make_optimizer(model, cfg["train"])
 order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+before = peak_mb()
 started = time.perf_counter()
 for step in range({steps}):
     batch = train.get_batch(order[(torch.arange(16) + step * 16) % len(train)])
     train_step(model, optimizer, batch, cfg["train"], torch.device("cpu"))
 print(json.dumps({{"seconds": time.perf_counter() - started, "steps": {steps},
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_rss_mb": peak_mb(),
                   "rss_before_steps_mb": before}}))
 """
 

@@ -216,8 +216,9 @@ def train_step(model, optimizer, batch: dict, tcfg: dict, device: torch.device, 
     """
     with autocast(device, amp):
         out = model(batch["text"], batch["audio"], batch["vision"])
+        # Files with a label per modality (CH-SIMS) hand them on: the model uses them under loss.unimodal_labels.
         unimodal = {key: batch[key] for key in UNIMODAL_KEYS if key in batch}
-        terms = unwrap(model).loss_terms(out, batch["target"], unimodal or None)
+        terms = unwrap(model).loss_terms(out, batch["target"], *([unimodal] if unimodal else []))
         loss = sum(terms.values())  # = model.loss
     (loss * loss_scale).backward()
     if clip:
