@@ -7,7 +7,9 @@ fraction, in a fresh process each:
 - conversion: wall time of the first `load_splits` (unpickle through the restricted unpickler, validate,
   write the cache) and the process's peak resident memory;
 - training: peak resident memory of a process that opens the cache and runs a fixed number of training
-  steps of MulT (batch 16), so that only the file's size differs between rows.
+  steps of MulT (batch 16), so that only the file's size differs between rows; and, after the steps, how
+  much of what is resident is the process's own memory (RssAnon) and how much is pages of the memory-mapped
+  cache (RssFile: page-cache pages the kernel maps around each row read, reclaimable, not allocations).
 Conversion memory grows with the file (unpickling holds it whole, as any pickle reader does); training
 memory should not, since the features are memory-mapped.
 
@@ -36,9 +38,11 @@ TRAIN_STEPS = 8
 # its own address space (getrusage's ru_maxrss would also count the parent's memory at the fork, which
 # Linux carries across exec).
 PEAK = """
-def peak_mb():
+def status_mb(field):
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
+def peak_mb():
+    return status_mb("VmHWM")
 """
 CONVERT = PEAK + """
 import json, sys, time
@@ -73,8 +77,8 @@ for step in range({steps}):
     batch = train.get_batch(order[(torch.arange(16) + step * 16) % len(train)])
     train_step(model, optimizer, batch, cfg["train"], torch.device("cpu"))
 print(json.dumps({{"seconds": time.perf_counter() - started, "steps": {steps},
-                  "peak_rss_mb": peak_mb(),
-                  "rss_before_steps_mb": before}}))
+                  "peak_rss_mb": peak_mb(), "rss_before_steps_mb": before,
+                  "rss_anon_after_mb": status_mb("RssAnon"), "rss_file_after_mb": status_mb("RssFile")}}))
 """
 
 
@@ -108,11 +112,14 @@ def markdown(results: dict) -> str:
              f"16326/1871/4659 samples; the full file would be about "
              f"{results['full_size_estimate_gb']:.1f} GB. Each measurement in a fresh process.", "",
              "| scale | file MB | conversion s | conversion peak RSS MB | training peak RSS MB "
-             f"({TRAIN_STEPS} steps) |", "|---|---|---|---|---|"]
+             f"({TRAIN_STEPS} steps) | after: own (anon) MB | after: mapped cache (file) MB |",
+             "|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        training = r.get("training", {}).get("peak_rss_mb")
+        training = r.get("training", {})
+        cells = [training.get(k) for k in ("peak_rss_mb", "rss_anon_after_mb", "rss_file_after_mb")]
         lines.append(f"| {r['scale']:g} | {r['file_mb']:.0f} | {r['conversion']['seconds']:.1f} | "
-                     f"{r['conversion']['peak_rss_mb']:.0f} | {'-' if training is None else f'{training:.0f}'} |")
+                     f"{r['conversion']['peak_rss_mb']:.0f} | " + " | ".join("-" if c is None else f"{c:.0f}" for c in cells)
+                     + " |")
     lines += ["", results["reading"]]
     return "\n".join(lines) + "\n"
 
@@ -135,8 +142,9 @@ def main(argv=None) -> dict:
                "whole); conversion time per GB of file: "
                f"{last['conversion']['seconds'] / max(last['file_mb'] / 1024, 1e-9):.0f} s.")
     if "training" in first:
-        reading += (f" Training peak memory: {first['training']['peak_rss_mb']:.0f} MB at the smallest file, "
-                    f"{last['training']['peak_rss_mb']:.0f} MB at the largest (memory-mapped features).")
+        reading += (f" Training: the process's own memory after the steps is {first['training']['rss_anon_after_mb']:.0f} "
+                    f"MB at the smallest file and {last['training']['rss_anon_after_mb']:.0f} MB at the largest; what "
+                    "differs in the peak is mapped pages of the cache file (RssFile), which the kernel reclaims.")
     results = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, shared 2-core host",
                "full_size_estimate_gb": file_bytes("mosei_senti", False, 1.0, "mmsa") / 2**30,
                "train_steps": TRAIN_STEPS, "rows": rows, "reading": reading}
