@@ -148,7 +148,7 @@ def test_malformed_mmsa_files_exit_2_naming_file_split_and_key(tmp_path, capsys,
 
 
 def test_unknown_split_and_other_feature_sizes_are_refused_by_name(tmp_path):
-    from src.commands.evaluate import check_feature_dims, pick_split
+    from src.run.trained import check_feature_dims, pick_split
 
     splits = load_splits(None, "mosi", data_file=_write(tmp_path / "m.pkl", _mmsa(_arrays())))
     with pytest.raises(UserError, match="test_nn_audio.*train, valid, test, test_ood"):
