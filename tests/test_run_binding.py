@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import main
+from src.data import get_spec
 from src.data.synthetic import write_synthetic
 from src.errors import UserError
 from src.run import checkpoint as ckpt_io
@@ -130,6 +131,8 @@ def test_a_run_on_a_named_data_file_is_bound_to_that_file(data_dir, tmp_path, ca
     run_dir = runs / "iemocap" / "tiny" / "seed3"
     trained_on = json.loads((run_dir / "run.json").read_text())["data"]
     assert trained_on["path"] == str(named.resolve())  # the file trained on, not --data-dir's
+    # Every checkpoint records the feature sizes the model reads, so a file of other sizes is refused by name.
+    assert ckpt_io.load_checkpoint(run_dir / "best_acc.pt")["feature_dims"] == list(get_spec("iemocap").dims)
 
     code, out, err = run(capsys, *eval_args(runs, "--data-file", named))
     assert code == 0 and "other data" not in out, err
