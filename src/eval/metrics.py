@@ -247,7 +247,8 @@ def headline_hits(logits, target, task: str, score=None) -> np.ndarray:
     """(N,) per-sample share of the headline metric: its mean over the samples is the headline.
 
     IEMOCAP: the fraction of the four emotion decisions a sample gets right (mean: ``avg_acc``);
-    sentiment: 1 where the 7-class score is right (mean: ``acc7``). Arguments as in compute_metrics.
+    MOSEI / MOSI: 1 where the 7-class score is right (mean: ``acc7``); CH-SIMS: 1 where the acc5 bin is
+    right (mean: ``acc5``). Arguments as in compute_metrics.
     A paired bootstrap (src/eval/stats.py) resamples these.
     """
     _check_task(task)
@@ -257,11 +258,10 @@ def headline_hits(logits, target, task: str, score=None) -> np.ndarray:
             target = target.argmax(-1)
         predicted = _as_numpy(logits).reshape(len(target), len(EMOTIONS), 2).argmax(-1)
         return (predicted == target).mean(axis=1).astype(np.float64)
-    predicted = predictions_to_scores(logits, task)
-    if score is not None:
-        truth = _as_numpy(score).astype(np.float64).reshape(-1)
-    else:
-        truth = _as_numpy(target).astype(np.float64).reshape(-1) - (SENTIMENT_CLASSES // 2 if task == "cls" else 0)
+    predicted, truth = predictions_to_scores(logits, task), true_scores(target, task, score)
+    if task.startswith("sims_"):  # 1 where the acc5 bin is right (mean: acc5)
+        edges = SIMS_BINS["acc5"]
+        return (sims_bin(np.clip(predicted, -1, 1), edges) == sims_bin(np.clip(truth, -1, 1), edges)).astype(np.float64)
     return (np.round(np.clip(predicted, -3, 3)) == np.round(np.clip(truth, -3, 3))).astype(np.float64)
 
 
