@@ -29,7 +29,7 @@ from src.commands.robustness import robustness_run
 from src.commands.summarize import summarize_flags
 from src.analysis.table import FORMATS as TABLE_FORMATS
 from src.commands.train import RunSpec, start_run
-from src.data.layout import DATASETS
+from src.data.layout import DATASETS, FORMATS
 from src.errors import UserError
 from src.eval.stats import DEFAULT_ROUNDS
 from src.eval.robustness import DRAWS, RATES
@@ -76,6 +76,13 @@ def add_table_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", action="store_true", help="also print every metric of every group (mean ± std)")
 
 
+def add_data_file_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-file", default=None, metavar="PATH",
+                   help="the data pickle itself (MulT or MMSA layout), instead of --data-dir's file-name rule")
+    p.add_argument("--data-format", default=None, choices=FORMATS,
+                   help="insist on this layout (default: read it from the file's keys)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="CausalMER: counterfactual debiasing of "
                                      "multimodal emotion recognition", formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("make-data", help="write a synthetic dataset in the exact MulT pickle layout")
     data.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
     data.add_argument("--data-dir", default="data")
+    data.add_argument("--data-file", default=None, metavar="PATH", help="write exactly this file instead")
+    data.add_argument("--format", default=None, choices=FORMATS,
+                      help="mult (MulT's layout) or mmsa (MMSA's: BERT-sized text, lengths); default: the dataset's first")
+    data.add_argument("--extra-split", action="append", default=[], metavar="NAME",
+                      help="one more split drawn as test is, e.g. test_ood (repeatable)")
     data.add_argument("--unaligned", action="store_true", help="the unaligned layout (long audio/vision)")
     data.add_argument("--scale", type=float, default=0.1, help="fraction of the real number of samples")
     data.add_argument("--seed", type=seed_value, default=0)
@@ -96,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                            ("eval", "evaluate a trained run's checkpoint")):
         p = sub.add_parser(name, help=helptext)
         add_run_arguments(p)
+        add_data_file_arguments(p)
         p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1")
         p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
         p.add_argument("--compile", action="store_true",
@@ -124,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "eval":
             p.add_argument("--checkpoint", default="best_acc",
                            help="best_acc (default), best_loss, last, or a path to a .pt file")
-            p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+            p.add_argument("--split", default="test", help="test (default), valid, train, or any split the file holds "
+                           "(e.g. test_ood)")
             p.add_argument("--remove", default=None,
                            help="zero these modalities at evaluation: letters of t, a, v (e.g. a, tv), or sweep")
             p.add_argument("--analyze", action="store_true", help="also run the modality analysis")
@@ -134,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="modality contributions, NDE shares, balance and robustness of runs")
     analyze.add_argument("runs", nargs="+", help="run directories (e.g. CausalMER and its baseline)")
     analyze.add_argument("--checkpoint", default="best_acc")
-    analyze.add_argument("--split", default="test", choices=("valid", "test"))
+    analyze.add_argument("--split", default="test", help="test (default), valid, or any split the file holds")
     analyze.add_argument("--device", default="auto")
     analyze.add_argument("--data-dir", default=None)
+    add_data_file_arguments(analyze)
     analyze.add_argument("--out", default=None, help="where to write the JSON and PNGs (default: the first run)")
     analyze.add_argument("--attention", action="store_true",
                          help="also write each run's crossmodal attention maps (mult, dmd): attention_*.npz/png")
@@ -156,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--name", default="compare", help="runs are <name>_<backbone> and <name>_causalmer_<backbone>")
     compare.add_argument("--runs-dir", default="checkpoints")
     compare.add_argument("--data-dir", default=None)
+    add_data_file_arguments(compare)
     compare.add_argument("--device", default="auto")
     compare.add_argument("--config", default=None)
     compare.add_argument("--unaligned", action="store_true")
@@ -214,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run_spec(args) -> RunSpec:
     return RunSpec(dataset=args.dataset, name=args.name, seed=args.seed, model=args.model, backbone=args.backbone,
                    config_file=args.config, overrides=args.overrides, runs_dir=args.runs_dir, data_dir=args.data_dir,
-                   unaligned=args.unaligned, task=args.task, epochs=args.epochs, clean_nonfinite=args.clean_nonfinite,
-                   logger=args.logger, compile=args.compile, init_from=args.init_from)
+                   data_file=args.data_file, data_format=args.data_format, unaligned=args.unaligned, task=args.task,
+                   epochs=args.epochs, clean_nonfinite=args.clean_nonfinite, logger=args.logger, compile=args.compile,
+                   init_from=args.init_from)
 
 
 def run_flags(args) -> list:
@@ -242,18 +259,22 @@ def run_flags(args) -> list:
 COMMANDS = {
     "make-data": lambda a: make_data(a.dataset, data_dir=a.data_dir, unaligned=a.unaligned, scale=a.scale,
                                      seed=a.seed, bias_modality=a.bias_modality, bias_strength=a.bias_strength,
-                                     force=a.force),
+                                     force=a.force, data_format=a.format, extra_splits=a.extra_split,
+                                     path=a.data_file),
     "train": lambda a: start_run(run_spec(a), device=a.device, amp=a.amp, resume=a.resume,
                                  progress_seconds=a.progress_every),
     "eval": lambda a: check_run_flags(run_path(a.runs_dir, a.dataset, a.name, a.seed), run_flags(a)) or evaluate_run(run_path(a.runs_dir, a.dataset, a.name, a.seed), checkpoint=a.checkpoint,
                                    split=a.split, remove=a.remove, device=a.device, amp=a.amp, data_dir=a.data_dir,
                                    analyze=a.analyze, compiled=a.compile, dataset=a.dataset,
-                                   save_predictions=a.save_predictions),
+                                   save_predictions=a.save_predictions, data_file=a.data_file,
+                                   data_format=a.data_format),
     "analyze": lambda a: analyze_runs([Path(r) for r in a.runs], checkpoint=a.checkpoint, split=a.split,
                                       device=a.device, data_dir=a.data_dir, out_dir=a.out, attention=a.attention,
-                                      sample=a.sample, labels=a.label, figure_format=a.figure_format),
+                                      sample=a.sample, labels=a.label, figure_format=a.figure_format,
+                                      data_file=a.data_file, data_format=a.data_format),
     "compare": lambda a: compare(a.dataset, seeds=a.seeds, backbone=a.backbone, name=a.name, runs_dir=a.runs_dir,
-                                 data_dir=a.data_dir, device=a.device, config_file=a.config, unaligned=a.unaligned,
+                                 data_dir=a.data_dir, data_file=a.data_file, data_format=a.data_format,
+                                 device=a.device, config_file=a.config, unaligned=a.unaligned,
                                  task=a.task, epochs=a.epochs, overrides=a.overrides, fresh=a.fresh,
                                  table_format=a.format, full=a.full, jobs=a.jobs,
                                  devices=parse_devices(a.devices), program=main_program(__file__)),

@@ -3,8 +3,8 @@
 #   gpu      a CUDA device index (e.g. 0), cpu, or auto (CUDA when present)      default auto
 #   name     run name: checkpoints/<dataset>/<name>/seed<seed>/                   default causalmer
 #   seed     random seed                                                          default 1
-#   dataset  iemocap | mosei_senti | mosi                                         default iemocap
-#   options  passed to `main.py train`, e.g. --model mult, --unaligned, --compile, --set train.epochs=5, --resume
+#   dataset  iemocap | mosei_senti | mosi | sims                                  default iemocap
+#   options  passed to `main.py train`, e.g. --model mult, --unaligned, --data-file PATH, --set train.epochs=5, --resume
 # Example: bash main.sh 0 causalmer 1 iemocap
 # inference.sh runs this same script with MAIN_COMMAND=eval.
 set -euo pipefail

@@ -4,7 +4,7 @@ import pickle
 import numpy as np
 import pytest
 
-from src.data import data_file, load_splits
+from src.data import TRAINING_SPLITS, data_file, load_splits, require_splits
 from src.errors import DataError
 
 
@@ -34,8 +34,13 @@ def _assert_names(message, *parts):
 
 
 def test_missing_split(broken):
+    # A file may hold any splits (an OOD file may hold only its test split); training needs train and valid.
     data_dir, path = broken("mosi", lambda d: d.pop("valid"))
-    _assert_names(_error(data_dir, "mosi"), str(path), "split 'valid' is missing", "'train'")
+    splits = load_splits(data_dir, "mosi")
+    assert list(splits) == ["train", "test"]
+    with pytest.raises(DataError) as error:
+        require_splits(splits, TRAINING_SPLITS, "training")
+    _assert_names(str(error.value), str(path), "'valid'", "training", "train, test")
 
 
 def test_missing_key(broken):
@@ -81,19 +86,19 @@ def test_iemocap_labels_must_be_one_hot_values(broken):
     _assert_names(_error(data_dir, "iemocap"), str(path), "split 'test'", "key 'labels'", "neither 0 nor 1")
 
 
-def test_wrong_feature_dim(broken):
-    # As if a MOSEI file were loaded as MOSI: the audio has 74 features where MOSI has 5.
+def test_feature_size_must_agree_across_splits(broken):
+    # Feature sizes come from the file (BERT text, a user's own extractor), but one file has one size.
     def widen(data):
         data["valid"]["audio"] = np.zeros(data["valid"]["audio"].shape[:2] + (74,))
     data_dir, path = broken("mosi", widen)
-    _assert_names(_error(data_dir, "mosi"), str(path), "split 'valid'", "key 'audio'", "5 dimensions", "74")
+    _assert_names(_error(data_dir, "mosi"), str(path), "split 'valid'", "key 'audio'", ", 74)", ", 5)")
 
 
 def test_sequence_length_must_agree_across_splits(broken):
     def shorten(data):
         data["test"]["vision"] = data["test"]["vision"][:, 1:]
     data_dir, path = broken("iemocap", shorten)
-    _assert_names(_error(data_dir, "iemocap"), str(path), "split 'test'", "key 'vision'", "sequence length 19")
+    _assert_names(_error(data_dir, "iemocap"), str(path), "split 'test'", "key 'vision'", "(19, 35)")
 
 
 def test_non_numeric_array(broken):

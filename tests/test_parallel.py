@@ -61,3 +61,15 @@ def test_compare_in_parallel_gives_the_sequential_results(capsys, synthetic_data
                 for prediction, values in first[which]["test"]["predictions"].items():
                     assert second[which]["test"]["predictions"][prediction] == pytest.approx(values, abs=1e-6)
                 assert second[which]["test"]["loss"] == pytest.approx(first[which]["test"]["loss"], rel=1e-4)
+
+
+def test_a_run_spec_reaches_the_child_process_whole():
+    import main
+    from src.commands.parallel import spec_argv
+    from src.commands.train import RunSpec
+
+    spec = RunSpec("mosi", "r", seed=4, backbone="dmd", config_file="c.yaml", overrides=["train.lr.backbone=0.1"],
+                   runs_dir="runs", data_dir="d", data_file="d/m.pkl", data_format="mmsa", unaligned=True,
+                   task="regression", epochs=2, clean_nonfinite=True, logger="tensorboard", compile=True,
+                   init_from="p.pt")
+    assert main.run_spec(main.build_parser().parse_args(spec_argv(spec, "cpu"))) == spec

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import main
+from src.data import get_spec
 from src.data.synthetic import write_synthetic
 from src.errors import UserError
 from src.run import checkpoint as ckpt_io
@@ -121,6 +122,30 @@ def test_eval_on_a_replaced_data_file_says_so_and_keeps_the_runs_own_result(runs
     (other,) = run_dir.glob("eval_best_acc-*_test.json")
     recorded = json.loads(other.read_text())["other_data"]
     assert recorded["trained_on"]["sha1"] == first["data"]["sha1"] != recorded["evaluated_on"]["sha1"]
+
+
+def test_a_run_on_a_named_data_file_is_bound_to_that_file(data_dir, tmp_path, capsys):
+    named = write_synthetic(tmp_path, "iemocap", scale=0.005, seed=0, path=tmp_path / "named.pkl")
+    runs = tmp_path / "runs"
+    assert run(capsys, *train_args(data_dir, runs, "--data-file", named))[0] == 0
+    run_dir = runs / "iemocap" / "tiny" / "seed3"
+    trained_on = json.loads((run_dir / "run.json").read_text())["data"]
+    assert trained_on["path"] == str(named.resolve())  # the file trained on, not --data-dir's
+    # Every checkpoint records the feature sizes the model reads, so a file of other sizes is refused by name.
+    assert ckpt_io.load_checkpoint(run_dir / "best_acc.pt")["feature_dims"] == list(get_spec("iemocap").dims)
+
+    code, out, err = run(capsys, *eval_args(runs, "--data-file", named))
+    assert code == 0 and "other data" not in out, err
+    assert (run_dir / "eval_best_acc_test.json").is_file()  # its own data: the run's own result
+    other = write_synthetic(tmp_path, "iemocap", scale=0.005, seed=1, path=tmp_path / "other.pkl")
+    code, out, err = run(capsys, *eval_args(runs, "--data-file", other))
+    assert code == 0 and "other data than the run trained on" in out, err
+    assert len(list(run_dir.glob("eval_best_acc-*_test.json"))) == 1
+
+    (run_dir / "metrics.json").unlink()  # as if killed after its first epoch
+    write_synthetic(tmp_path, "iemocap", scale=0.005, seed=1, path=named)  # another file at the same path
+    result = run(capsys, *train_args(data_dir, runs, "--data-file", named, "--resume"))
+    assert_refused(result, "--resume", str(named.resolve()), trained_on["sha1"])
 
 
 # --------------------------------------------------------------------------------- bound to its engine

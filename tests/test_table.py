@@ -72,7 +72,7 @@ def test_paired_bootstrap_interval():
         paired_bootstrap(first, second[:, :10])
 
 
-@pytest.mark.parametrize("task", ["binary", "cls", "regression"])
+@pytest.mark.parametrize("task", ["binary", "cls", "regression", "sims_cls", "sims_regression"])
 def test_headline_hits_average_to_the_headline(task):
     rng = np.random.default_rng(1)
     n = 60
@@ -80,8 +80,12 @@ def test_headline_hits_average_to_the_headline(task):
         logits, target, key = rng.normal(size=(n, 8)), rng.integers(0, 2, size=(n, 4)), "avg_acc"
     elif task == "cls":
         logits, target, key = rng.normal(size=(n, 7)), rng.integers(0, 7, size=n), "acc7"
-    else:
+    elif task == "regression":
         logits, target, key = rng.normal(size=(n, 1)) * 2, rng.normal(size=n) * 2, "acc7"
+    elif task == "sims_cls":
+        logits, target, key = rng.normal(size=(n, 5)), rng.integers(0, 5, size=n), "acc5"
+    else:
+        logits, target, key = rng.normal(size=(n, 1)), rng.uniform(-1, 1, size=n), "acc5"
     hits = headline_hits(logits, target, task)
     assert hits.shape == (n,)
     assert hits.mean() == pytest.approx(compute_metrics(logits, target, task)[key])

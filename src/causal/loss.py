@@ -79,13 +79,19 @@ def kl_term(out: dict, groups: int = 1) -> torch.Tensor:
 
 # The weighted parts of L by name: the fused prediction's task loss, each branch's, and the KL term.
 TASK_TERMS = {"task_te": "logits_te", "task_text": "logits_t", "task_audio": "logits_a", "task_vision": "logits_v"}
+# A batch's per-modality targets (data files with a label per modality, CH-SIMS), by the branch term they train.
+UNIMODAL_TARGETS = {"task_text": "label_t", "task_audio": "label_a", "task_vision": "label_v"}
 
 
 def causal_loss_terms(out: dict, target: torch.Tensor, alpha: float = 0.1, beta: float = 1.0,
-                      kl: str = "all") -> dict:
-    """The parts of the training loss, weighted, by name: their sum is `causal_loss`."""
+                      kl: str = "all", unimodal_targets: dict | None = None) -> dict:
+    """The parts of the training loss, weighted, by name: their sum is `causal_loss`.
+
+    `unimodal_targets` ({"label_t": ..., "label_a": ..., "label_v": ...}, loss.unimodal_labels): each
+    branch's task loss is taken against its own modality's target instead of the sample's."""
     check_kl(kl)
-    terms = {name: alpha * task_loss(out[key], target) for name, key in TASK_TERMS.items()}
+    targets = {name: (unimodal_targets or {}).get(UNIMODAL_TARGETS.get(name), target) for name in TASK_TERMS}
+    terms = {name: alpha * task_loss(out[key], targets[name]) for name, key in TASK_TERMS.items()}
     groups = 1
     if kl == "pair" and target_kind(out["te"], target) == "binary":
         groups = target.shape[1]

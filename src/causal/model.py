@@ -32,6 +32,7 @@ class CausalMER(nn.Module):
         alpha: float = 0.1,
         beta: float = 1.0,
         kl: str = "all",
+        unimodal_labels: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -42,6 +43,8 @@ class CausalMER(nn.Module):
         self.alpha = alpha
         self.beta = beta
         self.kl = check_kl(kl)
+        # loss.unimodal_labels: each branch learns from its own modality's label (CH-SIMS).
+        self.unimodal_labels = unimodal_labels
 
     def forward(self, text: torch.Tensor, audio: torch.Tensor, vision: torch.Tensor) -> dict:
         logits_m, extras = split_backbone_output(self.backbone(text, audio, vision))
@@ -61,10 +64,13 @@ class CausalMER(nn.Module):
         """The head's counterfactual constants by modality letter: {"t": c_t, "a": c_a, "v": c_v}."""
         return {letter: getattr(self.head, f"constant_{letter}") for letter in LETTERS.values()}
 
-    def loss_terms(self, out: dict, target: torch.Tensor) -> dict:
+    def loss_terms(self, out: dict, target: torch.Tensor, unimodal_targets: dict | None = None) -> dict:
         """The weighted parts of the loss by name (task_te, task_text, task_audio, task_vision, kl, and
-        aux when the backbone has an auxiliary loss); `loss` is their sum."""
-        return with_aux_term(self.causal_terms(out, target), self.backbone, out["extras"], target)
+        aux when the backbone has an auxiliary loss); `loss` is their sum. With `unimodal_labels`, the
+        branches' terms use `unimodal_targets` (the batch's label_t, label_a, label_v)."""
+        terms = causal_loss_terms(out, target, alpha=self.alpha, beta=self.beta, kl=self.kl,
+                                  unimodal_targets=unimodal_targets if self.unimodal_labels else None)
+        return with_aux_term(terms, self.backbone, out["extras"], target)
 
     def loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:
         return sum(self.loss_terms(out, target).values())

@@ -13,7 +13,7 @@ from ..errors import UserError
 from ..modalities import MODALITIES
 from ..run import checkpoint as ckpt_io
 from ..run import distributed
-from ..run.trained import checkpoint_path, load_run, other_data_line, provenance, result_tag
+from ..run.trained import checkpoint_path, load_run, other_data_line, pick_split, provenance, result_tag
 from ..eval import metrics
 from ..eval.contributions import (balance_index, nde_shares, removal_report, removal_scores_from_subsets,
                                   shapley_values)
@@ -25,12 +25,14 @@ from ..analysis.report import UNITS_NOTE, write_report
 
 def analyze_run(run_dir: Path, checkpoint: str, split: str, ctx, data_dir: str | None, attention: bool = False,
                 sample: int | None = None, attention_dir: Path | None = None, attention_prefix: str = "",
-                figure_format: str = "png") -> dict:
+                figure_format: str = "png", data_file: str | None = None, data_format: str | None = None) -> dict:
     """Shapley contributions, NDE shares, balance and robustness of one run's main prediction; with
     `attention`, also its crossmodal attention maps, written to `attention_dir` (default: the run
-    directory) with file names starting `attention_<attention_prefix>`."""
-    cfg, splits, model, saved = load_run(run_dir, checkpoint, ctx.device, data_dir)
-    dataset = splits[split]
+    directory) with file names starting `attention_<attention_prefix>`; `data_file` (read as
+    `data_format`): the data file to analyse it on instead of the run's own."""
+    cfg, splits, model, saved = load_run(run_dir, checkpoint, ctx.device, data_dir, data_file=data_file,
+                                         data_format=data_format)
+    dataset = pick_split(splits, split)
     batch_size = cfg["train"]["eval_batch_size"]
     prediction = main_prediction(model)
     key, higher_is_better = metrics.headline(dataset.task)
@@ -52,7 +54,7 @@ def analyze_run(run_dir: Path, checkpoint: str, split: str, ctx, data_dir: str |
         result["nde_shares"] = shares
         result["nde_balance"] = balance_index(shares)
     if attention and ctx.is_main:
-        tag = result_tag(run_dir, checkpoint, data_dir, dataset.source, saved.get("run"))
+        tag = result_tag(run_dir, checkpoint, data_dir, dataset.source, saved.get("run"), data_file)
         result["attention"] = write_attention(model, dataset, cfg, Path(attention_dir or run_dir),
                                               f"{attention_prefix}{tag}", split, ctx.device, sample, figure_format)
     return result
@@ -79,12 +81,14 @@ def write_attention(model, dataset, cfg: dict, run_dir: Path, tag: str, split: s
 
 def analyze_runs(run_dirs: list[Path], checkpoint: str = "best_acc", split: str = "test", device: str = "auto",
                  data_dir: str | None = None, out_dir: str | None = None, attention: bool = False,
-                 sample: int | None = None, labels: list[str] | None = None, figure_format: str = "png") -> dict:
+                 sample: int | None = None, labels: list[str] | None = None, figure_format: str = "png",
+                 data_file: str | None = None, data_format: str | None = None) -> dict:
     """Analyse runs side by side: analysis.json, the charts and report.md in `out_dir` (default: the
     first run's directory), and with `out_dir` every attention file too.
 
     `labels` (one per run) name the runs in the charts; runs sharing a label (by default the run's name,
-    so the seeds of one run) are one bar with its mean and an error bar of the sample std over them."""
+    so the seeds of one run) are one bar with its mean and an error bar of the sample std over them.
+    `data_file` (read as `data_format`) analyses them on that file instead of their own data."""
     if sample is not None and not attention:
         raise UserError("--sample picks the sample of the attention maps; it needs --attention")
     check_same_data(run_dirs)
@@ -110,12 +114,12 @@ def analyze_runs(run_dirs: list[Path], checkpoint: str = "best_acc", split: str 
             prefix = key.replace("/", "_") + "_" if out_dir else ""
             results[key] = analyze_run(Path(run_dir), checkpoint, split, ctx, data_dir, attention, sample,
                                        attention_dir=out if out_dir else None, attention_prefix=prefix,
-                                       figure_format=figure_format)
+                                       figure_format=figure_format, data_file=data_file, data_format=data_format)
             groups.setdefault(labels[index] if labels else Path(run_dir).parent.name, []).append(key)
         # Into the first run's directory, the analysis of another checkpoint or other data is named apart
         # (as eval's results are), so it never replaces the run's own.
         first = next(iter(results.values()))
-        tag = result_tag(run_dirs[0], checkpoint, data_dir, first["data"], first["checkpoint"]["run"])
+        tag = result_tag(run_dirs[0], checkpoint, data_dir, first["data"], first["checkpoint"]["run"], data_file)
         suffix = "" if out_dir or tag == checkpoint_path(run_dirs[0], checkpoint).stem else f"_{tag}"
         files = {name: out / f"{name}{suffix}.{ext}" for name, ext in
                  (("analysis", "json"), ("contributions", figure_format), ("removal_drops", figure_format),

@@ -10,7 +10,8 @@ from .train import RunSpec, train_all
 
 
 def compare(dataset: str, seeds=(1, 2, 3), backbone: str = "mult", name: str = "compare",
-            runs_dir: str = "checkpoints", data_dir: str | None = None, device: str = "auto",
+            runs_dir: str = "checkpoints", data_dir: str | None = None, data_file: str | None = None,
+            data_format: str | None = None, device: str = "auto",
             config_file: str | None = None, unaligned: bool = False, task: str | None = None,
             epochs: int | None = None, overrides=(), fresh: bool = False, table_format: str = "markdown",
             full: bool = False, jobs: int = 1, devices: list[str] | None = None,
@@ -20,7 +21,8 @@ def compare(dataset: str, seeds=(1, 2, 3), backbone: str = "mult", name: str = "
 
     `fresh` moves runs of another config aside instead of refusing them."""
     check_run_name(name)
-    common = dict(dataset=dataset, runs_dir=runs_dir, data_dir=data_dir, config_file=config_file,
+    common = dict(dataset=dataset, runs_dir=runs_dir, data_dir=data_dir, data_file=data_file,
+                  data_format=data_format, config_file=config_file,
                   unaligned=unaligned, task=task, epochs=epochs, overrides=list(overrides))
     models = {f"{name}_{backbone}": dict(model=backbone),
               f"{name}_causalmer_{backbone}": dict(model="causalmer", backbone=backbone)}

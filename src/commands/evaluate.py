@@ -12,7 +12,7 @@ from ..run import checkpoint as ckpt_io
 from ..run import distributed
 from ..run.build import compile_model
 from ..run.rundir import exclusive
-from ..run.trained import load_run, other_data_line, provenance, result_tag
+from ..run.trained import load_run, other_data_line, pick_split, provenance, result_tag
 from ..eval.metrics import STORED_UNITS
 from ..eval.evaluate import parse_removal, predict, removal_sweep, score_predictions
 from ..eval.tables import prediction_table, print_removal_report
@@ -50,23 +50,25 @@ def check_run_flags(run_dir: Path, expected: list) -> None:
 
 def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test", remove: str | None = None,
                  device: str = "auto", amp: bool = False, data_dir: str | None = None, analyze: bool = False,
-                 compiled: bool = False, dataset: str | None = None, save_predictions: bool = False) -> dict:
+                 compiled: bool = False, dataset: str | None = None, save_predictions: bool = False,
+                 data_file: str | None = None, data_format: str | None = None) -> dict:
     """Score a run's checkpoint; `compiled` (or the run's train.compile) evaluates it torch.compiled;
     `analyze` adds the modality analysis (analyze_runs) of the same checkpoint; `dataset`, when given, is
     the dataset the run must be of; `save_predictions` also writes every per-sample output
-    (src/eval/predictions.py)."""
+    (src/eval/predictions.py); `data_file` (read as `data_format`) evaluates on another file."""
     ctx = distributed.setup(device)
     distributed.warn_if_amp_ignored(ctx.device, amp)
     try:
-        cfg, splits, model, saved = load_run(run_dir, checkpoint, ctx.device, data_dir, dataset)
+        cfg, splits, model, saved = load_run(run_dir, checkpoint, ctx.device, data_dir, dataset, data_file,
+                                             data_format)
         if compiled or cfg["train"].get("compile"):
             model = compile_model(model)  # the weights were loaded into the module it wraps
-        dataset = splits[split]
+        dataset = pick_split(splits, split)
         batch_size = cfg["train"]["eval_batch_size"]
         origin = provenance(run_dir, checkpoint, saved, dataset)
         if ctx.is_main and other_data_line(origin):
             print(other_data_line(origin))
-        tag = result_tag(run_dir, checkpoint, data_dir, dataset.source, saved.get("run"))
+        tag = result_tag(run_dir, checkpoint, data_dir, dataset.source, saved.get("run"), data_file)
         name = Path(checkpoint).stem
         # The results are written into the run directory: not while a training run is writing there.
         with exclusive(run_dir) if ctx.is_main else contextlib.nullcontext():
@@ -105,7 +107,8 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test
                                               f"{cfg['dataset']} {split} ({name}, epoch {saved['epoch']}{what})")
                     print(f"plots skipped: {PLOTS_HINT}" if png is None else f"wrote {png}")
         if analyze:
-            analyze_runs([Path(run_dir)], checkpoint=checkpoint, split=split, device=device, data_dir=data_dir)
+            analyze_runs([Path(run_dir)], checkpoint=checkpoint, split=split, device=device, data_dir=data_dir,
+                         data_file=data_file, data_format=data_format)
         return result
     finally:
         distributed.teardown(ctx)

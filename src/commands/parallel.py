@@ -78,7 +78,7 @@ def spec_argv(spec, device: str, resume: bool = False) -> list[str]:
     argv = ["train", "--dataset", spec.dataset, "--name", spec.name, "--seed", str(spec.seed), "--model", spec.model,
             "--runs-dir", str(spec.runs_dir), "--device", device]
     for flag, value in (("--backbone", spec.backbone), ("--config", spec.config_file), ("--data-dir", spec.data_dir),
-                        ("--task", spec.task), ("--epochs", spec.epochs), ("--logger", spec.logger),
+                        ("--data-file", spec.data_file), ("--data-format", spec.data_format), ("--task", spec.task), ("--epochs", spec.epochs), ("--logger", spec.logger),
                         ("--init-from", spec.init_from)):
         if value is not None:
             argv += [flag, str(value)]

@@ -37,7 +37,8 @@ class RunSpec:
     """What a run is: its place (runs_dir/dataset/name/seed<seed>), its model and its config with the
     command line's changes. `model` is "causalmer" or a backbone trained alone (then `backbone` stays
     None); `config_file` defaults to configs/<dataset>.yaml; `overrides` are KEY=VALUE strings as --set
-    takes them; `init_from` is a published checkpoint to start from."""
+    takes them; `init_from` is a published checkpoint to start from; `data_file` names the data file itself
+    (instead of data_dir's file for the dataset), read as `data_format` (default: from its keys)."""
     dataset: str
     name: str
     seed: int = 1
@@ -47,6 +48,8 @@ class RunSpec:
     overrides: list[str] = field(default_factory=list)
     runs_dir: str = "checkpoints"
     data_dir: str | None = None
+    data_file: str | None = None
+    data_format: str | None = None
     unaligned: bool = False
     task: str | None = None
     epochs: int | None = None
@@ -67,7 +70,8 @@ class RunSpec:
             if self.backbone not in (None, self.model):
                 raise UserError(f"--model {self.model} trains that backbone alone; --backbone {self.backbone} "
                                 "only applies to --model causalmer")
-        cli = {"data.dir": self.data_dir, "data.task": self.task, "train.epochs": self.epochs,
+        cli = {"data.dir": self.data_dir, "data.file": self.data_file, "data.format": self.data_format,
+               "data.task": self.task, "train.epochs": self.epochs,
                "data.aligned": False if self.unaligned else None,
                "data.clean_nonfinite": True if self.clean_nonfinite else None,
                "train.logger": self.logger, "train.compile": True if self.compile else None}

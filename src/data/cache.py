@@ -1,13 +1,15 @@
-"""Pickle -> validated float32 `.npy` cache, so training can memory-map the data.
+"""Pickle (MulT or MMSA layout, src/data/formats.py) -> validated float32 `.npy` cache, so training can
+memory-map the data.
 
-Unpickling a MulT file costs its whole size in memory (12 GB for unaligned MOSEI) and is slow, and
+Unpickling a data file costs its whole size in memory (12 GB for unaligned MOSEI) and is slow, and
 the features arrive as float64. So the first load validates the file, converts every array to
-float32 exactly once and writes one `.npy` per split and key into `<pickle>.cache/` (or, when that
+float32 exactly once and writes one `.npy` per split (every split the file holds) and key into `<pickle>.cache/` (or, when that
 folder can't be written, into a per-user cache folder). Later loads only check a small manifest and
 memory-map the arrays, so memory no longer grows with the dataset.
 
 The manifest is written last and atomically, and it records the source file's size, mtime and a
-fingerprint plus the shape, dtype, byte size and CRC-32 of the values of every array. A cache is
+fingerprint plus the shape, dtype, byte size and CRC-32 of the values and of the `.npy` header of every
+array (the header decides how the values are read: a flipped `fortran_order` transposes them). A cache is
 used only when all of that still matches, the checksums included (every array is read once when the
 cache is opened; see benchmarks/integrity.py for the cost); a stale one (the pickle changed), a torn
 one (a crash mid-write: manifest missing, an array missing or short) or a damaged one (values edited
@@ -20,6 +22,7 @@ caller asked for `clean_nonfinite`, which replaces them with 0.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -35,14 +38,16 @@ import numpy as np
 
 from ..atomic import remove_stale_temporaries, replacing, write_bytes
 from ..locks import lock
-from .layout import ID_KEY, MODALITIES, REQUIRED_KEYS, SPLITS, DatasetSpec
+from .formats import check_layout, describe_labels, ids_of, internal_arrays, where
+from .layout import ID_KEY, MODALITIES, DatasetSpec
 from .safe_pickle import safe_load
 from ..errors import DataError
 
 LOG = logging.getLogger("causalmer.data")
 
-# 2: every array's entry holds the CRC-32 of its values.
-CACHE_FORMAT = 2
+# 2: every array's entry holds the CRC-32 of its values. 3: any splits, either file layout, feature sizes
+# from the file, and the CRC-32 of each .npy header (its shape, dtype and memory order).
+CACHE_FORMAT = 3
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".build.lock"
 FINGERPRINT_BLOCK = 1 << 20
@@ -105,6 +110,14 @@ def data_crc32(path: Path) -> int:
     return crc
 
 
+def header_crc32(path: Path) -> int:
+    """CRC-32 of a .npy file's header. The values' checksum does not cover it, yet it decides how they
+    are read: `'fortran_order': True` with the same bytes, shape and dtype is another (transposed) array."""
+    offset = np.load(path, mmap_mode="r").offset
+    with open(path, "rb") as handle:
+        return zlib.crc32(handle.read(offset))
+
+
 def array_file(split: str, key: str) -> str:
     return f"{split}.{key}.npy"
 
@@ -124,6 +137,18 @@ class CachedData:
     def seq_lens(self) -> tuple[int, int, int]:
         return tuple(self.manifest["seq_lens"])
 
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["dims"])
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.manifest["splits"])
+
+    @property
+    def format(self) -> str:
+        return self.manifest["layout"]
+
     def has(self, split: str, key: str) -> bool:
         return f"{split}/{key}" in self.manifest["arrays"]
 
@@ -135,14 +160,17 @@ class CachedData:
         return np.load(self.path(split, key), mmap_mode="r")
 
 
-def prepare_cache(pickle_path: Path, spec: DatasetSpec, clean_nonfinite: bool = False) -> CachedData:
-    """Return a valid cache for `pickle_path`, building it from the pickle when needed."""
+def prepare_cache(pickle_path: Path, spec: DatasetSpec, clean_nonfinite: bool = False,
+                  data_format: str | None = None) -> CachedData:
+    """Return a valid cache for `pickle_path`, building it from the pickle when needed. `data_format`
+    ('mult' | 'mmsa') refuses a file of the other layout; None takes the one its keys show."""
     pickle_path = Path(pickle_path)
     fingerprint = source_fingerprint(pickle_path)
     locations = cache_locations(pickle_path)
     for directory in locations:
         manifest = _valid_manifest(directory, spec, fingerprint)
         if manifest is not None:
+            _check_insisted_format(manifest, pickle_path, data_format)
             _apply_nonfinite_policy(manifest, pickle_path, clean_nonfinite)
             _log_neg_inf(manifest, logging.DEBUG)
             return CachedData(directory, manifest)
@@ -160,11 +188,18 @@ def prepare_cache(pickle_path: Path, spec: DatasetSpec, clean_nonfinite: bool = 
     with _exclusive(directory / LOCK_NAME):
         manifest = _valid_manifest(directory, spec, fingerprint)
         if manifest is not None:
+            _check_insisted_format(manifest, pickle_path, data_format)
             _apply_nonfinite_policy(manifest, pickle_path, clean_nonfinite)
             _log_neg_inf(manifest, logging.DEBUG)
         else:
-            manifest = _build(pickle_path, spec, directory, fingerprint, clean_nonfinite)
+            manifest = _build(pickle_path, spec, directory, fingerprint, clean_nonfinite, data_format)
     return CachedData(directory, manifest)
+
+
+def _check_insisted_format(manifest: dict, path: Path, data_format: str | None) -> None:
+    if data_format is not None and manifest["layout"] != data_format:
+        raise DataError(f"{path} is {manifest['layout'].upper()}-format, but --data-format {data_format} insists on "
+                        f"{data_format.upper()}")
 
 
 @contextlib.contextmanager
@@ -201,8 +236,8 @@ def _manifest_mismatch(directory: Path, manifest: dict, spec: DatasetSpec, finge
         return f"built for dataset '{manifest.get('dataset')}'"
     if manifest.get("source") != fingerprint:
         return "the source pickle changed since the cache was built"
-    for split in SPLITS:
-        for key in REQUIRED_KEYS:
+    for split in manifest["splits"]:
+        for key in MODALITIES + ("labels",):
             if f"{split}/{key}" not in manifest["arrays"]:
                 return f"{split}/{key} is not listed"
     for name, entry in manifest["arrays"].items():
@@ -218,6 +253,8 @@ def _manifest_mismatch(directory: Path, manifest: dict, spec: DatasetSpec, finge
         if list(array.shape) != entry["shape"] or str(array.dtype) != entry["dtype"]:
             return f"{entry['file']} holds {array.dtype}{array.shape}, expected {entry['dtype']}{tuple(entry['shape'])}"
         del array
+        if header_crc32(path) != entry["header_crc32"]:
+            return f"the header of {entry['file']} changed since the cache was built (its memory order, say)"
         # Sizes, shapes and dtypes survive values edited in place or a flipped bit on disk; the checksum doesn't.
         if data_crc32(path) != entry["crc32"]:
             return f"the values in {entry['file']} changed since the cache was built (checksum mismatch)"
@@ -225,140 +262,40 @@ def _manifest_mismatch(directory: Path, manifest: dict, spec: DatasetSpec, finge
 
 
 # --------------------------------------------------------------------------------------------------
-# Validation of the unpickled file
+# Values of the unpickled file
 
 
-def _where(path: Path, split: str, key: str | None = None) -> str:
-    return f"{path}, split '{split}'" + (f", key '{key}'" if key is not None else "")
-
-
-def _describe_labels(spec: DatasetSpec) -> str:
-    if spec.label_shape == (4, 2):
-        return ("(N, 4, 2): one one-hot (absent, present) pair for each of the 4 emotions "
-                "Neutral, Happy, Sad, Angry")
-    return "(N, 1, 1): one sentiment score in [-3, 3] per sample"
-
-
-def check_layout(data, spec: DatasetSpec, path: Path) -> tuple[int, int, int]:
-    """Check keys, types, ranks, sizes and label layout; return the shared (L_t, L_a, L_v).
-
-    Only shapes and dtypes are looked at here, so this costs nothing; the values are checked while
-    converting.
-    """
-    if not isinstance(data, dict):
-        raise DataError(
-            f"{path} does not hold the MulT layout: expected a dict with keys 'train', 'valid' and "
-            f"'test', found a {type(data).__name__}"
-        )
-    seq_lens: dict[str, tuple[int, str]] = {}
-    for split in SPLITS:
-        if split not in data:
-            raise DataError(
-                f"{path}: split '{split}' is missing (the file has: {_keys(data)}); a MulT data file "
-                f"holds the splits train, valid and test"
-            )
-        part = data[split]
-        if not isinstance(part, dict):
-            raise DataError(f"{_where(path, split)}: expected a dict of arrays, found a {type(part).__name__}")
-        for key in REQUIRED_KEYS:
-            if key not in part:
-                raise DataError(
-                    f"{_where(path, split)}: key '{key}' is missing (the split has: {_keys(part)}); "
-                    f"every split needs text, audio, vision and labels"
-                )
-        counts = {}
-        for key in REQUIRED_KEYS:
-            array = part[key]
-            where = _where(path, split, key)
-            if not isinstance(array, np.ndarray):
-                raise DataError(f"{where}: expected a numpy array, found a {type(array).__name__}")
-            if array.dtype.kind not in "biuf":
-                raise DataError(f"{where}: expected real numbers, found an array of dtype {array.dtype}")
-            if key == "labels":
-                if array.ndim != 3 or tuple(array.shape[1:]) != spec.label_shape:
-                    raise DataError(
-                        f"{where}: {spec.name} labels must have shape {_describe_labels(spec)}; found "
-                        f"shape {tuple(array.shape)}. Is '{spec.name}' the right dataset for this file?"
-                    )
-            else:
-                dim = spec.dim(key)
-                if array.ndim != 3:
-                    raise DataError(
-                        f"{where}: expected a 3-D array (N, L, {dim}) of per-step features, found "
-                        f"shape {tuple(array.shape)}"
-                    )
-                if array.shape[2] != dim:
-                    raise DataError(
-                        f"{where}: {spec.name} {key} features have {dim} dimensions, this array has "
-                        f"{array.shape[2]} (shape {tuple(array.shape)}). Is '{spec.name}' the right "
-                        f"dataset for this file?"
-                    )
-                length = int(array.shape[1])
-                if length == 0:
-                    raise DataError(
-                        f"{where}: the sequences have length 0 (shape {tuple(array.shape)}); every sample "
-                        f"needs at least one step of {key} features"
-                    )
-                if key in seq_lens and seq_lens[key][0] != length:
-                    first_length, first_split = seq_lens[key]
-                    raise DataError(
-                        f"{where}: sequence length {length} differs from the {first_length} of split "
-                        f"'{first_split}'; all splits of a file must share one length per modality"
-                    )
-                seq_lens.setdefault(key, (length, split))
-            counts[key] = int(array.shape[0])
-        if ID_KEY in part:
-            ids = part[ID_KEY]
-            if not isinstance(ids, np.ndarray) or ids.ndim not in (1, 2):
-                raise DataError(
-                    f"{_where(path, split, ID_KEY)}: expected a 1-D or 2-D array of sample ids, found "
-                    f"{type(ids).__name__} {getattr(ids, 'shape', '')}"
-                )
-            counts[ID_KEY] = int(ids.shape[0])
-        if len(set(counts.values())) != 1:
-            listing = ", ".join(f"{key} {n}" for key, n in counts.items())
-            raise DataError(
-                f"{_where(path, split)}: the arrays disagree on the number of samples ({listing}); "
-                f"they must all have the same first dimension N"
-            )
-        if counts["labels"] == 0:
-            raise DataError(f"{_where(path, split)}: the split has no samples")
-    return tuple(seq_lens[m][0] for m in MODALITIES)
-
-
-def _keys(mapping: dict) -> str:
-    return ", ".join(repr(k) for k in mapping) or "nothing"
-
-
-def _check_label_values(labels: np.ndarray, spec: DatasetSpec, path: Path, split: str) -> None:
-    where = _where(path, split, "labels")
+def _check_label_values(labels: np.ndarray, spec: DatasetSpec, path: Path, split: str, key: str) -> None:
+    here = where(path, split, key)
     if spec.label_shape == (4, 2):
         # Non-finite labels are left to the non-finite report, which says how to clean them.
         off = ~np.isin(labels, (0.0, 1.0)) & np.isfinite(labels)
         if off.any():
             raise DataError(
-                f"{where}: {int(off.sum())} label values are neither 0 nor 1; {spec.name} labels are "
-                f"one-hot pairs {_describe_labels(spec)}"
+                f"{here}: {int(off.sum())} label values are neither 0 nor 1; {spec.name} labels are "
+                f"one-hot pairs {describe_labels(spec)}"
             )
         ambiguous = int((labels[..., 0] == labels[..., 1]).sum())
         if ambiguous:
             LOG.warning("%s: %d (absent, present) pairs are not one-hot; argmax reads them as absent",
-                        where, ambiguous)
+                        here, ambiguous)
     else:
-        outside = int((np.abs(labels) > 3.0).sum())
+        bound = spec.score_range
+        outside = int((np.abs(labels) > bound).sum())
         if outside:
-            LOG.warning("%s: %d sentiment scores lie outside [-3, 3]; class targets clip them", where, outside)
+            LOG.warning("%s: %d sentiment scores lie outside [-%g, %g]; class targets clip them", here, outside,
+                        bound, bound)
 
 
 # --------------------------------------------------------------------------------------------------
 # Conversion
 
 
-def _build(path: Path, spec: DatasetSpec, directory: Path, fingerprint: dict, clean_nonfinite: bool) -> dict:
+def _build(path: Path, spec: DatasetSpec, directory: Path, fingerprint: dict, clean_nonfinite: bool,
+           data_format: str | None = None) -> dict:
     LOG.info("converting %s to a float32 cache in %s (once; later runs memory-map it)", path, directory)
     started = time.monotonic()
-    data = safe_load(path)
-    seq_lens = check_layout(data, spec, path)
+    layout = check_layout(safe_load(path), spec, path, data_format)
 
     # The old manifest goes first: from here until the new one is written the folder is torn on
     # purpose, so an interruption can only ever leave a cache that is rebuilt.
@@ -366,44 +303,42 @@ def _build(path: Path, spec: DatasetSpec, directory: Path, fingerprint: dict, cl
     arrays: dict[str, dict] = {}
     neg_inf: dict[str, int] = {}
     nonfinite: list[dict] = []
-    written: list[Path] = []
+    split_names = list(layout.splits)
     try:
-        for split in SPLITS:
+        for split in split_names:
             # Popping hands each split's arrays to this loop alone, so they are freed as soon as
             # they are written instead of living until the whole file is converted.
-            part = data.pop(split)
-            for key in REQUIRED_KEYS:
-                source = part.pop(key)
+            part = layout.splits.pop(split)
+            for key, source in internal_arrays(part, layout.format, spec):
                 target = directory / array_file(split, key)
                 entry, counts = _convert(source, target, audio=key == "audio", clean=clean_nonfinite)
                 del source
-                written.append(target)
                 arrays[f"{split}/{key}"] = entry
                 if key == "audio":
                     neg_inf[split] = counts.pop("neg_inf_audio")
                 if any(counts.values()):
                     nonfinite.append({"split": split, "key": key, **counts})
-                if key == "labels":
-                    _check_label_values(np.load(target, mmap_mode="r"), spec, path, split)
-            if ID_KEY in part:
-                target = directory / array_file(split, ID_KEY)
-                arrays[f"{split}/{ID_KEY}"] = _write_ids(part.pop(ID_KEY), target)
-                written.append(target)
+                if key not in MODALITIES:
+                    _check_label_values(np.load(target, mmap_mode="r"), spec, path, split, key)
+            ids = ids_of(part)
+            if ids is not None:
+                arrays[f"{split}/{ID_KEY}"] = _write_ids(ids, directory / array_file(split, ID_KEY))
             del part
-        del data
         if nonfinite and not clean_nonfinite:
             raise DataError(_nonfinite_message(path, nonfinite))
     except BaseException:
-        for target in written:
-            target.unlink(missing_ok=True)
+        _remove_cache_files(directory)
         raise
 
     manifest = {
         "format": CACHE_FORMAT,
         "dataset": spec.name,
+        "layout": layout.format,
         "source_path": str(path),
         "source": fingerprint,
-        "seq_lens": list(seq_lens),
+        "splits": split_names,
+        "seq_lens": list(layout.seq_lens),
+        "dims": list(layout.dims),
         "arrays": arrays,
         "audio_neg_inf": neg_inf,
         "nonfinite": nonfinite,
@@ -418,24 +353,39 @@ def _build(path: Path, spec: DatasetSpec, directory: Path, fingerprint: dict, cl
 
 
 def _convert(source: np.ndarray, target: Path, audio: bool, clean: bool) -> tuple[dict, dict]:
-    """Write `source` as float32 .npy block by block; return its manifest entry and value counts."""
+    """Write `source` as a float32 .npy block by block; return its manifest entry and value counts.
+
+    Written with ordinary writes into space reserved up front, never through a memory map: a full
+    disk then fails a write (an OSError, which `replacing` turns into a message and cleans up) instead
+    of killing the process with SIGBUS when a mapped page finds no space."""
     counts = {"nan": 0, "pos_inf": 0, "neg_inf": 0, "too_large": 0}
     if audio:
         counts["neg_inf_audio"] = 0
     with replacing(target) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=source.shape)
-        try:
-            crc = _fill(out, source, counts, audio, clean)
-            out.flush()
-        finally:
-            del out
+        with open(tmp, "wb") as handle:
+            np.lib.format.write_array_header_1_0(
+                handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                         "shape": tuple(int(n) for n in source.shape)})
+            _reserve(handle, int(np.prod(source.shape, dtype=np.int64)) * 4)
+            crc = _fill(handle, source, counts, audio, clean)
     entry = {"file": target.name, "shape": list(source.shape), "dtype": "float32",
-             "bytes": target.stat().st_size, "crc32": crc}
+             "bytes": target.stat().st_size, "crc32": crc, "header_crc32": header_crc32(target)}
     return entry, counts
 
 
-def _fill(out: np.memmap, source: np.ndarray, counts: dict, audio: bool, clean: bool) -> int:
-    """Convert source into out block by block; return the CRC-32 of the values written."""
+def _reserve(handle, nbytes: int) -> None:
+    """Allocate the file's remaining bytes now, so a disk too small fails before the conversion runs."""
+    if nbytes and hasattr(os, "posix_fallocate"):
+        handle.flush()
+        try:
+            os.posix_fallocate(handle.fileno(), handle.tell(), nbytes)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: the writes tell
+                raise
+
+
+def _fill(out, source: np.ndarray, counts: dict, audio: bool, clean: bool) -> int:
+    """Convert source into the open file `out` block by block; return the CRC-32 of the values written."""
     crc = 0
     row_bytes = max(1, int(np.prod(source.shape[1:], dtype=np.int64)) * 4)
     step = max(1, CONVERT_BLOCK_BYTES // row_bytes)
@@ -451,7 +401,7 @@ def _fill(out: np.memmap, source: np.ndarray, counts: dict, audio: bool, clean: 
                 block[np.isneginf(chunk)] = 0.0
             if clean:
                 block[~np.isfinite(block)] = 0.0
-        out[start:start + step] = block
+        out.write(block.data)
         crc = zlib.crc32(block.data, crc)
     return crc
 
@@ -517,7 +467,7 @@ def _write_ids(ids: np.ndarray, target: Path) -> dict:
         with open(tmp, "wb") as handle:  # a path would get ".npy" appended
             np.save(handle, joined, allow_pickle=False)
     return {"file": target.name, "shape": list(joined.shape), "dtype": str(joined.dtype),
-            "bytes": target.stat().st_size, "crc32": data_crc32(target)}
+            "bytes": target.stat().st_size, "crc32": data_crc32(target), "header_crc32": header_crc32(target)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -528,7 +478,6 @@ def _remove_cache_files(directory: Path) -> None:
     """Delete what a previous conversion left: the manifest first, then arrays and temporaries."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST_NAME).unlink(missing_ok=True)
-    for split in SPLITS:
-        for key in REQUIRED_KEYS + (ID_KEY,):
-            (directory / array_file(split, key)).unlink(missing_ok=True)
+    for path in directory.glob("*.npy"):
+        path.unlink(missing_ok=True)
     remove_stale_temporaries(directory)

@@ -3,8 +3,12 @@
 Items and batches are dicts of tensors (docs/architecture.md, Data):
 
     text (L_t, d_t) float32, audio (L_a, d_a) float32, vision (L_v, d_v) float32,
-    target: iemocap (4,) int64 | cls () int64 | regression () float32,
-    score () float32 (mosei_senti / mosi only: the raw sentiment score, for metrics).
+    target: iemocap (4,) int64 | cls, sims_cls () int64 | regression, sims_regression () float32,
+    score () float32 (sentiment datasets only: the raw sentiment score, for metrics),
+    label_t, label_a, label_v: each modality's own target, in the form of `target` (files with a label
+        per modality only: CH-SIMS's regression_labels_T/_A/_V).
+
+The sizes (d_m, L_m) are the file's own: MulT's GloVe-300 text and an MMSA file's BERT-768 text both load.
 
 Batching without a collate step: `dataset.get_batch(indices)` (or `dataset[indices]` with a list,
 array or tensor of indices) gathers a whole batch with one sorted fancy-index read per modality and
@@ -28,17 +32,22 @@ import torch
 from torch.utils.data import Dataset
 
 from .cache import CachedData, prepare_cache
-from .layout import (ID_KEY, MODALITIES, SPLITS, get_spec, output_dim, require_data_file,
-                             resolve_task)
+from .formats import UNIMODAL_KEYS
+from .layout import (ID_KEY, MODALITIES, SIMS_BINS, check_format, sims_bin, get_spec, output_dim,
+                     require_data_file, resolve_task)
+from ..errors import DataError
+
 
 
 def targets_from_labels(labels: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(targets, scores) from raw labels: IEMOCAP (N, 4, 2) pairs or MOSEI/MOSI (N, 1, 1) scores.
+    """(targets, scores) from raw labels: IEMOCAP (N, 4, 2) pairs or sentiment (N, 1, 1) scores.
 
     - binary: argmax of each (absent, present) pair -> (N, 4) int64; no scores.
     - cls: round(clip(score, -3, 3)) + 3 -> (N,) int64 in 0..6. Rounding is half-to-even, as
       numpy's and torch's round are (so 2.5 -> 2, 1.5 -> 2).
-    - regression: the score itself, (N,) float32.
+    - sims_cls: the MMSA Acc5 bin the score falls in -> (N,) int64 in 0..4: [-1, -0.7], (-0.7, -0.1],
+      (-0.1, 0.1], (0.1, 0.7], (0.7, 1].
+    - regression, sims_regression: the score itself, (N,) float32.
     """
     labels = np.asarray(labels)
     if task == "binary":
@@ -46,30 +55,34 @@ def targets_from_labels(labels: np.ndarray, task: str) -> tuple[np.ndarray, np.n
     scores = labels[:, 0, 0].astype(np.float32)
     if task == "cls":
         return (np.round(np.clip(scores, -3.0, 3.0)) + 3).astype(np.int64), scores
+    if task == "sims_cls":
+        # `right=True` puts a score equal to an edge in the lower bin, as MMSA's (a, b] bins do.
+        return sims_bin(scores, SIMS_BINS["acc5"]).astype(np.int64), scores
     return scores.copy(), scores
 
 
 class MultimodalDataset(Dataset):
     """One split of one dataset, reading features from the float32 cache through memory maps.
 
-    Attributes: dataset, task, split, aligned, dims (d_t, d_a, d_v), seq_lens (L_t, L_a, L_v),
-    output_dim (8, 7 or 1), targets (numpy), scores (numpy or None), ids (list of str or None; a
-    row of several id fields is joined with '/').
+    Attributes: dataset, task, split, aligned, dims (d_t, d_a, d_v) and seq_lens (L_t, L_a, L_v) of the
+    file, output_dim (8, 7, 5 or 1), targets (numpy), scores (numpy or None), unimodal_targets ({label_t:
+    numpy, ...} or {}), ids (list of str or None; a row of several id fields is joined with '/').
     """
 
     def __init__(self, cache: CachedData, split: str, dataset: str, task: str, aligned: bool = True,
                  source: dict | None = None):
-        spec = get_spec(dataset)
         self.dataset = dataset
         self.task = resolve_task(dataset, task)
         self.split = split
         self.aligned = aligned
-        self.dims = spec.dims
+        self.dims = cache.dims
         self.seq_lens = cache.seq_lens
         self.output_dim = output_dim(self.task)
         self._paths = {m: cache.path(split, m) for m in MODALITIES}
         # Labels are tiny, so targets are computed once and kept in memory.
         self.targets, self.scores = targets_from_labels(np.array(cache.open(split, "labels")), self.task)
+        self.unimodal_targets = {key: targets_from_labels(np.array(cache.open(split, key)), self.task)[0]
+                                 for key in UNIMODAL_KEYS if cache.has(split, key)}
         self.ids = (np.load(cache.path(split, ID_KEY)).tolist() if cache.has(split, ID_KEY) else None)
         self._length = len(self.targets)
         self.source = source  # the data file the cache was built from: path, size, mtime_ns, sha1
@@ -111,6 +124,8 @@ class MultimodalDataset(Dataset):
         item["target"] = torch.from_numpy(np.array(self.targets[index]))
         if self.scores is not None:
             item["score"] = torch.tensor(self.scores[index])
+        for key, targets in self.unimodal_targets.items():
+            item[key] = torch.from_numpy(np.array(targets[index]))
         return item
 
     def get_batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
@@ -140,6 +155,8 @@ class MultimodalDataset(Dataset):
         batch["target"] = torch.from_numpy(self.targets[index])
         if self.scores is not None:
             batch["score"] = torch.from_numpy(self.scores[index])
+        for key, targets in self.unimodal_targets.items():
+            batch[key] = torch.from_numpy(targets[index])
         return batch
 
     def iter_batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
@@ -156,19 +173,33 @@ class MultimodalDataset(Dataset):
         return self._length // batch_size if drop_last else -(-self._length // batch_size)
 
 
-def load_splits(data_dir: str | Path, dataset: str, aligned: bool = True, task: str | None = None,
-                clean_nonfinite: bool = False) -> dict[str, MultimodalDataset]:
-    """Load the train, valid and test splits of `dataset` from its MulT pickle in `data_dir`.
+def load_splits(data_dir: str | Path | None, dataset: str, aligned: bool = True, task: str | None = None,
+                clean_nonfinite: bool = False, data_file: str | Path | None = None,
+                data_format: str | None = None) -> dict[str, MultimodalDataset]:
+    """Every split of `dataset`'s data file, in the file's order: {"train", "valid", "test", ...}.
 
-    The first call validates the pickle and converts it into a float32 cache next to it; later
-    calls memory-map the cache. `task` defaults to "binary" for iemocap and "cls" for mosei_senti /
-    mosi ("regression" is the other choice). `clean_nonfinite` replaces NaN/+-inf found outside the
-    audio -inf (which always becomes 0) with 0 instead of reporting them as an error.
-    Every problem with the file or the arguments raises a DataError/ConfigError that names it.
+    The file is `data_file` when given, else the dataset's file name in `data_dir` (MulT's, or MMSA's
+    <DATASET>/Processed/... for datasets that only come in that layout). Its layout (MulT or MMSA) comes
+    from its keys; `data_format` ('mult' | 'mmsa') insists on one. The first call validates the pickle
+    and converts it into a float32 cache next to it; later calls memory-map the cache. `task` defaults
+    to the dataset's first (binary for iemocap, cls for mosei_senti / mosi, sims_cls for sims).
+    `clean_nonfinite` replaces NaN/+-inf found outside the audio -inf (which always becomes 0) with 0
+    instead of reporting them as an error. Every problem with the file or the arguments raises a
+    DataError/ConfigError that names it.
     """
     spec = get_spec(dataset)
     task = resolve_task(dataset, task)
-    path = require_data_file(data_dir, dataset, aligned)
-    cache = prepare_cache(path, spec, clean_nonfinite=clean_nonfinite)
-    source = {"path": str(Path(path).resolve()), **cache.manifest["source"]}
-    return {split: MultimodalDataset(cache, split, dataset, task, aligned, source) for split in SPLITS}
+    check_format(data_format)
+    path = require_data_file(data_dir, dataset, aligned, data_file)
+    cache = prepare_cache(path, spec, clean_nonfinite=clean_nonfinite, data_format=data_format)
+    source = {"path": str(Path(path).resolve()), "format": cache.format, **cache.manifest["source"]}
+    return {split: MultimodalDataset(cache, split, dataset, task, aligned, source) for split in cache.splits}
+
+
+def require_splits(splits: dict, needed, what: str) -> None:
+    """A DataError naming the file when it lacks a split `what` (e.g. 'training') needs."""
+    missing = [name for name in needed if name not in splits]
+    if missing:
+        source = next(iter(splits.values())).source["path"]
+        raise DataError(f"{source} has no split {', '.join(repr(m) for m in missing)}, which {what} needs "
+                        f"(the file holds: {', '.join(splits)})")

@@ -1,17 +1,28 @@
-"""What each dataset's MulT pickle looks like: file names, feature sizes, label layout and tasks.
+"""What each dataset means (labels, tasks) and what its files nominally look like (names, sizes).
 
 Everything that depends on the dataset name lives here, so that validation, the cache, the Dataset and
-the synthetic generator all agree on one description of the files (docs/design.md § Data).
+the synthetic generator all agree on one description. Two file layouts are read (docs/design.md § Data):
+MulT's pickles (keys text/audio/vision/labels) and MMSA's feature pickles (text/audio/vision/
+regression_labels, MOSI/MOSEI/SIMS). The feature sizes and sequence lengths a loader uses come from the
+file itself; the nominal ones here are what `make-data` writes and what the real files hold.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import ConfigError, DataError
 from ..modalities import MODALITIES
 
 SPLITS = ("train", "valid", "test")
+# What a run needs to train; any other split a file holds (test_iid, test_ood, ...) is evaluated too.
+TRAINING_SPLITS = ("train", "valid")
+FORMATS = ("mult", "mmsa")
+# The key that tells the layouts apart: every split of a MulT file has `labels`, of an MMSA file
+# `regression_labels`.
+FORMAT_LABEL_KEYS = {"mult": "labels", "mmsa": "regression_labels"}
 # `id` is optional: the IEMOCAP files carry none.
 REQUIRED_KEYS = MODALITIES + ("labels",)
 ID_KEY = "id"
@@ -25,9 +36,9 @@ class DatasetSpec:
     """The layout one dataset name implies."""
 
     name: str
-    aligned_file: str
-    unaligned_file: str
-    dims: tuple[int, int, int]                  # (d_t, d_a, d_v)
+    aligned_file: str | None                    # MulT's file names (None: the dataset has no MulT files)
+    unaligned_file: str | None
+    dims: tuple[int, int, int]                  # (d_t, d_a, d_v) of MulT's files
     label_shape: tuple[int, int]                # labels are (N, *label_shape)
     tasks: tuple[str, ...]                      # the first one is the default
     split_sizes: tuple[int, int, int]           # N of train/valid/test in the real files
@@ -35,19 +46,38 @@ class DatasetSpec:
     unaligned_seq_lens: tuple[int, int, int]
     text_dtype: str = "float64"                 # the real MOSI file stores text as float32
     has_ids: bool = True
+    # MMSA's files: <mmsa_folder>/Processed/{aligned,unaligned}_<L_t>.pkl, BERT text features.
+    mmsa_folder: str | None = None
+    mmsa_dims: tuple[int, int, int] | None = None
+    mmsa_aligned_seq_lens: tuple[int, int, int] | None = None
+    mmsa_unaligned_seq_lens: tuple[int, int, int] | None = None
+    score_range: float = 3.0                    # sentiment scores lie in [-score_range, score_range]
+    unimodal_labels: bool = False               # the files hold one label per modality (SIMS)
 
     @property
     def default_task(self) -> str:
         return self.tasks[0]
 
-    def file_name(self, aligned: bool) -> str:
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return tuple(f for f, has in (("mult", self.aligned_file), ("mmsa", self.mmsa_folder)) if has)
+
+    def file_name(self, aligned: bool, fmt: str = "mult") -> str:
+        if fmt == "mmsa":
+            lens = self.seq_lens(aligned, "mmsa")
+            return f"{self.mmsa_folder}/Processed/{'aligned' if aligned else 'unaligned'}_{lens[0]}.pkl"
         return self.aligned_file if aligned else self.unaligned_file
 
-    def seq_lens(self, aligned: bool) -> tuple[int, int, int]:
+    def seq_lens(self, aligned: bool, fmt: str = "mult") -> tuple[int, int, int]:
+        if fmt == "mmsa":
+            return self.mmsa_aligned_seq_lens if aligned else self.mmsa_unaligned_seq_lens
         return self.aligned_seq_lens if aligned else self.unaligned_seq_lens
 
-    def dim(self, modality: str) -> int:
-        return self.dims[MODALITIES.index(modality)]
+    def feature_dims(self, fmt: str = "mult") -> tuple[int, int, int]:
+        return self.mmsa_dims if fmt == "mmsa" else self.dims
+
+    def dim(self, modality: str, fmt: str = "mult") -> int:
+        return self.feature_dims(fmt)[MODALITIES.index(modality)]
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -73,6 +103,10 @@ DATASETS: dict[str, DatasetSpec] = {
         split_sizes=(16326, 1871, 4659),
         aligned_seq_lens=(50, 50, 50),
         unaligned_seq_lens=(50, 500, 500),
+        mmsa_folder="MOSEI",
+        mmsa_dims=(768, 74, 35),
+        mmsa_aligned_seq_lens=(50, 50, 50),
+        mmsa_unaligned_seq_lens=(50, 500, 375),
     ),
     "mosi": DatasetSpec(
         name="mosi",
@@ -85,12 +119,46 @@ DATASETS: dict[str, DatasetSpec] = {
         aligned_seq_lens=(50, 50, 50),
         unaligned_seq_lens=(50, 375, 500),
         text_dtype="float32",
+        mmsa_folder="MOSI",
+        mmsa_dims=(768, 5, 20),
+        mmsa_aligned_seq_lens=(50, 50, 50),
+        mmsa_unaligned_seq_lens=(50, 500, 375),
+    ),
+    # CH-SIMS (Chinese): MMSA files only, scores in [-1, 1] and a label per modality as well.
+    "sims": DatasetSpec(
+        name="sims",
+        aligned_file=None,
+        unaligned_file=None,
+        dims=(768, 33, 709),
+        label_shape=(1, 1),
+        tasks=("sims_cls", "sims_regression"),
+        split_sizes=(1368, 456, 457),
+        aligned_seq_lens=(39, 39, 39),
+        unaligned_seq_lens=(39, 400, 55),
+        text_dtype="float32",
+        mmsa_folder="SIMS",
+        mmsa_dims=(768, 33, 709),
+        mmsa_aligned_seq_lens=(39, 39, 39),
+        mmsa_unaligned_seq_lens=(39, 400, 55),
+        score_range=1.0,
+        unimodal_labels=True,
     ),
 }
 
+# CH-SIMS's bins of a score in [-1, 1] (MMSA's metrics; acc5's are the sims_cls classes): the inner
+# edges, each bin (lower, upper], the lowest taking -1 too.
+SIMS_BINS = {"acc2": (0.0,), "acc3": (-0.1, 0.1), "acc5": (-0.7, -0.1, 0.1, 0.7)}
+
+
+def sims_bin(scores, edges) -> np.ndarray:
+    """The bin of each score, compared in float32 as MMSA compares its float32 labels: the label -0.7,
+    stored as float32, then falls in the bin that ends at -0.7, not in the next one."""
+    return np.digitize(np.asarray(scores, dtype=np.float32), np.asarray(edges, dtype=np.float32), right=True)
+
+
 # Output width of the models for each task: IEMOCAP's 4 (absent, present) pairs, 7 sentiment
-# classes (-3..3), or one regressed score.
-OUTPUT_DIMS = {"binary": 8, "cls": 7, "regression": 1}
+# classes (-3..3), SIMS's 5 classes (MMSA's Acc5 bins), or one regressed score.
+OUTPUT_DIMS = {"binary": 8, "cls": 7, "regression": 1, "sims_cls": 5, "sims_regression": 1}
 
 
 def get_spec(dataset: str) -> DatasetSpec:
@@ -122,14 +190,26 @@ def output_dim(task: str) -> int:
         raise ConfigError(f"unknown task '{task}'; valid tasks: {', '.join(OUTPUT_DIMS)}") from None
 
 
-def data_file(data_dir: str | Path, dataset: str, aligned: bool = True) -> Path:
-    """Where the pickle of `dataset` lives in `data_dir` (the file need not exist)."""
-    return Path(data_dir) / get_spec(dataset).file_name(aligned)
+def check_format(fmt: str | None) -> str | None:
+    if fmt is not None and fmt not in FORMATS:
+        raise ConfigError(f"unknown data format '{fmt}'; valid formats: {', '.join(FORMATS)}")
+    return fmt
 
 
-def require_data_file(data_dir: str | Path, dataset: str, aligned: bool = True) -> Path:
-    """Like data_file, but a missing file is a DataError that says how to obtain one."""
-    path = data_file(data_dir, dataset, aligned)
+def data_file(data_dir: str | Path, dataset: str, aligned: bool = True, fmt: str | None = None) -> Path:
+    """Where the pickle of `dataset` lives in `data_dir` (the file need not exist): MulT's file name,
+    or MMSA's `<DATASET>/Processed/...` for fmt 'mmsa' and for datasets that only come in that layout."""
+    spec = get_spec(dataset)
+    fmt = check_format(fmt) or spec.formats[0]
+    if fmt not in spec.formats:
+        raise ConfigError(f"{dataset} has no {fmt} files; its formats: {', '.join(spec.formats)}")
+    return Path(data_dir) / spec.file_name(aligned, fmt)
+
+
+def require_data_file(data_dir: str | Path, dataset: str, aligned: bool = True, path: str | Path | None = None) -> Path:
+    """The file to read: `path` when given (--data-file), else the file-name rule of data_file in
+    `data_dir`. A missing file is a DataError that says how to obtain one."""
+    path = Path(path) if path is not None else data_file(data_dir, dataset, aligned)
     if path.is_file():
         return path
     flag = "" if aligned else " --unaligned"
@@ -139,8 +219,7 @@ def require_data_file(data_dir: str | Path, dataset: str, aligned: bool = True) 
     else:
         problem = f"no {layout} {dataset} data: expected the file {path}"
     raise DataError(
-        f"{problem}. Put the MulT-preprocessed pickle '{path.name}' there (the real files come with "
-        f"the MulT code release), point --data-dir at the folder that holds it, or write a synthetic "
-        f"file in the same layout with: python main.py make-data --dataset {dataset}{flag} "
-        f"--data-dir {path.parent}"
+        f"{problem}. Put the pickle there (MulT's preprocessed files, or MMSA's feature pickles), point "
+        f"--data-dir at the folder that holds it or --data-file at the file itself, or write a synthetic "
+        f"file with: python main.py make-data --dataset {dataset}{flag} --data-dir {path.parent}"
     )

@@ -1,10 +1,15 @@
-"""Synthetic data files in exactly the MulT layout, with real label signal and an optional shortcut.
+"""Synthetic data files in exactly the MulT or the MMSA layout, with real label signal and an optional shortcut.
 
 The real pickles can't be downloaded everywhere, so tests and the demo run on files written here.
-They match the layout of docs/design.md § Data in everything a loader could notice: a dict of train/valid/test
-splits; keys text/audio/vision/labels (and `id` for MOSEI/MOSI); float64 arrays except MOSI's float32 text;
-the real feature dimensions and sequence lengths; zero left-padding of varying length; `-inf` entries in
-audio; labels as IEMOCAP one-hot (absent, present) pairs or MOSEI/MOSI (N, 1, 1) scores.
+MulT layout (data_format "mult"): a dict of train/valid/test splits; keys text/audio/vision/labels (and
+`id` for MOSEI/MOSI); float64 arrays except MOSI's float32 text; the real feature dimensions and
+sequence lengths; zero left-padding of varying length; `-inf` entries in audio; labels as IEMOCAP
+one-hot (absent, present) pairs or MOSEI/MOSI (N, 1, 1) scores.
+MMSA layout (data_format "mmsa", MOSI/MOSEI/SIMS): the same splits (plus any `extra_splits`, e.g.
+test_ood, drawn as test is); float32 text (BERT-sized, 768), audio and vision of MMSA's sizes, padded
+at the end; `audio_lengths`/`vision_lengths` (unaligned files) as lists of ints; `regression_labels`
+(N,) and, for SIMS, `regression_labels_T/_A/_V`: the label each modality's signal was drawn from;
+`id` ('video$_$clip') and `raw_text` as arrays of str; `-inf` in audio.
 
 How the features depend on the labels:
 - Each sample gets a label (one of the four emotions for IEMOCAP, a sentiment score in [-3, 3]
@@ -28,13 +33,16 @@ differ only in the planted bias share labels, genuine signal and noise.
 from __future__ import annotations
 
 import math
+import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from ..atomic import remove_stale_temporaries, replacing
-from .layout import MODALITIES, SPLITS, DatasetSpec, data_file, get_spec
+from .formats import SPLIT_NAME, UNIMODAL_KEYS
+from .layout import MODALITIES, SPLITS, DatasetSpec, check_format, data_file, get_spec
 from ..errors import ConfigError
 
 # Small enough that a tiny model trains for a few epochs on two CPU cores in well under two
@@ -52,6 +60,9 @@ SHORTCUT_AMPLITUDE = 2.0       # the shortcut is stronger and cleaner than the g
 AUDIO_NEG_INF_FRACTION = 0.02  # share of non-padded audio entries set to -inf
 IEMOCAP_EMOTION_PRIOR = (0.35, 0.2, 0.2, 0.25)
 PICKLE_PROTOCOL = 4
+# Writing a file holds all of it in memory, the pickled copy of its largest array and the generator's
+# temporaries at once: about this many times its size at the peak.
+PEAK_MEMORY_FACTOR = 2.5
 
 
 def split_sizes(dataset: str, scale: float) -> tuple[int, int, int]:
@@ -59,32 +70,72 @@ def split_sizes(dataset: str, scale: float) -> tuple[int, int, int]:
     return tuple(max(MIN_SPLIT_SIZE, int(round(n * scale))) for n in get_spec(dataset).split_sizes)
 
 
+def file_bytes(dataset: str, aligned: bool, scale: float, data_format: str = "mult", extra_splits: int = 0) -> int:
+    """About how many bytes the file write_synthetic writes with these arguments holds."""
+    spec = get_spec(dataset)
+    sizes = split_sizes(dataset, scale)
+    n = sum(sizes) + extra_splits * sizes[-1]
+    item = 4 if data_format == "mmsa" else 8
+    per_sample = sum(length * dim for length, dim in zip(spec.seq_lens(aligned, data_format),
+                                                         spec.feature_dims(data_format)))
+    return n * per_sample * item
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still hand out (Linux's MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(path: Path, nbytes: int, scale: float) -> None:
+    """Refuse, before anything is drawn, a file that the memory or the disk at `path` cannot hold."""
+    memory = available_memory()
+    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    disk = shutil.disk_usage(folder).free
+    for need, have, where in ((int(nbytes * PEAK_MEMORY_FACTOR), memory, "memory available"),
+                              (nbytes, disk, f"free space in {folder}")):
+        if have is not None and need > have:
+            fitting = scale * have / need
+            raise ConfigError(f"--scale {scale:g} asks for a file of about {nbytes / 2**30:.2f} GiB, which needs "
+                              f"{need / 2**30:.2f} GiB of {where} and there are {have / 2**30:.2f} GiB; choose "
+                              f"--scale {fitting:.3g} or less (1 is the real dataset's size). Nothing was written.")
+
+
 def _latent_size(spec: DatasetSpec) -> int:
     return 4 if spec.label_shape == (4, 2) else 2
 
 
-def _directions(spec: DatasetSpec, modality: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _directions(spec: DatasetSpec, modality: str, seed: int, fmt: str = "mult") -> tuple[np.ndarray, np.ndarray]:
     """Orthonormal (d_m, k) matrices: the genuine signal's directions and the shortcut's."""
     k = _latent_size(spec)
     rng = np.random.default_rng([seed, 7, MODALITIES.index(modality)])
-    basis, _ = np.linalg.qr(rng.standard_normal((spec.dim(modality), 2 * k)))
+    basis, _ = np.linalg.qr(rng.standard_normal((spec.dim(modality, fmt), 2 * k)))
     return basis[:, :k], basis[:, k:]
 
 
-def _offset(spec: DatasetSpec, modality: str, seed: int) -> np.ndarray:
+def _offset(spec: DatasetSpec, modality: str, seed: int, fmt: str = "mult") -> np.ndarray:
     """A per-feature mean, shared by all splits, so that features are not zero-mean."""
     rng = np.random.default_rng([seed, 11, MODALITIES.index(modality)])
-    return rng.normal(0.0, 0.5, size=spec.dim(modality))
+    return rng.normal(0.0, 0.5, size=spec.dim(modality, fmt))
 
 
-def signal_directions(dataset: str, modality: str, seed: int = 0) -> np.ndarray:
+def signal_directions(dataset: str, modality: str, seed: int = 0, data_format: str = "mult") -> np.ndarray:
     """The (d_m, k) directions the genuine label signal of `modality` is written along."""
     if modality not in MODALITIES:
         raise ConfigError(f"unknown modality '{modality}'; valid: {', '.join(MODALITIES)}")
-    return _directions(get_spec(dataset), modality, seed)[0]
+    return _directions(get_spec(dataset), modality, seed, data_format)[0]
 
 
-def shortcut_directions(dataset: str, modality: str, seed: int = 0) -> np.ndarray:
+def shortcut_directions(dataset: str, modality: str, seed: int = 0, data_format: str = "mult") -> np.ndarray:
     """The (d_m, k) directions a planted shortcut is written along (k = 4 for IEMOCAP, else 2).
 
     Averaging a sample's non-padded steps and projecting on these columns recovers the shortcut
@@ -92,7 +143,7 @@ def shortcut_directions(dataset: str, modality: str, seed: int = 0) -> np.ndarra
     """
     if modality not in MODALITIES:
         raise ConfigError(f"unknown modality '{modality}'; valid: {', '.join(MODALITIES)}")
-    return _directions(get_spec(dataset), modality, seed)[1]
+    return _directions(get_spec(dataset), modality, seed, data_format)[1]
 
 
 def _draw_labels(spec: DatasetSpec, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,10 +153,19 @@ def _draw_labels(spec: DatasetSpec, rng: np.random.Generator, n: int) -> tuple[n
         present = np.eye(4)[emotion]
         labels = np.stack([1.0 - present, present], axis=-1)
         return labels, present
-    # Real sentiment scores are annotator averages, skewed slightly positive.
-    score = np.clip(np.round(rng.normal(0.4, 1.3, size=n) * 3) / 3, -3.0, 3.0)
-    latent = np.stack([score / 1.5, np.abs(score) / 1.5 - 1.0], axis=-1)
+    # Real sentiment scores are annotator averages, skewed slightly positive: MOSI/MOSEI's in thirds
+    # of [-3, 3], SIMS's in fifths of [-1, 1].
+    bound = spec.score_range
+    steps = 3 if bound == 3.0 else 5
+    score = np.clip(np.round(rng.normal(0.4, 1.3, size=n) * bound / 3 * steps) / steps, -bound, bound)
+    half = bound / 2
+    latent = np.stack([score / half, np.abs(score) / half - 1.0], axis=-1)
     return score.reshape(n, 1, 1), latent
+
+
+def _score_of(spec: DatasetSpec, latent: np.ndarray) -> np.ndarray:
+    """The sentiment score a latent of _draw_labels encodes."""
+    return latent[:, 0] * spec.score_range / 2
 
 
 def _corrupt(latent: np.ndarray, keep: float, spec: DatasetSpec, rng: np.random.Generator) -> np.ndarray:
@@ -132,10 +192,13 @@ def _valid_lengths(rng: np.random.Generator, n: int, seq_lens: tuple[int, int, i
 
 def _features(spec: DatasetSpec, modality: str, rng: np.random.Generator, valid: np.ndarray, length: int,
               offset: np.ndarray, latent: np.ndarray, directions: np.ndarray, amplitude: float,
-              shortcut: np.ndarray | None, shortcut_dirs: np.ndarray) -> np.ndarray:
-    n, dim = len(valid), spec.dim(modality)
+              shortcut: np.ndarray | None, shortcut_dirs: np.ndarray, fmt: str = "mult") -> np.ndarray:
+    n, dim = len(valid), spec.dim(modality, fmt)
     steps = np.arange(length)
-    mask = steps[None, :] >= (length - valid)[:, None]                    # (n, L): non-padded steps
+    if fmt == "mmsa":  # MMSA pads at the end, MulT at the start
+        mask = steps[None, :] < valid[:, None]
+    else:
+        mask = steps[None, :] >= (length - valid)[:, None]                # (n, L): non-padded steps
     x = rng.standard_normal((n, length, dim)) + offset
     gate = (rng.random((n, length)) < SIGNAL_STEP_FRACTION) * rng.uniform(0.5, 1.5, size=(n, 1))
     x += amplitude * gate[..., None] * (latent @ directions.T)[:, None, :]
@@ -152,9 +215,9 @@ def _features(spec: DatasetSpec, modality: str, rng: np.random.Generator, valid:
 
 
 def _split(spec: DatasetSpec, split: str, n: int, aligned: bool, seed: int, bias_modality: str | None,
-           bias_strength: float, signal: float) -> dict:
-    rng = np.random.default_rng([seed, SPLITS.index(split)])
-    seq_lens = spec.seq_lens(aligned)
+           bias_strength: float, signal: float, stream: int, fmt: str = "mult") -> dict:
+    rng = np.random.default_rng([seed, stream])
+    seq_lens = spec.seq_lens(aligned, fmt)
     labels, latent = _draw_labels(spec, rng, n)
     lengths = _valid_lengths(rng, n, seq_lens, aligned)
 
@@ -162,24 +225,27 @@ def _split(spec: DatasetSpec, split: str, n: int, aligned: bool, seed: int, bias
     if bias_modality is not None:
         # A stream of its own, so that with the same seed a biased file differs from the unbiased
         # one only by the shortcut: same labels, same genuine features, same noise.
-        bias_rng = np.random.default_rng([seed, SPLITS.index(split), 13])
+        bias_rng = np.random.default_rng([seed, stream, 13])
         _, random_latent = _draw_labels(spec, bias_rng, n)
-        if split == "test":
+        if split not in ("train", "valid"):
             shortcut = random_latent
         else:
             follows = bias_rng.random(n) < bias_strength
             shortcut = np.where(follows[:, None], latent, random_latent)
 
-    part = {}
+    part, seen_scores = {}, {}
     for modality, length in zip(MODALITIES, seq_lens):
-        genuine, shortcut_dirs = _directions(spec, modality, seed)
+        genuine, shortcut_dirs = _directions(spec, modality, seed, fmt)
         seen = _corrupt(latent, MODALITY_RELIABILITY[modality], spec, rng)
-        x = _features(spec, modality, rng, lengths[modality], length, _offset(spec, modality, seed), seen, genuine,
-                      signal * MODALITY_AMPLITUDE[modality],
-                      shortcut if modality == bias_modality else None, shortcut_dirs)
-        if modality == "text" and spec.text_dtype == "float32":
+        seen_scores[modality] = _score_of(spec, seen)
+        x = _features(spec, modality, rng, lengths[modality], length, _offset(spec, modality, seed, fmt), seen,
+                      genuine, signal * MODALITY_AMPLITUDE[modality],
+                      shortcut if modality == bias_modality else None, shortcut_dirs, fmt)
+        if fmt == "mmsa" or (modality == "text" and spec.text_dtype == "float32"):
             x = x.astype(np.float32)
         part[modality] = x
+    if fmt == "mmsa":
+        return _mmsa_split(spec, part, labels, lengths, seen_scores, split, aligned)
     part["labels"] = labels
     if spec.has_ids:
         part["id"] = np.array(
@@ -190,10 +256,30 @@ def _split(spec: DatasetSpec, split: str, n: int, aligned: bool, seed: int, bias
     return part
 
 
+def _mmsa_split(spec: DatasetSpec, part: dict, labels: np.ndarray, lengths: dict, seen_scores: dict, split: str,
+                aligned: bool) -> dict:
+    """A split in MMSA's keys from the features, labels and lengths _split drew."""
+    n = len(labels)
+    part["regression_labels"] = labels.reshape(n).astype(np.float32)
+    if spec.unimodal_labels:
+        # Each modality's own label is the one its signal was drawn from, as annotators of one modality
+        # alone would have judged it.
+        for (key, source), modality in zip(UNIMODAL_KEYS.items(), MODALITIES):
+            part[source] = seen_scores[modality].astype(np.float32)
+    if not aligned:
+        part["audio_lengths"] = [int(v) for v in lengths["audio"]]
+        part["vision_lengths"] = [int(v) for v in lengths["vision"]]
+    part["id"] = np.array([f"synth{split}{i // 4:05d}$_${i % 4}" for i in range(n)], dtype=str)
+    part["raw_text"] = np.array([f"utterance {i} of {split}" for i in range(n)], dtype=str)
+    return part
+
+
 def write_synthetic(data_dir: str | Path, dataset: str, aligned: bool = True, scale: float = 0.05,
                     seed: int = 0, bias_modality: str | None = None, bias_strength: float = 0.0,
-                    signal: float = 1.0) -> Path:
-    """Write a synthetic `dataset` pickle into `data_dir` under its real file name; return its path.
+                    signal: float = 1.0, data_format: str = "mult", extra_splits: tuple[str, ...] = (),
+                    path: str | Path | None = None) -> Path:
+    """Write a synthetic `dataset` pickle into `data_dir` under its real file name (or at `path`); return
+    its path.
 
     dataset: iemocap | mosei_senti | mosi. aligned: the aligned or the unaligned ("_noalign") file,
     with the real sequence lengths of each. scale: fraction of the real split sizes (each split
@@ -203,10 +289,22 @@ def write_synthetic(data_dir: str | Path, dataset: str, aligned: bool = True, sc
     train and valid and is independent of it in test. signal: scale of the genuine label signal in
     every modality (0 = pure noise).
 
+    data_format: mult (MulT's layout and file names) or mmsa (MMSA's, for mosi / mosei_senti / sims;
+    written to <DATASET>/Processed/{aligned,unaligned}_<L_t>.pkl in data_dir). extra_splits: more
+    split names (e.g. test_ood), each drawn as test is (a planted shortcut independent of the label).
+
     The whole file is built in memory before it is pickled, like the real ones: at scale 1 the
-    unaligned MOSEI file needs many GB. The file appears atomically (temporary file + rename).
+    unaligned MOSEI file needs many GB, so a scale whose file the memory or the disk cannot hold is
+    refused up front. The file appears atomically (temporary file + rename).
     """
     spec = get_spec(dataset)
+    check_format(data_format)
+    if data_format not in spec.formats:
+        raise ConfigError(f"{dataset} comes only as {', '.join(spec.formats)} files, not {data_format}")
+    for name in extra_splits:
+        if not SPLIT_NAME.fullmatch(name) or name in SPLITS:
+            raise ConfigError(f"extra split name {name!r} must differ from train/valid/test and use letters, digits, "
+                              "'_', '-' and '.' only (e.g. test_ood)")
     if not (scale > 0 and math.isfinite(scale)):
         raise ConfigError(f"scale must be a positive finite fraction of the real size (e.g. 0.05), got {scale}")
     if bias_modality is not None and bias_modality not in MODALITIES:
@@ -220,10 +318,12 @@ def write_synthetic(data_dir: str | Path, dataset: str, aligned: bool = True, sc
     if signal < 0:
         raise ConfigError(f"signal must be non-negative, got {signal}")
 
+    path = Path(path) if path is not None else data_file(data_dir, dataset, aligned, data_format)
+    check_fits(path, file_bytes(dataset, aligned, scale, data_format, len(extra_splits)), scale)
     sizes = split_sizes(dataset, scale)
-    data = {split: _split(spec, split, n, aligned, seed, bias_modality, bias_strength, signal)
-            for split, n in zip(SPLITS, sizes)}
-    path = data_file(data_dir, dataset, aligned)
+    names = list(SPLITS) + list(dict.fromkeys(extra_splits))
+    data = {split: _split(spec, split, n, aligned, seed, bias_modality, bias_strength, signal, stream, data_format)
+            for stream, (split, n) in enumerate(zip(names, sizes + (sizes[-1],) * (len(names) - len(SPLITS))))}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

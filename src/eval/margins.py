@@ -34,7 +34,7 @@ def decision_margins(out: dict, task: str) -> dict | None:
     """Mean spread of the total effect TE and of each NDE_m, and how often the
     debiased prediction decides differently from the fused one; None for regression or without the
     causal head's outputs in `out` (see MARGIN_KEYS)."""
-    if task == "regression" or any(key not in out for key in MARGIN_KEYS):
+    if task.endswith("regression") or any(key not in out for key in MARGIN_KEYS):
         return None
     result = {m: float(spread(out[f"nde_{LETTERS[m]}"], task).mean()) for m in MODALITIES}
     # TE = Y_all − Y_0 and Y_0 is the same for every class, so TE's spread is that of logits_te.

@@ -20,6 +20,15 @@ CMU-MOSEI / CMU-MOSI (tasks ``cls`` and ``regression``): metrics on sentiment sc
 
 Rounding is numpy's (half to even), as in the reference evaluation, so that 0.5 rounds to 0 and 1.5 to 2.
 
+CH-SIMS (tasks ``sims_cls`` and ``sims_regression``), MMSA's definitions for scores in [-1, 1]: both
+scores clipped to [-1, 1], then binned with upper bounds included (the lowest bin takes -1 too):
+- ``acc2``: [-1, 0] vs (0, 1]; ``f1``: support-weighted F1 of those two classes;
+- ``acc3``: [-1, -0.1], (-0.1, 0.1], (0.1, 1];
+- ``acc5``: [-1, -0.7], (-0.7, -0.1], (-0.1, 0.1], (0.1, 0.7], (0.7, 1];
+- ``mae`` of the clipped scores; ``corr``: Pearson correlation.
+A ``sims_cls`` model predicts one of the five acc5 bins; its score is the bin's centre (SIMS_CENTRES), so
+acc5 and acc3 are exact, and the middle bin counts as [-1, 0] for acc2.
+
 Edge cases, chosen so that a metrics dict never needs special handling downstream:
 - ``corr`` is 0.0 when either side is constant (or there are fewer than two samples): a constant
   prediction carries no linear information about the truth, and 0.0 keeps multi-seed means finite where
@@ -34,10 +43,14 @@ import math
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
+from ..data.layout import SIMS_BINS, sims_bin
+
 EMOTIONS = ("neutral", "happy", "sad", "angry")
-TASKS = ("binary", "cls", "regression")
+TASKS = ("binary", "cls", "regression", "sims_cls", "sims_regression")
 # Number of sentiment classes of the ``cls`` task: scores -3..3.
 SENTIMENT_CLASSES = 7
+# CH-SIMS: the score a sims_cls class (an acc5 bin of SIMS_BINS) stands for.
+SIMS_CENTRES = (-0.85, -0.4, 0.0, 0.4, 0.85)
 
 
 def _as_numpy(values) -> np.ndarray:
@@ -115,12 +128,8 @@ def _binary_scores(truth: np.ndarray, predicted: np.ndarray, prefix_acc: str, pr
     }
 
 
-def sentiment_metrics(pred_scores, truth_scores) -> dict[str, float]:
-    """Acc7, Acc5, the two Acc2/F1 readings, MAE and Pearson correlation of sentiment scores.
-
-    ``pred_scores`` and ``truth_scores``: (N,) scores (any shape with N elements is flattened).
-    See the module docstring for each key's definition and the edge cases.
-    """
+def _score_pair(pred_scores, truth_scores) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and true scores as flat float64 arrays of one size, checked finite and non-empty."""
     predicted = _as_numpy(pred_scores).astype(np.float64).reshape(-1)
     truth = _as_numpy(truth_scores).astype(np.float64).reshape(-1)
     if predicted.shape != truth.shape:
@@ -129,7 +138,16 @@ def sentiment_metrics(pred_scores, truth_scores) -> dict[str, float]:
         raise ValueError("cannot compute metrics on zero samples")
     if not (np.isfinite(predicted).all() and np.isfinite(truth).all()):
         raise ValueError("sentiment scores contain nan or inf")
+    return predicted, truth
 
+
+def sentiment_metrics(pred_scores, truth_scores) -> dict[str, float]:
+    """Acc7, Acc5, the two Acc2/F1 readings, MAE and Pearson correlation of sentiment scores.
+
+    ``pred_scores`` and ``truth_scores``: (N,) scores (any shape with N elements is flattened).
+    See the module docstring for each key's definition and the edge cases.
+    """
+    predicted, truth = _score_pair(pred_scores, truth_scores)
     result = {
         "acc7": float(np.mean(np.round(np.clip(predicted, -3, 3)) == np.round(np.clip(truth, -3, 3)))),
         "acc5": float(np.mean(np.round(np.clip(predicted, -2, 2)) == np.round(np.clip(truth, -2, 2)))),
@@ -142,15 +160,31 @@ def sentiment_metrics(pred_scores, truth_scores) -> dict[str, float]:
     return result
 
 
+def sims_metrics(pred_scores, truth_scores) -> dict[str, float]:
+    """MMSA's CH-SIMS metrics (see the module docstring) of (N,) scores in [-1, 1]."""
+    predicted, truth = (np.clip(scores, -1.0, 1.0) for scores in _score_pair(pred_scores, truth_scores))
+    bins = {name: (sims_bin(predicted, edges), sims_bin(truth, edges)) for name, edges in SIMS_BINS.items()}
+    result = {name: float(np.mean(p == t)) for name, (p, t) in bins.items()}
+    result["f1"] = float(f1_score(bins["acc2"][1], bins["acc2"][0], average="weighted", zero_division=0))
+    result["mae"] = float(np.mean(np.abs(predicted - truth)))
+    result["corr"] = _pearson(predicted, truth)
+    return result
+
+
 def predictions_to_scores(logits, task: str) -> np.ndarray:
-    """Sentiment scores (N,) from model outputs: argmax - 3 for ``cls`` (C = 7), the output for ``regression``."""
+    """Sentiment scores (N,) from model outputs: argmax - 3 for ``cls`` (C = 7), the bin's centre for
+    ``sims_cls`` (C = 5), the output for the regression tasks."""
     _check_task(task)
     logits = _as_numpy(logits)
     if task == "cls":
         if logits.ndim != 2 or logits.shape[1] != SENTIMENT_CLASSES:
             raise ValueError(f"cls logits must be (N, {SENTIMENT_CLASSES}), got {logits.shape}")
         return logits.argmax(-1).astype(np.float64) - (SENTIMENT_CLASSES // 2)
-    if task == "regression":
+    if task == "sims_cls":
+        if logits.ndim != 2 or logits.shape[1] != len(SIMS_CENTRES):
+            raise ValueError(f"sims_cls logits must be (N, {len(SIMS_CENTRES)}), got {logits.shape}")
+        return np.asarray(SIMS_CENTRES)[logits.argmax(-1)]
+    if task in ("regression", "sims_regression"):
         if logits.ndim not in (1, 2) or (logits.ndim == 2 and logits.shape[1] != 1):
             raise ValueError(f"regression outputs must be (N,) or (N, 1), got {logits.shape}")
         return logits.reshape(-1).astype(np.float64)
@@ -169,7 +203,10 @@ def compute_metrics(logits, target, task: str, score=None) -> dict[str, float]:
     _check_task(task)
     if task == "binary":
         return iemocap_metrics(logits, target)
-    return sentiment_metrics(predictions_to_scores(logits, task), true_scores(target, task, score))
+    predicted, truth = predictions_to_scores(logits, task), true_scores(target, task, score)
+    if task.startswith("sims_"):
+        return sims_metrics(predicted, truth)
+    return sentiment_metrics(predicted, truth)
 
 
 def true_scores(target, task: str, score=None) -> np.ndarray:
@@ -178,6 +215,8 @@ def true_scores(target, task: str, score=None) -> np.ndarray:
         return _as_numpy(score).astype(np.float64).reshape(-1)
     if task == "cls":
         return _as_numpy(target).astype(np.float64).reshape(-1) - (SENTIMENT_CLASSES // 2)
+    if task == "sims_cls":
+        return np.asarray(SIMS_CENTRES)[_as_numpy(target).reshape(-1)]
     return _as_numpy(target).astype(np.float64).reshape(-1)
 
 
@@ -188,9 +227,12 @@ def headline(task: str) -> tuple[str, bool]:
     MOSEI / MOSI, both tasks: ``acc7``. The paper does not name the metric of its MOSEI numbers
     (50.1% MulT, 48.8% PMR, 48.8% DMD); their magnitude matches 7-class accuracy, not Acc2 or F1, so
     Acc7 is the most likely reading and the one compared against.
+    CH-SIMS, both tasks: ``acc5``, its finest-grained accuracy (as Acc7 is MOSEI's and MOSI's).
     """
     _check_task(task)
-    return ("avg_acc", True) if task == "binary" else ("acc7", True)
+    if task == "binary":
+        return "avg_acc", True
+    return ("acc5", True) if task.startswith("sims_") else ("acc7", True)
 
 
 # The columns of the table a paper prints (compare, summarize), the headline first: IEMOCAP's two
@@ -205,7 +247,8 @@ def headline_hits(logits, target, task: str, score=None) -> np.ndarray:
     """(N,) per-sample share of the headline metric: its mean over the samples is the headline.
 
     IEMOCAP: the fraction of the four emotion decisions a sample gets right (mean: ``avg_acc``);
-    sentiment: 1 where the 7-class score is right (mean: ``acc7``). Arguments as in compute_metrics.
+    MOSEI / MOSI: 1 where the 7-class score is right (mean: ``acc7``); CH-SIMS: 1 where the acc5 bin is
+    right (mean: ``acc5``). Arguments as in compute_metrics.
     A paired bootstrap (src/eval/stats.py) resamples these.
     """
     _check_task(task)
@@ -215,11 +258,10 @@ def headline_hits(logits, target, task: str, score=None) -> np.ndarray:
             target = target.argmax(-1)
         predicted = _as_numpy(logits).reshape(len(target), len(EMOTIONS), 2).argmax(-1)
         return (predicted == target).mean(axis=1).astype(np.float64)
-    predicted = predictions_to_scores(logits, task)
-    if score is not None:
-        truth = _as_numpy(score).astype(np.float64).reshape(-1)
-    else:
-        truth = _as_numpy(target).astype(np.float64).reshape(-1) - (SENTIMENT_CLASSES // 2 if task == "cls" else 0)
+    predicted, truth = predictions_to_scores(logits, task), true_scores(target, task, score)
+    if task.startswith("sims_"):  # 1 where the acc5 bin is right (mean: acc5)
+        edges = SIMS_BINS["acc5"]
+        return (sims_bin(np.clip(predicted, -1, 1), edges) == sims_bin(np.clip(truth, -1, 1), edges)).astype(np.float64)
     return (np.round(np.clip(predicted, -3, 3)) == np.round(np.clip(truth, -3, 3))).astype(np.float64)
 
 

@@ -14,10 +14,14 @@ def prediction_table(predictions: dict) -> str:
 
 
 def print_run_results(results: dict, cfg: dict) -> None:
+    """Every split scored beyond valid (test, and any other the file holds: test_ood, ...), per checkpoint."""
     for which in ("best_loss", "best_acc"):
         entry = results[which]
-        print(f"\n{cfg['dataset']} test split, checkpoint of the {TITLES[which]} (epoch {entry['epoch']}):")
-        print(prediction_table(entry["test"]["predictions"]))
+        for split, scored in entry.items():
+            if split in ("epoch", "checkpoint", "valid"):
+                continue
+            print(f"\n{cfg['dataset']} {split} split, checkpoint of the {TITLES[which]} (epoch {entry['epoch']}):")
+            print(prediction_table(scored["predictions"]))
 
 
 def print_removal_report(report: dict) -> None:

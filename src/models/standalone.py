@@ -30,8 +30,9 @@ class BackboneOnly(nn.Module):
         """No causal head, no counterfactual constants."""
         return {}
 
-    def loss_terms(self, out: dict, target: torch.Tensor) -> dict:
-        """The parts of the loss by name (task_m, and aux when the backbone has one); `loss` is their sum."""
+    def loss_terms(self, out: dict, target: torch.Tensor, unimodal_targets: dict | None = None) -> dict:
+        """The parts of the loss by name (task_m, and aux when the backbone has one); `loss` is their sum.
+        `unimodal_targets` is accepted for the loop's sake: the backbone alone has no branch to train with it."""
         return with_aux_term({"task_m": task_loss(out["logits_m"], target)}, self.backbone, out["extras"], target)
 
     def loss(self, out: dict, target: torch.Tensor) -> torch.Tensor:

@@ -12,14 +12,16 @@ from .config import check_kwargs
 
 
 def load_data(cfg: dict) -> dict:
-    """The train/valid/test splits of the config's dataset file."""
+    """Every split of the run's data file (data.file, else data.dir's file for the dataset)."""
     data = cfg["data"]
     return load_splits(data["dir"], cfg["dataset"], aligned=data["aligned"], task=data["task"],
-                       clean_nonfinite=data["clean_nonfinite"])
+                       clean_nonfinite=data["clean_nonfinite"], data_file=data.get("file"),
+                       data_format=data.get("format"))
 
 
 def make_model(cfg: dict, dataset, device: torch.device) -> torch.nn.Module:
-    """The config's model for the data of `dataset` (its feature sizes, lengths and classes), on `device`."""
+    """The config's model for the data of `dataset` (its feature sizes, lengths and classes), on `device`;
+    any split will do: a file's splits share them."""
     return build_model(cfg, dataset.dims, dataset.seq_lens, dataset.output_dim).to(device)
 
 
@@ -41,7 +43,8 @@ def build_model(cfg: dict, dims, seq_lens, output_dim: int) -> torch.nn.Module:
         branches.append(build_branch(kind, in_dim=in_dim, seq_len=seq_len, output_dim=output_dim, **options))
     head = CausalHead(**model_cfg["head"])
     loss = cfg["loss"]
-    return CausalMER(backbone, *branches, head, alpha=loss["alpha"], beta=loss["beta"], kl=loss["kl"])
+    return CausalMER(backbone, *branches, head, alpha=loss["alpha"], beta=loss["beta"], kl=loss["kl"],
+                     unimodal_labels=loss.get("unimodal_labels", False))
 
 
 def param_groups(model: torch.nn.Module, lr: dict) -> list[dict]:

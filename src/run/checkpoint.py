@@ -34,11 +34,13 @@ def atomic_save(obj, path: Path) -> None:
             torch.save(obj, handle)
 
 
-def weights_record(model: torch.nn.Module, config_text: str, epoch: int, run: dict | None) -> dict:
+def weights_record(model: torch.nn.Module, config_text: str, epoch: int, run: dict | None, feature_dims) -> dict:
     """What every checkpoint holds (WEIGHTS_FIELDS below): the weights, the run's config, the epoch they
-    close (0 for weights that were not trained here), and the identity of the run that wrote them (`run`,
-    src/run/identity.py). `last` adds the training state to it."""
-    return {"model": model.state_dict(), "config": config_text, "epoch": epoch, "run": run}
+    close (0 for weights that were not trained here), the identity of the run that wrote them (`run`,
+    src/run/identity.py) and the (text, audio, vision) feature sizes the model reads, so that a file of
+    other sizes is refused by name. `last` adds the training state to it."""
+    return {"model": model.state_dict(), "config": config_text, "epoch": epoch, "run": run,
+            "feature_dims": list(feature_dims)}
 
 
 def _first_line(err: BaseException) -> str:

@@ -32,7 +32,8 @@ NUM = (int, float)
 OPT_NUM = (int, float, type(None))
 SCHEMA = {
     "dataset": str,
-    "data": {"dir": str, "aligned": bool, "task": str, "clean_nonfinite": bool},
+    "data": {"dir": str, "aligned": bool, "task": str, "clean_nonfinite": bool,
+             "file": (str, type(None)), "format": (str, type(None))},  # a data file named directly; mult | mmsa
     "model": {
         "name": str,
         "backbone": str,
@@ -41,7 +42,7 @@ SCHEMA = {
         "head": {"fusion": str, "constant": NUM},
         "init_from": {"path": str, "sha256": str},  # a published checkpoint the weights start from
     },
-    "loss": {"alpha": NUM, "beta": NUM, "kl": str},
+    "loss": {"alpha": NUM, "beta": NUM, "kl": str, "unimodal_labels": bool},  # branches learn their modality's label
     "train": {
         "epochs": int,
         "batch_size": int,

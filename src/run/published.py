@@ -292,7 +292,9 @@ def save_imported_run(run_dir: Path, cfg: dict, model: torch.nn.Module, kind: st
     removes what this call wrote, so the directory never holds half an import. The caller holds its lock."""
     config_text = dump_config(cfg)
     identity = new_identity(seed, None)
-    weights = ckpt_io.weights_record(model, config_text, epoch=0, run=identity)
+    # Every plan checked that the published weights read the dataset's own feature sizes.
+    weights = ckpt_io.weights_record(model, config_text, epoch=0, run=identity,
+                                     feature_dims=get_spec(cfg["dataset"]).dims)
     written = []
     try:
         for name, write in ((run_dir / "config.yaml", lambda p: write_text(p, config_text)),

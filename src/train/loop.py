@@ -20,7 +20,8 @@ from tqdm import tqdm
 from ..eval import metrics
 from ..atomic import write_text
 from ..causal import warn_if_constants_cannot_learn
-from ..errors import NonFiniteError
+from ..data import TRAINING_SPLITS, UNIMODAL_KEYS, require_splits
+from ..errors import ConfigError, NonFiniteError
 from ..run import checkpoint as ckpt_io
 from ..run import identity as run_identity
 from .accumulation import Accumulation, refuse_if_no_step
@@ -47,6 +48,22 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def evaluated_splits(splits: dict) -> list[str]:
+    """What a finished run is scored on: valid, then every split of the file beyond train and valid."""
+    return ["valid"] + [name for name in splits if name not in TRAINING_SPLITS]
+
+
+def check_unimodal_labels(cfg: dict, dataset) -> None:
+    if not cfg["loss"].get("unimodal_labels"):
+        return
+    if cfg["model"]["name"] != "causalmer":
+        raise ConfigError("loss.unimodal_labels trains CausalMER's unimodal branches on their own labels; the "
+                          "backbone alone has no branches (use --model causalmer, or leave it false)")
+    if not dataset.unimodal_targets:
+        raise ConfigError(f"loss.unimodal_labels needs a label per modality in the data file, and "
+                          f"{dataset.source['path']} has none (CH-SIMS files hold them: regression_labels_T/_A/_V)")
+
+
 def prepare(cfg: dict, ctx: Context, seed: int, resume: bool = False, run_dir: Path | None = None) -> dict:
     """Seed, open the data, build the model and its optimiser: everything a mistake in the input can
     break, done before the run directory is created, so a refused run leaves nothing behind. `run_dir`:
@@ -56,6 +73,8 @@ def prepare(cfg: dict, ctx: Context, seed: int, resume: bool = False, run_dir: P
     check_missing(tcfg)
     seed_everything(seed)
     splits = load_data(cfg)
+    require_splits(splits, TRAINING_SPLITS, "training")
+    check_unimodal_labels(cfg, splits["train"])
     per_rank = len(splits["train"]) // ctx.world_size  # as train_epoch shares an epoch out
     refuse_if_no_step(Accumulation(tcfg.get("accumulation", "corrected"), tcfg.get("accumulate", 1),
                                    math.ceil(per_rank / tcfg["batch_size"])))
@@ -132,7 +151,7 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
         improved_score = score > state["best_acc"]
         state["since_best"] = 0 if improved_loss else state["since_best"] + 1
         if ctx.is_main:
-            weights = ckpt_io.weights_record(model, config_text, epoch, identity)
+            weights = ckpt_io.weights_record(model, config_text, epoch, identity, splits["train"].dims)
             if improved_loss:
                 state["best_loss"] = valid["loss"]
                 ckpt_io.atomic_save(weights, run_dir / ckpt_io.CHECKPOINT_NAMES["best_loss"])
@@ -197,7 +216,9 @@ def train_step(model, optimizer, batch: dict, tcfg: dict, device: torch.device, 
     """
     with autocast(device, amp):
         out = model(batch["text"], batch["audio"], batch["vision"])
-        terms = unwrap(model).loss_terms(out, batch["target"])
+        # Files with a label per modality (CH-SIMS) hand them on: the model uses them under loss.unimodal_labels.
+        unimodal = {key: batch[key] for key in UNIMODAL_KEYS if key in batch}
+        terms = unwrap(model).loss_terms(out, batch["target"], *([unimodal] if unimodal else []))
         loss = sum(terms.values())  # = model.loss
     (loss * loss_scale).backward()
     if clip:
@@ -305,20 +326,21 @@ def stop_if_nonfinite(value: float, what: str, epoch: int, step: int = 0, n_batc
 
 
 def final_evaluation(model, splits, cfg, run_dir: Path, ctx: Context, amp: bool, state: dict, run=None) -> dict:
-    """Evaluate the best-validation-loss and best-validation-score checkpoints on valid and test.
+    """Evaluate the best-validation-loss and best-validation-score checkpoints on valid and every split of
+    the file beyond train and valid (test, test_ood, ...).
 
     The checkpoints load into `model`; `run` (default `model`) is what evaluates: `model` itself or
     its compiled wrapper, which shares its parameters."""
     run = model if run is None else run
     batch_size = cfg["train"]["eval_batch_size"]
     # Which file every number below came from: the data as it was when the run opened it.
-    results = {"units": metrics.STORED_UNITS, "data": splits["test"].source, "history": state["history"]}
+    results = {"units": metrics.STORED_UNITS, "data": splits["valid"].source, "history": state["history"]}
     for which in ("best_loss", "best_acc"):
         path = run_dir / ckpt_io.CHECKPOINT_NAMES[which]
         saved = ckpt_io.load_checkpoint(path)
         ckpt_io.load_model_state(model, saved["model"], path)
         results[which] = {"epoch": saved["epoch"], "checkpoint": str(path)}
-        for split in ("valid", "test"):
+        for split in evaluated_splits(splits):
             results[which][split] = evaluate(run, splits[split], batch_size, ctx, amp=amp)
     if ctx.is_main:
         write_text(run_dir / "metrics.json", json.dumps(results, indent=2))
