@@ -293,6 +293,7 @@ def test_summarize_warns_of_other_differences_and_refuses_a_repeated_label(capsy
     code, out, err = run(capsys, "summarize", "--group", f"x={tmp_path / 'g'}", "--group", f"y={tmp_path / 'h'}")
     assert code == 0, err
     assert "warning: group 'x': train.lr.backbone" in err and "different data" in err
+    assert "no paper table: the groups are on tasks ['binary', 'cls']" in out
     code, _, err = run(capsys, "summarize", "--group", f"x={tmp_path / 'g'}", "--group", f"x={tmp_path / 'h'}")
     assert_refused(code, err, "'x' is given twice")
 

@@ -134,10 +134,15 @@ def group_kind(label: str, run_dirs: list) -> tuple[str, dict]:
     return ("causalmer" if cfg.get("model.name") == "causalmer" else "backbone"), cfg
 
 
+def group_tasks(groups: dict) -> set:
+    """The tasks of the groups' first runs (None for a run without config.yaml): one task, one table."""
+    return {group_kind(label, dirs)[1].get("data.task") for label, dirs in groups.items()}
+
+
 def build_table(groups: dict, checkpoint: str = "best_acc", split: str = "test") -> PaperTable:
     """The paper table of groups of runs ({label: [run dirs]}, a run's directory name being its seed)."""
     kinds = {label: group_kind(label, dirs) for label, dirs in groups.items()}
-    tasks = {cfg.get("data.task") for _, cfg in kinds.values()}
+    tasks = group_tasks(groups)
     if len(tasks) != 1 or None in tasks:
         raise UserError("the paper table puts runs of one task side by side; these groups are on tasks "
                         f"{sorted(map(str, tasks))} (a run without config.yaml has none): summarize them apart")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..analysis.summary import check_groups, collect_runs, format_summary, summarize, write_csv
-from ..analysis.table import EXTENSIONS, build_table, render
+from ..analysis.table import EXTENSIONS, build_table, group_tasks, render
 from ..atomic import write_text
 
 
@@ -39,11 +39,20 @@ def summarize_groups(groups: dict[str, list[Path]], out: Path, table_format: str
                      full: bool = False) -> Path:
     """Check the groups, write every metric's mean ± std to the CSV `out` and the paper table
     (src/analysis/table.py) beside it in `table_format`; print the table (with `full` the per-metric
-    summary first). Returns the table's path."""
+    summary first). Returns the table's path; groups on different tasks get the per-metric summary alone, and
+    the CSV's path is returned."""
     for warning in check_groups(groups):
         print(f"warning: {warning}", file=sys.stderr)
     rows = summarize(groups)
     write_csv(rows, out)
+    tasks = group_tasks(groups)
+    if len(tasks) != 1 or None in tasks:
+        # Groups on other tasks have no common columns: their per-metric summary is all there is to show.
+        print(format_summary(rows, list(groups)))
+        print(f"\nno paper table: the groups are on tasks {sorted(map(str, tasks))} (a run without config.yaml "
+              f"has none), and a table sets runs of one task side by side\nwrote {out} (every metric, accuracies "
+              "and F1 in %)")
+        return out
     if full:
         print(format_summary(rows, list(groups)))
         print()
