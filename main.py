@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     robust = sub.add_parser("robustness", help="debiasing where the shortcut stops paying: bias-conflicting "
                             "subsets, effect scaling chosen on valid, random missing modalities, intervals")
     add_run_arguments(robust)
+    add_data_file_arguments(robust)
     robust.add_argument("--checkpoint", default="best_acc")
     robust.add_argument("--split", default="test", help="the split reported (α is chosen on valid)")
     robust.add_argument("--device", default="auto")
@@ -286,7 +287,7 @@ COMMANDS = {
     "robustness": lambda a: robustness_run(run_path(a.runs_dir, a.dataset, a.name, a.seed), checkpoint=a.checkpoint,
                                            split=a.split, device=a.device, data_dir=a.data_dir, subsets_file=a.subsets,
                                            baseline=a.baseline, rates=a.rates, draws=a.draws, rounds=a.bootstrap,
-                                           dataset=a.dataset),
+                                           dataset=a.dataset, data_file=a.data_file, data_format=a.data_format),
 }
 
 

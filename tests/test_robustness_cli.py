@@ -147,3 +147,18 @@ def test_bad_inputs_are_one_paragraph_errors(capsys, runs, tmp_path):
         code, out, err = robustness(capsys, runs, "causal", *extra)
         assert code == 2, (extra, err)
         assert "Traceback" not in err and fragment in err and err.count("\n") == 1, (extra, err)
+
+
+def test_a_named_split_of_another_file_is_judged_apart_from_the_runs_own_result(capsys, runs, tmp_path):
+    ood = tmp_path / "ood.pkl"
+    assert main.main(["make-data", "--dataset", "iemocap", "--data-file", str(ood), "--scale", "0.015",
+                      "--extra-split", "test_ood", "--seed", "3"]) == 0
+    code, _, err = run(capsys, "robustness", "--dataset", "iemocap", "--name", "causal", "--runs-dir", runs["runs"],
+                       "--data-file", ood, "--data-format", "mult", "--split", "test_ood", "--device", "cpu", *FAST)
+    assert code == 0, err
+    (out,) = runs["causal"].glob("robustness_best_acc-*")
+    result = json.loads((out / "robustness.json").read_text())
+    assert result["split"] == "test_ood" and result["data"]["path"] == str(ood.resolve())
+    code, _, err = run(capsys, "robustness", "--dataset", "iemocap", "--name", "causal", "--runs-dir", runs["runs"],
+                       "--data-file", ood, "--split", "test_iid", "--device", "cpu", *FAST)
+    assert code == 2 and "test_iid" in err and "test_ood" in err, err

@@ -28,7 +28,7 @@ from ..run import distributed
 from ..run.rundir import exclusive
 from ..analysis.plots import PLOTS_HINT, plot_lines
 from ..analysis.robustness import robustness_markdown
-from ..run.trained import load_run, provenance, result_tag
+from ..run.trained import load_run, pick_split, provenance, result_tag
 
 # The differences given intervals: (name, first predictor, second predictor).
 COMPARISONS = (("tie-te", "tie", "te"), ("tie_alpha-te", "tie_alpha", "te"), ("tie-baseline", "tie", "baseline"))
@@ -45,7 +45,7 @@ def check_options(rates, draws: int, rounds: int, grid) -> list:
     return rates
 
 
-def load_baseline(baseline_dir: Path, checkpoint: str, device, data_dir: str, cfg: dict, dataset):
+def load_baseline(baseline_dir: Path, checkpoint: str, device, cfg: dict, dataset):
     """The backbone-alone run compared with, evaluated on the very data file of the run judged; refused when
     it was trained on other data (another dataset, layout or task, or another file)."""
     saved_cfg = ckpt_io.read_config_file(Path(baseline_dir) / "config.yaml") if Path(baseline_dir).is_dir() else None
@@ -62,23 +62,25 @@ def load_baseline(baseline_dir: Path, checkpoint: str, device, data_dir: str, cf
                         f"task {theirs[2]}, file {trained_on.get('path', '?')}) than the run judged ({ours[0]}, "
                         f"aligned {ours[1]}, task {ours[2]}, file {dataset.source.get('path')}); compare runs of "
                         "the same data file")
-    _, splits, model, _ = load_run(baseline_dir, checkpoint, device, data_dir)
+    data = cfg["data"]  # the very file the judged run is scored on
+    _, splits, model, _ = load_run(baseline_dir, checkpoint, device, data["dir"], data_file=data.get("file"),
+                                   data_format=data.get("format"))
     return splits, model
 
 
 def robustness_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test", device: str = "auto",
                    data_dir: str | None = None, subsets_file: str | None = None, baseline: str | None = None,
                    rates=RATES, draws: int = DRAWS, rounds: int = DEFAULT_ROUNDS, grid=ALPHA_GRID,
-                   dataset: str | None = None) -> dict:
-    """The robustness result of one run (module docstring); `dataset`, when given, is the dataset the run
-    must be of."""
+                   dataset: str | None = None, data_file: str | None = None, data_format: str | None = None) -> dict:
+    """The robustness result of one run (module docstring) on its own data or on the file `data_dir` /
+    `data_file` (read as `data_format`) point at; `dataset`, when given, is the dataset the run must be of."""
     rates = check_options(rates, draws, rounds, grid)
     run_dir = Path(run_dir)
     ctx = distributed.setup(device)
     try:
-        cfg, splits, model, saved = load_run(run_dir, checkpoint, ctx.device, data_dir, dataset)
-        if split not in splits:
-            raise UserError(f"--split {split}: the data has the splits {', '.join(splits)}")
+        cfg, splits, model, saved = load_run(run_dir, checkpoint, ctx.device, data_dir, dataset,
+                                             data_file=data_file, data_format=data_format)
+        pick_split(splits, split)
         if split == "valid":
             raise UserError("--split valid: α is chosen on the validation split, so it cannot also be the split "
                             "reported; report on test (or another held-out split)")
@@ -86,8 +88,7 @@ def robustness_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "te
         key, _ = metrics.headline(task)
         models = {"run": model}
         if baseline is not None:
-            _, models["baseline"] = load_baseline(Path(baseline), checkpoint, ctx.device, cfg["data"]["dir"], cfg,
-                                                  dataset)
+            _, models["baseline"] = load_baseline(Path(baseline), checkpoint, ctx.device, cfg, dataset)
 
         def baseline_scores(keep=None) -> dict:
             if "baseline" not in models:
@@ -143,16 +144,17 @@ def robustness_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "te
                   "bootstrap": {"rounds": rounds, "seed": DEFAULT_SEED, "level": LEVEL, "intervals": intervals}}
         if ctx.is_main:
             with exclusive(run_dir):
-                write_results(result, subsets_record(subsets, dataset), output_dir(run_dir, checkpoint, data_dir,
-                                                                                   dataset, saved))
+                write_results(result, subsets_record(subsets, dataset),
+                              output_dir(run_dir, checkpoint, data_dir, dataset, saved, data_file))
         return result
     finally:
         distributed.teardown(ctx)
 
 
-def output_dir(run_dir: Path, checkpoint: str, data_dir: str | None, dataset, saved: dict) -> Path:
+def output_dir(run_dir: Path, checkpoint: str, data_dir: str | None, dataset, saved: dict,
+               data_file: str | None = None) -> Path:
     """<run>/robustness for the run's own checkpoint on its own data, else robustness_<tag>."""
-    tag = result_tag(run_dir, checkpoint, data_dir, dataset.source, saved.get("run"))
+    tag = result_tag(run_dir, checkpoint, data_dir, dataset.source, saved.get("run"), data_file)
     return run_dir / ("robustness" if tag == "best_acc" else f"robustness_{tag}")
 
 
