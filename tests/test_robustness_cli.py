@@ -159,6 +159,8 @@ def test_a_named_split_of_another_file_is_judged_apart_from_the_runs_own_result(
     (out,) = runs["causal"].glob("robustness_best_acc-*")
     result = json.loads((out / "robustness.json").read_text())
     assert result["split"] == "test_ood" and result["data"]["path"] == str(ood.resolve())
+    # α is chosen on the run's own validation split, not on the other file's
+    assert result["alpha"]["selected_on"] == str(next(runs["data"].glob("*.pkl")).resolve())
     code, _, err = run(capsys, "robustness", "--dataset", "iemocap", "--name", "causal", "--runs-dir", runs["runs"],
                        "--data-file", ood, "--split", "test_iid", "--device", "cpu", *FAST)
     assert code == 2 and "test_iid" in err and "test_ood" in err, err

@@ -28,6 +28,7 @@ from ..run import distributed
 from ..run.rundir import exclusive
 from ..analysis.plots import PLOTS_HINT, plot_lines
 from ..analysis.robustness import robustness_markdown
+from ..run.build import load_data
 from ..run.trained import load_run, pick_split, provenance, result_tag
 
 # The differences given intervals: (name, first predictor, second predictor).
@@ -96,17 +97,22 @@ def robustness_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "te
             other = predict_all(models["baseline"], dataset, batch_size, ctx, keep=keep)
             return {"baseline": main_predictions(other, task, None)["m"]}
 
-        subsets = bias_subsets(splits["train"], dataset, subsets_file)
+        # The probes learn from the run's own training split and α is chosen on its own validation split, also
+        # when the split reported comes from another file (an OOD file may hold that one split alone).
+        own = splits if data_dir is None and data_file is None else load_data(ckpt_io.read_config_file(
+            run_dir / "config.yaml"))
+        subsets = bias_subsets(own["train"], dataset, subsets_file)
         conflicting = {name: rows for name, rows in subsets.items() if name.startswith("conflicting_")}
         pred = predict_all(model, dataset, batch_size, ctx)
         alpha = None
         if "logits_tie" in pred:
-            valid_pred = predict_all(model, splits["valid"], batch_size, ctx)
-            valid_conflicting = {n: r for n, r in probe_subsets(splits["train"], splits["valid"]).items()
+            valid_pred = predict_all(model, own["valid"], batch_size, ctx)
+            valid_conflicting = {n: r for n, r in probe_subsets(own["train"], own["valid"]).items()
                                  if n.startswith("conflicting_")}
             valid_curves = alpha_curves(valid_pred, task, grid, valid_conflicting)
             alpha = {"grid": list(grid), "valid": valid_curves, "test": alpha_curves(pred, task, grid, conflicting),
                      "selected": select_alpha(valid_curves["all"], grid),
+                     "selected_on": own["valid"].source["path"],
                      "selected_conflicting": {n: select_alpha(c, grid) for n, c in valid_curves["subsets"].items()},
                      "selected_per_modality": {m: select_alpha(valid_curves[m], grid) for m in valid_curves
                                                if m not in ("all", "subsets")}}
