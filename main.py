@@ -35,8 +35,7 @@ from src.eval.stats import DEFAULT_ROUNDS
 from src.eval.robustness import DRAWS, RATES
 from src.modalities import MODALITIES
 from src.models import BACKBONES
-from src.train.tracking import LOGGERS
-from src.run.config import parse_override
+from src.run.config import LOGGERS, parse_override
 from src.run.rundir import run_path
 from src.run.runtime import keep_freed_memory, setup_logging
 

@@ -278,7 +278,7 @@ def make_optimizer(torch, model, cfg: dict, kind: str):
 
     if kind == "trainer":
         return build.make_optimizer(model, cfg["train"])
-    options = {"weight_decay": cfg["train"].get("weight_decay", 0.0)}
+    options = {"weight_decay": cfg["train"]["weight_decay"]}
     if kind == "fused":
         options["fused"] = True
     elif kind == "foreach":
@@ -333,7 +333,7 @@ def measure_row(row: dict, settings: dict) -> dict:
               "task": task, "batch": batch, "eval_batch": eval_batch, "config_batch": cfg["train"]["batch_size"],
               "config_eval_batch": cfg["train"]["eval_batch_size"],
               # With accumulation the trainer steps Adam every N batches; every timed step here does.
-              "config_accumulate": cfg["train"].get("accumulate", 1)}
+              "config_accumulate": cfg["train"]["accumulate"]}
     if variant:
         result.update(variant=row["variant"], compile=compiled, compile_backend=backend if compiled else None, amp=amp)
     if row["model"] == "causalmer":

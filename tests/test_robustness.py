@@ -109,7 +109,6 @@ def test_training_masks_are_a_function_of_seed_and_epoch_and_zero_the_batch():
     assert not np.array_equal(first, epoch_keep_masks(100, tcfg, seed=1, epoch=4))  # redrawn each epoch
     assert not np.array_equal(first, epoch_keep_masks(100, tcfg, seed=2, epoch=3))
     assert epoch_keep_masks(100, {"missing_rate": 0.0}, seed=1, epoch=3) is None  # off by default
-    assert epoch_keep_masks(100, {}, seed=1, epoch=3) is None
     batch = {m: torch.ones(100, 2, 3) for m in MODALITIES}
     dropped = drop_modalities(batch, first)
     for i, m in enumerate(MODALITIES):
@@ -117,7 +116,7 @@ def test_training_masks_are_a_function_of_seed_and_epoch_and_zero_the_batch():
     for bad, match in (({"missing_rate": 1.0}, "train.missing_rate"), ({"missing_schedule": "sometimes"},
                                                                        "train.missing_schedule")):
         with pytest.raises(ConfigError, match=match):
-            check_missing(bad)
+            check_missing({**tcfg, **bad})
 
 
 def test_auilc_is_the_trapezoid_area():

@@ -61,7 +61,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "best_acc", split: str = "test
     try:
         cfg, splits, model, saved = load_run(run_dir, checkpoint, ctx.device, data_dir, dataset, data_file,
                                              data_format)
-        if compiled or cfg["train"].get("compile"):
+        if compiled or cfg["train"]["compile"]:
             model = compile_model(model)  # the weights were loaded into the module it wraps
         dataset = pick_split(splits, split)
         batch_size = cfg["train"]["eval_batch_size"]

@@ -16,8 +16,6 @@ import torch
 from ..errors import UserError
 from ..modalities import MODALITIES
 
-SCHEDULES = ("fixed", "uniform")
-
 
 def check_rate(rate: float, where: str) -> float:
     """A missing rate is a probability below 1: at rate 1 no sample would keep a modality of its own."""

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .encoder import TransformerEncoder
 from .engine import resolve_engine, run_encoders
 from .heads import residual_head
@@ -85,6 +86,9 @@ class MulT(nn.Module):
         self.embed_dropout = embed_dropout
         self.out_dropout = out_dropout
         heads = num_heads if use_configured_heads else REFERENCE_NUM_HEADS
+        if d_model % heads:
+            raise ConfigError(f"mult: d_model {d_model} must be a multiple of the {heads} attention heads"
+                              f"{'' if use_configured_heads else ' (MulT uses 10 unless use_configured_heads)'}")
 
         add_input_projections(self, orig_dims, d_model, kernel_sizes)
         add_crossmodal_encoders(self, d_model, heads, layers, attn_dropout, attn_dropout_a, attn_dropout_v,

@@ -8,15 +8,15 @@ from ..data import load_splits
 from ..models import backbone_class, branch_class, build_backbone, build_branch
 from ..models.standalone import BackboneOnly
 from ..modalities import MODALITIES
-from .config import check_kwargs
+from .config import check_kernel_sizes, check_kwargs
 
 
 def load_data(cfg: dict) -> dict:
     """Every split of the run's data file (data.file, else data.dir's file for the dataset)."""
     data = cfg["data"]
     return load_splits(data["dir"], cfg["dataset"], aligned=data["aligned"], task=data["task"],
-                       clean_nonfinite=data["clean_nonfinite"], data_file=data.get("file"),
-                       data_format=data.get("format"))
+                       clean_nonfinite=data["clean_nonfinite"], data_file=data["file"],
+                       data_format=data["format"])
 
 
 def make_model(cfg: dict, dataset, device: torch.device) -> torch.nn.Module:
@@ -29,8 +29,9 @@ def build_model(cfg: dict, dims, seq_lens, output_dim: int) -> torch.nn.Module:
     """CausalMER (backbone + three branches + causal head) or the backbone alone, per model.name."""
     model_cfg = cfg["model"]
     name = model_cfg["backbone"]
-    params = dict(model_cfg.get("backbone_params") or {})
+    params = dict(model_cfg["backbone_params"])
     check_kwargs(backbone_class(name), params, f"the '{name}' backbone's config (model.backbone_params)")
+    check_kernel_sizes(params, seq_lens, "model.backbone_params")
     backbone = build_backbone(name, orig_dims=list(dims), seq_lens=list(seq_lens), output_dim=output_dim, **params)
     if model_cfg["name"] == "backbone":
         return BackboneOnly(backbone)
@@ -44,7 +45,7 @@ def build_model(cfg: dict, dims, seq_lens, output_dim: int) -> torch.nn.Module:
     head = CausalHead(**model_cfg["head"])
     loss = cfg["loss"]
     return CausalMER(backbone, *branches, head, alpha=loss["alpha"], beta=loss["beta"], kl=loss["kl"],
-                     unimodal_labels=loss.get("unimodal_labels", False))
+                     unimodal_labels=loss["unimodal_labels"])
 
 
 def param_groups(model: torch.nn.Module, lr: dict) -> list[dict]:
@@ -62,7 +63,7 @@ def make_optimizer(model: torch.nn.Module, tcfg: dict, fused: bool = True) -> to
     where the default loops over them (the speed benchmark's --optimizer rows compare the two).
     `fused=False` is for devices the fused kernel does not support (the meta device of the placement
     tests)."""
-    return torch.optim.Adam(param_groups(model, tcfg["lr"]), weight_decay=tcfg.get("weight_decay", 0.0), fused=fused)
+    return torch.optim.Adam(param_groups(model, tcfg["lr"]), weight_decay=tcfg["weight_decay"], fused=fused)
 
 
 def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:

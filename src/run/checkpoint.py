@@ -18,7 +18,7 @@ import yaml
 
 from ..atomic import replacing
 from ..errors import CheckpointError, NonFiniteError
-from .config import load_yaml, model_signature, upgrade_config, without_execution_keys
+from .config import fill_defaults, load_yaml, model_signature, upgrade_config, without_execution_keys
 
 CHECKPOINT_NAMES = {"last": "last.pt", "best_loss": "best_loss.pt", "best_acc": "best_acc.pt"}
 
@@ -191,7 +191,7 @@ def load_checkpoint(path: Path, resumable: bool = False) -> dict:
 
 
 def checkpoint_config(ckpt: dict) -> dict:
-    return upgrade_config(load_yaml(ckpt["config"]), "the config inside a checkpoint")
+    return fill_defaults(upgrade_config(load_yaml(ckpt["config"]), "the config inside a checkpoint"))
 
 
 def check_compatible(ckpt: dict, path: Path, expected_signature: dict) -> None:
@@ -256,7 +256,7 @@ def read_config_file(path: Path) -> dict:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path} is not a run config of this tool: it holds a {type(cfg).__name__}, not a "
                               "mapping of sections (data, model, loss, train)")
-    return upgrade_config(cfg, str(path))
+    return fill_defaults(upgrade_config(cfg, str(path)))
 
 
 def check_same_config(saved: dict, requested: dict, path: Path) -> None:

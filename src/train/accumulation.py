@@ -14,14 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-
-POLICIES = ("reference", "corrected")
-
-
-def check_policy(name: str) -> str:
-    if name not in POLICIES:
-        raise ConfigError(f"train.accumulation must be one of {', '.join(POLICIES)}, got {name!r}")
-    return name
+from ..run.config import check_setting
 
 
 @dataclass(frozen=True)
@@ -33,9 +26,8 @@ class Accumulation:
     n_batches: int
 
     def __post_init__(self):
-        check_policy(self.policy)
-        if self.window < 1:
-            raise ConfigError(f"train.accumulate must be at least 1, got {self.window}")
+        check_setting("train.accumulation", self.policy)
+        check_setting("train.accumulate", self.window)
 
     @property
     def loss_scale(self) -> float:

@@ -54,7 +54,7 @@ def evaluated_splits(splits: dict) -> list[str]:
 
 
 def check_unimodal_labels(cfg: dict, dataset) -> None:
-    if not cfg["loss"].get("unimodal_labels"):
+    if not cfg["loss"]["unimodal_labels"]:
         return
     if cfg["model"]["name"] != "causalmer":
         raise ConfigError("loss.unimodal_labels trains CausalMER's unimodal branches on their own labels; the "
@@ -69,14 +69,14 @@ def prepare(cfg: dict, ctx: Context, seed: int, resume: bool = False, run_dir: P
     break, done before the run directory is created, so a refused run leaves nothing behind. `run_dir`:
     where the run will be, whose logger folder must be writable."""
     tcfg = cfg["train"]
-    require_logger(tcfg.get("logger", "none"), run_dir)
+    require_logger(tcfg["logger"], run_dir)
     check_missing(tcfg)
     seed_everything(seed)
     splits = load_data(cfg)
     require_splits(splits, TRAINING_SPLITS, "training")
     check_unimodal_labels(cfg, splits["train"])
     per_rank = len(splits["train"]) // ctx.world_size  # as train_epoch shares an epoch out
-    refuse_if_no_step(Accumulation(tcfg.get("accumulation", "corrected"), tcfg.get("accumulate", 1),
+    refuse_if_no_step(Accumulation(tcfg["accumulation"], tcfg["accumulate"],
                                    math.ceil(per_rank / tcfg["batch_size"])))
     model = make_model(cfg, splits["train"], ctx.device)
     if cfg["model"].get("init_from") and not resume:  # a resumed run's weights come from last.pt
@@ -117,7 +117,7 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
 
     # `run` is `model` compiled (train.compile) or `model` itself; `trained` adds the DDP wrapper.
     # Checkpoints are written from and loaded into `model`, so their keys never depend on either.
-    run = compile_model(model) if tcfg.get("compile") else model
+    run = compile_model(model) if tcfg["compile"] else model
     trained = run
     if ctx.distributed:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -126,7 +126,7 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
     prediction = main_prediction(model)
     headline_key, _ = metrics.headline(splits["train"].task)
     config_text = dump_config(cfg)
-    logger = make_logger(tcfg.get("logger", "none"), run_dir, ctx.is_main, first_epoch=state["epoch"] + 1, cfg=cfg)
+    logger = make_logger(tcfg["logger"], run_dir, ctx.is_main, first_epoch=state["epoch"] + 1, cfg=cfg)
     unit = " (%)" if metrics.is_fraction_metric(headline_key) else ""
     log.info("each epoch: mean training loss, validation loss, validation %s%s of the %s prediction; *loss marks a "
              "new best validation loss (best_loss.pt written), *score a new best validation %s (best_acc.pt written)",
@@ -171,7 +171,7 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
                  " *loss" if improved_loss else "", " *score" if improved_score else "", entry["seconds"])
         logger.log_epoch(entry)
         barrier(ctx)
-        if tcfg.get("early_stop") and state["since_best"] >= tcfg["early_stop"]:
+        if tcfg["early_stop"] is not None and state["since_best"] >= tcfg["early_stop"]:
             log.info("early stop: %d epochs without a better validation loss", state["since_best"])
             break
 
@@ -240,7 +240,7 @@ def train_epoch(model, optimizer, dataset, tcfg: dict, ctx: Context, seed: int, 
     indices = order[ctx.rank:usable:ctx.world_size]
     batch_size = tcfg["batch_size"]
     n_batches = math.ceil(len(indices) / batch_size)
-    plan = Accumulation(tcfg.get("accumulation", "corrected"), tcfg.get("accumulate", 1), n_batches)
+    plan = Accumulation(tcfg["accumulation"], tcfg["accumulate"], n_batches)
     total, count, term_totals = torch.zeros((), device=ctx.device), 0, {}
     first_bad = torch.zeros((), dtype=torch.long, device=ctx.device)  # first step with a NaN/inf loss, 0: none
     optimizer.zero_grad(set_to_none=True)
@@ -300,9 +300,10 @@ def duration(seconds: float) -> str:
 
 
 def clip_gradients(model, tcfg: dict) -> None:
-    if tcfg.get("grad_clip_value"):
+    # null: no clip (the schema refuses 0 and negative values)
+    if tcfg["grad_clip_value"] is not None:
         torch.nn.utils.clip_grad_value_(model.parameters(), tcfg["grad_clip_value"])
-    if tcfg.get("grad_clip_norm"):
+    if tcfg["grad_clip_norm"] is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip_norm"])
 
 

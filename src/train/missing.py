@@ -11,32 +11,27 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import ConfigError, UserError
-from ..eval.missing import SCHEDULES, check_rate, keep_masks, uniform_keep_masks, zero_missing
+from ..eval.missing import keep_masks, uniform_keep_masks, zero_missing
 from ..modalities import MODALITIES
+from ..run.config import check_setting
 
 # A third seed word: the masks' stream never coincides with the shuffle's (epoch_order uses [seed, epoch]).
 MASK_STREAM = 1
 
 
 def check_missing(tcfg: dict) -> None:
-    """Refuse a rate outside [0, 1) or an unknown schedule, naming the key."""
-    try:
-        check_rate(tcfg.get("missing_rate", 0.0), "train.missing_rate")
-    except UserError as err:
-        raise ConfigError(str(err)) from None
-    schedule = tcfg.get("missing_schedule", "fixed")
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"train.missing_schedule '{schedule}' is unknown; valid: {', '.join(SCHEDULES)}")
+    """Refuse a rate outside [0, 1) or an unknown schedule, naming the key (the schema's rows)."""
+    for key in ("missing_rate", "missing_schedule"):
+        check_setting(f"train.{key}", tcfg[key])
 
 
 def epoch_keep_masks(n: int, tcfg: dict, seed: int, epoch: int) -> np.ndarray | None:
     """(n, 3) keep masks of one epoch over the training split's rows, or None when nothing is dropped."""
-    rate = tcfg.get("missing_rate", 0.0)
+    rate = tcfg["missing_rate"]
     if not rate:
         return None
     rng = np.random.default_rng([seed, epoch, MASK_STREAM])
-    if tcfg.get("missing_schedule", "fixed") == "uniform":
+    if tcfg["missing_schedule"] == "uniform":
         return uniform_keep_masks(n, rate, rng)
     return keep_masks(n, rate, rng)
 

@@ -35,21 +35,15 @@ import os
 import threading
 from pathlib import Path
 
-from ..errors import ConfigError, UserError
+from ..errors import UserError
+from ..run.config import check_setting
 from ..trees import flatten
 
-LOGGERS = ("none", "tensorboard", "wandb")
 TENSORBOARD_HINT = "pip install -e .[tensorboard]"
 WANDB_HINT = "pip install -e .[wandb]"
 LOG_DIR = "tensorboard"
 WANDB_DIR = "wandb"
 CHECKPOINTS = ("best_loss", "best_acc")
-
-
-def check_logger(name: str) -> str:
-    if name not in LOGGERS:
-        raise ConfigError(f"train.logger '{name}' is unknown; valid loggers: {', '.join(LOGGERS)}")
-    return name
 
 
 def epoch_scalars(entry: dict) -> dict:
@@ -107,13 +101,14 @@ class NullLogger:
 def require_logger(name: str, run_dir: Path | None = None) -> None:
     """Refuse a logger whose package is missing, or whose folder in `run_dir` cannot be written, before
     anything is written (UserError naming the extra or the folder)."""
-    if check_logger(name) == "wandb":
+    name = check_setting("train.logger", name)
+    if name == "wandb":
         try:
             import wandb  # noqa: F401  (optional dependency: fail here, before the run starts, with a hint)
         except ImportError:
             raise UserError(f"--logger wandb (train.logger) needs the wandb package, which is not installed; "
                             f"install the wandb extra: {WANDB_HINT}") from None
-    if check_logger(name) == "tensorboard":
+    if name == "tensorboard":
         try:
             import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it; fail here with a hint)
         except ImportError:
@@ -262,7 +257,7 @@ class WandbLogger:
 
 def make_logger(name: str, run_dir: Path, is_main: bool, first_epoch: int = 1, cfg: dict | None = None):
     """The run's logger on rank 0 (TensorBoard in <run>/tensorboard, W&B in <run>/wandb), else a NullLogger."""
-    check_logger(name)
+    check_setting("train.logger", name)
     if name == "none" or not is_main:
         return NullLogger()
     if name == "wandb":
