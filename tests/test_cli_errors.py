@@ -116,6 +116,16 @@ def test_run_names_that_leave_the_runs_dir(data_dir, tmp_path, capsys, name):
     (["--set", "train.early_stop=0"], "train.early_stop must be at least 1"),
     (["--set", "train.plateau.patience=-1"], "train.plateau.patience"),
     (["--set", "loss.alpha=-1"], "loss.alpha must be non-negative"),
+    (["--set", "model.backbone_params.attn_dropout=1.5"], "model.backbone_params.attn_dropout must be in [0, 1)"),
+    (["--set", "model.backbone_params.relu_dropout=-0.5"], "model.backbone_params.relu_dropout must be in [0, 1)"),
+    (["--set", "model.backbone_params.d_model=7"], "d_model (7) must be a multiple of model.backbone_params.num_heads"),
+    (["--set", "model.backbone_params.d_model=-10"], "model.backbone_params.d_model must be at least 1"),
+    (["--set", "model.backbone_params.layers=0"], "model.backbone_params.layers must be at least 1"),
+    (["--set", "model.backbone_params.kernel_sizes=[30, 3, 3]"], "the text kernel size 30 is longer than the text "
+                                                                 "sequences of the data"),
+    (["--set", "dataset=mosi"], "--set dataset=mosi contradicts --dataset, which gives dataset = iemocap"),
+    (["--epochs", "2", "--set", "train.epochs=3"], "--set train.epochs=3 contradicts"),
+    (["--name", "n" * 300], "300 bytes long"),
     (["--device", "foo"], "--device 'foo'"),
     (["--device", "tpu"], "--device 'tpu'"),
 ])
@@ -130,6 +140,20 @@ def test_a_config_file_lacking_a_section(data_dir, tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     assert_refused(run(capsys, *train_args(data_dir, tmp_path / "runs", "--config", tmp_path / "c.yaml")),
                    "missing required key 'loss.alpha'")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "is not a UTF-8 text file"),
+    (b"a0: &a0 [" + b", ".join([b"lol"] * 9) + b"]\n" + b"".join(
+        b"a%d: &a%d [" % (i, i) + b", ".join([b"*a%d" % (i - 1)] * 9) + b"]\n" for i in range(1, 9)),
+     "aliases expand to more than"),
+    (b"dataset: iemocap\ndataset: iemocap\n", "the key 'dataset' is given twice"),
+])
+def test_a_config_file_that_is_no_config(data_dir, tmp_path, capsys, content, fragment):
+    (tmp_path / "c.yaml").write_bytes(content)
+    assert_refused(run(capsys, *train_args(data_dir, tmp_path / "runs", "--config", tmp_path / "c.yaml")),
+                   str(tmp_path / "c.yaml"), fragment)
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("seed", ["-1", str(2**32), "1.5"])

@@ -28,11 +28,21 @@ METRICS_NAME = "metrics.json"
 IMPORTED_NAME = "imported.json"
 
 
+# The longest name most file systems take for one folder (ext4, APFS, NTFS: 255 bytes or UTF-16 units).
+MAX_NAME_BYTES = 255
+
+
 def check_run_name(name: str) -> str:
-    """A run name is one folder name inside the runs folder: no separators, no '..', not absolute."""
+    """A run name is one folder name inside --runs-dir: no separators, no '..', not absolute, not longer than
+    a file system takes."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name or Path(name).is_absolute():
         raise UserError(f"--name {name!r} must be a plain folder name (letters, digits, '_', '-', '.'), without "
                         "'/' or '..': runs live in <runs-dir>/<dataset>/<name>/seed<seed>/")
+    if "\0" in name:
+        raise UserError(f"--name {name!r} holds a NUL character, which no file system takes in a folder name")
+    if len(os.fsencode(name)) > MAX_NAME_BYTES:
+        raise UserError(f"--name {name[:40]!r}... is {len(os.fsencode(name))} bytes long; a folder name may have at "
+                        f"most {MAX_NAME_BYTES} bytes: choose a shorter --name")
     return name
 
 
