@@ -279,7 +279,7 @@ def test_a_text_key_set_to_a_number_keeps_the_text():
                                          ("on", "on"), ("No", "No"), ("2001-12-14", "2001-12-14"), ("1_000", "1_000"),
                                          ("true", True), ("~", None), ("-.inf", float("-inf"))])
 def test_config_yaml_is_read_as_yaml_1_2(text, value):
-    from src.run.config import load_yaml
+    from src.run.yamlfile import load_yaml
 
     assert load_yaml(f"k: {text}") == {"k": value}
     assert type(load_yaml(f"k: {text}")["k"]) is type(value)
@@ -297,7 +297,8 @@ def test_yaml_1_1_forms_are_refused_where_a_number_or_boolean_is_needed(tmp_path
 def test_written_configs_read_back_the_same_under_yaml_1_1_and_1_2():
     import yaml
 
-    from src.run.config import dump_config, load_yaml
+    from src.run.config import dump_config
+    from src.run.yamlfile import load_yaml
 
     cfg = {"names": ["yes", "0o10", "1e3", "010", "1:00", "~", "on", "2001-12-14"]}
     text = dump_config(cfg)
@@ -353,3 +354,12 @@ def test_the_engine_is_part_of_what_a_run_trains_but_not_of_its_weights(tmp_path
         check_same_config(fast, plain, tmp_path / "config.yaml")
     del plain["model"]["backbone_params"]["engine"], fast["model"]["backbone_params"]["engine"]
     check_same_config(fast, plain, tmp_path / "config.yaml")  # compile and the logger change nothing
+
+
+def test_a_width_the_constructor_refuses_is_named_by_its_section():
+    from src.run.build import build_model
+
+    cfg = load_config("iemocap", overrides=["model.branches.text={kind: transformer, d_model: 30}"])  # 4 heads
+    with pytest.raises(ConfigError, match=r"model.branches.text: an attention width of 30 is not a multiple of its "
+                                          r"4 heads"):
+        build_model(cfg, (300, 74, 35), (20, 20, 20), 8)

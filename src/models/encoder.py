@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 # Buffers the reference encoder stores that carry no weights; dropped when loading its state_dicts.
 _WEIGHTLESS_REFERENCE_BUFFERS = ("version", "embed_positions._float_tensor")
 
@@ -97,7 +99,8 @@ class MultiheadAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, attn_dropout: float = 0.0):
         super().__init__()
         if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"an attention width of {embed_dim} is not a multiple of its {num_heads} heads "
+                              "(d_model must be a multiple of num_heads)")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads

@@ -1,10 +1,13 @@
 """Build what a config describes: its data splits, its model, and the model's optimiser parameter groups."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..causal import CausalHead, CausalMER
 from ..data import load_splits
+from ..errors import ConfigError
 from ..models import backbone_class, branch_class, build_backbone, build_branch
 from ..models.standalone import BackboneOnly
 from ..modalities import MODALITIES
@@ -32,7 +35,8 @@ def build_model(cfg: dict, dims, seq_lens, output_dim: int) -> torch.nn.Module:
     params = dict(model_cfg["backbone_params"])
     check_kwargs(backbone_class(name), params, f"the '{name}' backbone's config (model.backbone_params)")
     check_kernel_sizes(params, seq_lens, "model.backbone_params")
-    backbone = build_backbone(name, orig_dims=list(dims), seq_lens=list(seq_lens), output_dim=output_dim, **params)
+    with named_section("model.backbone_params"):
+        backbone = build_backbone(name, orig_dims=list(dims), seq_lens=list(seq_lens), output_dim=output_dim, **params)
     if model_cfg["name"] == "backbone":
         return BackboneOnly(backbone)
 
@@ -41,11 +45,21 @@ def build_model(cfg: dict, dims, seq_lens, output_dim: int) -> torch.nn.Module:
         options = dict(model_cfg["branches"][modality])
         kind = options.pop("kind")
         check_kwargs(branch_class(kind), options, f"model.branches.{modality}")
-        branches.append(build_branch(kind, in_dim=in_dim, seq_len=seq_len, output_dim=output_dim, **options))
+        with named_section(f"model.branches.{modality}"):
+            branches.append(build_branch(kind, in_dim=in_dim, seq_len=seq_len, output_dim=output_dim, **options))
     head = CausalHead(**model_cfg["head"])
     loss = cfg["loss"]
     return CausalMER(backbone, *branches, head, alpha=loss["alpha"], beta=loss["beta"], kl=loss["kl"],
                      unimodal_labels=loss["unimodal_labels"])
+
+
+@contextlib.contextmanager
+def named_section(where: str):
+    """A constructor's refusal of its options (ConfigError) names the config section they came from."""
+    try:
+        yield
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def param_groups(model: torch.nn.Module, lr: dict) -> list[dict]:

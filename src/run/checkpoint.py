@@ -18,7 +18,8 @@ import yaml
 
 from ..atomic import replacing
 from ..errors import CheckpointError, NonFiniteError
-from .config import fill_defaults, load_yaml, model_signature, upgrade_config, without_execution_keys
+from .config import fill_defaults, model_signature, upgrade_config, without_execution_keys
+from .yamlfile import load_yaml
 
 CHECKPOINT_NAMES = {"last": "last.pt", "best_loss": "best_loss.pt", "best_acc": "best_acc.pt"}
 

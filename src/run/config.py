@@ -10,9 +10,7 @@ choices, and meaning) and OPTIONS (the backbones' and branches' constructor opti
 the files leave out, and it is saved with the run as config.yaml. The README's configuration reference is
 generated from the same tables: `python -m src.run.config --markdown`.
 
-Config files are read as YAML 1.2 (core schema): `1e-3` is a float, `010` is 10, `yes`/`no`/`on`/`off`
-and `1:00` are strings; a key given twice, an alias that refers to itself, and aliases that expand to
-more than MAX_YAML_NODES values are refused.
+Config files are read as YAML 1.2, with a key given twice and runaway aliases refused (src/run/yamlfile.py).
 """
 from __future__ import annotations
 
@@ -21,7 +19,6 @@ import fnmatch
 import inspect
 import logging
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +32,7 @@ from ..modalities import MODALITIES
 from ..models import BACKBONES, BRANCHES
 from ..models.dmd import ORTHOGONALITY_AXES
 from ..models.engine import ENGINES
+from .yamlfile import YAMLRefused, dump_yaml, load_yaml
 
 LOG = logging.getLogger("causalmer")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -251,118 +249,9 @@ CROSS_RULES = ("`d_model` is a multiple of `num_heads` (for MulT: of 10 unless `
                "...)")
 
 
-# ---------------------------------------------------------------------------------------------- YAML
-MAX_YAML_NODES = 100_000  # values a config may expand to through aliases (ours have a few hundred)
-
-
-class YAMLRefused(yaml.YAMLError):
-    """YAML that parses but that a config may not be: a key given twice, aliases expanding too far."""
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.2's core schema (PyYAML implements 1.1), with a key given twice refused."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-            except TypeError:
-                continue  # an unhashable key: SafeLoader refuses it
-            if duplicate:
-                raise YAMLRefused(f"the key {key!r} is given twice (line {key_node.start_mark.line + 1}); "
-                                  "keep one")
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-class _Dumper(yaml.SafeDumper):
-    """Quotes every string that YAML 1.1 or 1.2 would read as something else, so configs written by
-    this tool read back the same under either."""
-
-
-_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
-_FLOAT = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
-                    r"|\.(?:nan|NaN|NAN))$")
-_CORE = (("tag:yaml.org,2002:null", re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""]),
-         ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")),
-         ("tag:yaml.org,2002:int", _INT, list("-+0123456789")),
-         ("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789.")))
-_Loader.yaml_implicit_resolvers = {}  # none of 1.1's: no octal 010, sexagesimal 1:00, yes/no/on/off, dates
-for _tag, _regexp, _first in _CORE:
-    _Loader.add_implicit_resolver(_tag, _regexp, _first)
-    _Dumper.add_implicit_resolver(_tag, _regexp, _first)
-
-
-def _scalar(loader, node, pattern, convert, what):
-    text = loader.construct_scalar(node)
-    if pattern.match(text):
-        try:
-            return convert(text)
-        except ValueError:  # e.g. an integer of more digits than Python converts
-            pass
-    raise YAMLRefused(f"{text[:40]!r} (line {node.start_mark.line + 1}) is not {what} in YAML 1.2")
-
-
-def _to_int(text: str) -> int:
-    base = {"0o": 8, "0x": 16}.get(text[:2], 10)
-    return int(text[2:] if base != 10 else text, base)
-
-
-def _to_float(text: str) -> float:
-    special = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
-    return special[text.lower()] if text.lower() in special else float(text)
-
-
-_Loader.add_constructor("tag:yaml.org,2002:int", lambda l, n: _scalar(l, n, _INT, _to_int, "an integer"))
-_Loader.add_constructor("tag:yaml.org,2002:float", lambda l, n: _scalar(l, n, _FLOAT, _to_float, "a number"))
-_Loader.add_constructor("tag:yaml.org,2002:bool", lambda l, n: _scalar(
-    l, n, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), lambda t: t.lower() == "true", "true or false"))
-
-
-def _expanded_size(root) -> int:
-    """How many values the node graph holds with every alias expanded; refuses an alias inside itself.
-    Iterative, and each node counted once, so a "billion laughs" document costs its own size."""
-    sizes, open_nodes, stack = {}, set(), [(root, False)]
-    while stack:
-        node, closing = stack.pop()
-        children = ([item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode) else
-                    node.value if isinstance(node, yaml.SequenceNode) else [])
-        if closing:
-            open_nodes.discard(id(node))
-            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
-            if sizes[id(node)] > MAX_YAML_NODES:
-                raise YAMLRefused(f"its aliases expand to more than {MAX_YAML_NODES} values (line "
-                                  f"{node.start_mark.line + 1}); a config needs a few hundred")
-            continue
-        if id(node) in sizes:
-            continue
-        if id(node) in open_nodes:
-            raise YAMLRefused(f"an alias refers to the value that contains it (line {node.start_mark.line + 1})")
-        open_nodes.add(id(node))
-        stack.append((node, True))
-        stack.extend((child, False) for child in children if id(child) not in sizes)
-    return sizes[id(root)]
-
-
-def load_yaml(text):
-    """Parse config text (or a stream) the way every config of this tool is read (module docstring)."""
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _expanded_size(node)
-        return loader.construct_document(node)
-    except RecursionError:
-        raise YAMLRefused("it is nested too deeply") from None
-    finally:
-        loader.dispose()
-
-
+# --------------------------------------------------------------------------------------------- files
 def dump_config(cfg: dict) -> str:
-    return yaml.dump(cfg, Dumper=_Dumper, sort_keys=False)
+    return dump_yaml(cfg)
 
 
 def read_yaml(path: Path) -> dict:
@@ -489,7 +378,7 @@ def _children(prefix: tuple) -> dict:
     return out
 
 
-def _walk(node, prefix: tuple, cfg: dict) -> None:
+def _walk(node, prefix: tuple) -> None:
     """Unknown keys and wrong types, by name, from the root down."""
     where = ".".join(prefix)
     if not isinstance(node, dict):
@@ -501,7 +390,7 @@ def _walk(node, prefix: tuple, cfg: dict) -> None:
         if key in children:
             setting = children[key]
             if setting is None or here in OPTION_SECTIONS:
-                _walk(value, prefix + (key,), cfg)
+                _walk(value, prefix + (key,))
             else:
                 _check_type(value, setting, here)
         elif options:
@@ -533,7 +422,7 @@ def _check_finite(node, where: str) -> None:
 def validate(cfg: dict) -> dict:
     """Check every key against the schema: known, of its type, finite, present where required, in its
     range or choices, and the rules between keys. Returns cfg; errors name the key."""
-    _walk(cfg, (), cfg)
+    _walk(cfg, ())
     _check_finite(cfg, "")
     causalmer = get_path(cfg, ("model", "name")) == "causalmer"
     for setting in SETTINGS:
