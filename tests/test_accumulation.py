@@ -110,7 +110,8 @@ def run_epoch(policy):
     order = epoch_order(len(dataset), 0, 1)
     # Put the values into the file in the order the epoch will visit them.
     dataset.values[torch.as_tensor(order)] = torch.tensor(GRADIENTS)
-    tcfg = {"batch_size": 1, "accumulate": 2, "accumulation": policy, "grad_clip_value": 0.6, "grad_clip_norm": None}
+    tcfg = {"batch_size": 1, "accumulate": 2, "accumulation": policy, "grad_clip_value": 0.6, "grad_clip_norm": None,
+            "missing_rate": 0.0}
     train_epoch(model, optimizer, dataset, tcfg, Context(torch.device("cpu")), seed=0, epoch=1, amp=False)
     return model.w.item(), model.w.grad
 
