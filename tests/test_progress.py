@@ -47,7 +47,7 @@ def test_the_training_loop_logs_progress_without_a_terminal(caplog):
 
     model = Slope()
     tcfg = {"batch_size": 1, "accumulate": 1, "accumulation": "corrected", "grad_clip_value": None,
-            "grad_clip_norm": None}
+            "grad_clip_norm": None, "missing_rate": 0.0}
     with caplog.at_level(logging.INFO, logger="causalmer"):
         train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), Gradients([0.1] * 5), tcfg,
                     Context(torch.device("cpu")), seed=0, epoch=2, amp=False, progress_seconds=1e-9)
