@@ -56,7 +56,6 @@ __all__ = ["RefusedCheckpoint", "read_published", "read_published_state_dict", "
 
 # Buffers of the published modules that hold no weights: left out of the strict comparison.
 WEIGHTLESS_SUFFIXES = MULT_WEIGHTLESS + ALBERT_WEIGHTLESS
-DEFAULT_LOSS = {"alpha": 0.1, "beta": 1.0, "kl": "all"}
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -239,15 +238,16 @@ def load_strict(model: torch.nn.Module, state: dict, source: str) -> None:
     model.load_state_dict({k: state[k] for k in model.state_dict()}, strict=True)
 
 
-def _build(plan: dict, loss: dict | None, device=None) -> torch.nn.Module:
-    cfg = {"model": plan["model"], "loss": loss or DEFAULT_LOSS}
+def _build(plan: dict, loss: dict, device=None) -> torch.nn.Module:
+    cfg = {"model": plan["model"], "loss": loss}
     with torch.device(device) if device else torch.device("cpu"):
         return build_model(cfg, plan["dims"], plan["seq_lens"] or (None, None, None), plan["output_dim"])
 
 
-def build_imported(plan: dict, loss: dict | None = None) -> torch.nn.Module:
+def build_imported(plan: dict, loss: dict) -> torch.nn.Module:
     """The project's model for an import plan (CausalMER or BackboneOnly), holding the file's weights, in
-    eval mode. It is built on the meta device first: a file whose tensors do not fit allocates nothing."""
+    eval mode; `loss`: the config's loss section. It is built on the meta device first: a file whose
+    tensors do not fit allocates nothing."""
     if plan["kind"] != "dmd":  # DMD's names are checked by its own loader, on sizes taken from the tensors
         problems = _strict_problems(_build(plan, loss, "meta").state_dict(), plan["state_dict"])
         if problems:
@@ -267,7 +267,7 @@ def import_published(path, dataset: str) -> torch.nn.Module:
     the published logits_causal_mer, and logits_te)."""
     path = Path(path)
     plan = plan_import(read_published(path), dataset, str(path))
-    model = build_imported(plan)
+    model = build_imported(plan, load_config(dataset)["loss"])  # the loss weights of the dataset's config
     return model.backbone if plan["kind"] == "mult" else model
 
 
