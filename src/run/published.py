@@ -278,7 +278,7 @@ def published_run_config(path, dataset: str, aligned: bool = True, data_dir: str
     cli = {"data.task": plan["task"], "data.aligned": aligned, "data.dir": data_dir}
     backbone = plan["model"]["backbone"]
     cfg = load_config(dataset, backbone=backbone, model_name=plan["model"]["name"], cli=cli)
-    params = {**cfg["model"].get("backbone_params", {}), **plan["model"]["backbone_params"]}
+    params = {**cfg["model"]["backbone_params"], **plan["model"]["backbone_params"]}
     cfg["model"].update(plan["model"])
     cfg["model"]["backbone_params"] = params
     cfg["model"]["init_from"] = {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
