@@ -16,7 +16,7 @@ def test_dataset_configs_resolve_with_every_backbone():
 
 def test_iemocap_defaults_are_the_reference_settings():
     cfg = load_config("iemocap")
-    assert cfg["loss"] == {"alpha": 0.1, "beta": 1.0, "kl": "all"}
+    assert cfg["loss"] == {"alpha": 0.1, "beta": 1.0, "kl": "all", "unimodal_labels": False}
     assert cfg["model"]["head"] == {"fusion": "mask", "constant": 0.0}
     train = cfg["train"]
     assert (train["batch_size"], train["epochs"], train["grad_clip_norm"]) == (32, 50, 0.8)
