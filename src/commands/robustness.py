@@ -64,8 +64,8 @@ def load_baseline(baseline_dir: Path, checkpoint: str, device, cfg: dict, datase
                         f"aligned {ours[1]}, task {ours[2]}, file {dataset.source.get('path')}); compare runs of "
                         "the same data file")
     data = cfg["data"]  # the very file the judged run is scored on
-    _, splits, model, _ = load_run(baseline_dir, checkpoint, device, data["dir"], data_file=data.get("file"),
-                                   data_format=data.get("format"))
+    _, splits, model, _ = load_run(baseline_dir, checkpoint, device, data["dir"], data_file=data["file"],
+                                   data_format=data["format"])
     return splits, model
 
 
