@@ -116,7 +116,7 @@ def result_tag(run_dir: Path, checkpoint: str, data_dir: str | None, source: dic
                       and run_identity.belongs({"run": checkpoint_run}, path, run_identity.read_identity(run_dir)))
     run_data = ckpt_io.read_config_file(Path(run_dir) / "config.yaml")["data"]
     if data_file is not None:
-        own_place = run_data.get("file") is not None and Path(data_file).resolve() == Path(run_data["file"]).resolve()
+        own_place = run_data["file"] is not None and Path(data_file).resolve() == Path(run_data["file"]).resolve()
     else:
         own_place = data_dir is None or Path(data_dir).resolve() == Path(run_data["dir"]).resolve()
     own_data = own_place and run_identity.other_data_note(run_dir, source) is None
