@@ -156,6 +156,18 @@ def test_resume_with_another_engine_is_refused(runs, data_dir, capsys):
     assert_refused(result, "model.backbone_params.engine", "'fast'", "'plain'")
 
 
+def test_resume_where_the_engine_resolves_otherwise_is_refused(runs, data_dir, capsys):
+    """run.json records the engine as resolved on the device the run started on; a run started where it
+    resolved to plain (auto on a GPU) does not continue with fast (auto on a CPU) unseen."""
+    run_dir = runs / "iemocap" / "tiny" / "seed3"
+    identity = json.loads((run_dir / "run.json").read_text())
+    assert identity["engine"] == "fast"
+    (run_dir / "run.json").write_text(json.dumps({**identity, "engine": "plain"}))
+    (run_dir / "metrics.json").unlink()
+    result = run(capsys, *train_args(data_dir, runs, "--resume"))
+    assert_refused(result, "'plain' engine", "'fast'", "kind of device")
+
+
 def test_compare_does_not_reuse_runs_of_another_engine(data_dir, tmp_path, capsys):
     runs = tmp_path / "runs"
     assert run(capsys, *train_args(data_dir, runs, "--model", "mult", name="compare_mult"))[0] == 0  # as compare would

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 from ..atomic import write_text
-from ..errors import CheckpointError, DataError
+from ..errors import ConfigError, CheckpointError, DataError
 
 log = logging.getLogger("causalmer")
 RUN_FILE = "run.json"
@@ -31,9 +31,10 @@ def warn_once(key: str, message: str) -> None:
         log.warning(message)
 
 
-def new_identity(seed: int, source: dict | None) -> dict:
-    """A fresh run's identity; `source` is the data file's fingerprint (None for an imported model)."""
-    return {"run_id": uuid.uuid4().hex, "seed": int(seed), "data": source}
+def new_identity(seed: int, source: dict | None, engine: str | None = None) -> dict:
+    """A fresh run's identity; `source` is the data file's fingerprint (None for an imported model);
+    `engine` the encoders' engine the run trains with, as resolved on its device ("auto" is resolved)."""
+    return {"run_id": uuid.uuid4().hex, "seed": int(seed), "data": source, "engine": engine}
 
 
 def write_identity(run_dir: Path, identity: dict) -> None:
@@ -70,14 +71,15 @@ def same_data(a: dict | None, b: dict | None) -> bool:
     return all(a.get(key) == b.get(key) for key in CONTENT_KEYS)
 
 
-def bind_run(run_dir: Path, seed: int, source: dict, resume: bool) -> dict | None:
+def bind_run(run_dir: Path, seed: int, source: dict, resume: bool, engine: str | None = None) -> dict | None:
     """The identity a run's checkpoints carry: a new one written to run.json, or the resumed run's."""
     if resume:
         identity = read_identity(run_dir)
         if identity is not None:
             check_resume_data(run_dir, source)
+            check_resume_engine(run_dir, engine)
             return identity
-    identity = new_identity(seed, source)
+    identity = new_identity(seed, source, engine)
     write_identity(run_dir, identity)
     return identity
 
@@ -90,6 +92,18 @@ def check_resume_data(run_dir: Path, source: dict) -> None:
         raise DataError(f"--resume: the run in {run_dir} started on {describe(trained)}, but the data file is now "
                         f"{describe(source)}; its earlier epochs trained on other data, so the run cannot continue "
                         "on this file. Restore the original file, or start a new run under another --name.")
+
+
+def check_resume_engine(run_dir: Path, engine: str | None) -> None:
+    """Refuse to resume with another resolved engine: "auto" is "fast" on a CPU and "plain" elsewhere, so a
+    run started on one kind of device and resumed on another would switch its dropout draws unseen."""
+    identity = read_identity(run_dir)
+    trained = identity.get("engine") if identity else None
+    if trained is not None and engine is not None and trained != engine:
+        raise ConfigError(f"--resume: the run in {run_dir} trained its encoders with the {trained!r} engine, and "
+                          f"here they would run with {engine!r} (engine 'auto' picks by device); the dropout draws "
+                          f"would change mid-run. Resume it on the kind of device it started on (auto is 'fast' on a CPU, "
+                          "'plain' on a GPU), or set the engine explicitly when starting a run that moves between them.")
 
 
 def checkpoint_identity(ckpt: dict, path: Path) -> dict | None:

@@ -23,6 +23,7 @@ from ..causal import warn_if_constants_cannot_learn
 from ..data import TRAINING_SPLITS, UNIMODAL_KEYS, require_splits
 from ..errors import ConfigError, NonFiniteError
 from ..run import checkpoint as ckpt_io
+from ..models.engine import resolve_engine
 from ..run import identity as run_identity
 from .accumulation import Accumulation, refuse_if_no_step
 from .missing import check_missing, drop_modalities, epoch_keep_masks
@@ -102,7 +103,8 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
     state = {"epoch": 0, "best_loss": math.inf, "best_acc": -math.inf, "since_best": 0, "history": []}
     signature = model_signature(cfg)
     # What every checkpoint of this run records: its id, seed and data file (src/run/identity.py).
-    identity = run_identity.bind_run(run_dir, seed, splits["train"].source, resume) if ctx.is_main else None
+    identity = (run_identity.bind_run(run_dir, seed, splits["train"].source, resume, training_engine(model, ctx.device))
+                if ctx.is_main else None)
 
     if resume:
         last = ckpt_io.load_checkpoint(run_dir / ckpt_io.CHECKPOINT_NAMES["last"], resumable=True)
@@ -179,6 +181,13 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
     logger.log_final(results, cfg, headline_key)
     logger.close()
     return results
+
+
+def training_engine(model, device) -> str | None:
+    """The engine the backbone's encoders train with on `device` ("auto" resolved), or None for a backbone
+    that has no engine choice."""
+    engine = getattr(unwrap(model).backbone, "engine", None)
+    return None if engine is None else resolve_engine(engine, device)
 
 
 def trained_samples(n: int, ctx: Context) -> int:
