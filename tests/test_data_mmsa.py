@@ -307,6 +307,13 @@ def test_mult_and_mmsa_files_train_and_evaluate_identically(tmp_path, capsys):
         assert code == 0, err
         evaluated.append(json.loads((runs / "mosi" / name / "seed1" / "eval_best_acc_test_ood.json").read_text()))
     assert evaluated[0]["predictions"] == evaluated[1]["predictions"] and evaluated[0]["split"] == "test_ood"
+    # analyze of a named split sits beside the test split's analysis, never over it
+    run_dir = runs / "mosi" / "mult" / "seed1"
+    for split in ("test", "test_ood"):
+        code, _, err = run(capsys, "analyze", run_dir, "--device", "cpu", "--split", split)
+        assert code == 0, err
+    own, ood = (json.loads((run_dir / name).read_text()) for name in ("analysis.json", "analysis_test_ood.json"))
+    assert [r["split"] for r in own.values()] == ["test"] and [r["split"] for r in ood.values()] == ["test_ood"]
 
 
 @pytest.mark.slow

@@ -121,6 +121,8 @@ def analyze_runs(run_dirs: list[Path], checkpoint: str = "best_acc", split: str 
         first = next(iter(results.values()))
         tag = result_tag(run_dirs[0], checkpoint, data_dir, first["data"], first["checkpoint"]["run"], data_file)
         suffix = "" if out_dir or tag == checkpoint_path(run_dirs[0], checkpoint).stem else f"_{tag}"
+        if split != "test":  # another split's analysis (an OOD split, valid) never replaces the test split's
+            suffix += f"_{split}"
         files = {name: out / f"{name}{suffix}.{ext}" for name, ext in
                  (("analysis", "json"), ("contributions", figure_format), ("removal_drops", figure_format),
                   ("report", "md"))}
