@@ -9,6 +9,8 @@ import itertools
 MODALITIES = ("text", "audio", "vision")
 # Single-letter names: removal keys (`--remove ta`), the head's constants (`constant_t`), compact labels.
 LETTERS = {"text": "t", "audio": "a", "vision": "v"}
+# The batch key of a sample's label for one modality alone (data with a label per modality, CH-SIMS).
+LABEL_KEYS = {modality: f"label_{letter}" for modality, letter in LETTERS.items()}
 
 # Every subset of the modalities (8), from the empty one to all three, by size, each size in
 # MODALITIES order: the presence subsets of the contribution analysis.

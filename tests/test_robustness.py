@@ -191,7 +191,7 @@ def test_unimodal_label_and_word_subsets_follow_their_definitions():
     from src.eval.subsets import unimodal_subsets, word_subsets
 
     split = SimpleNamespace(task="cls", targets=np.array([0, 6, 3, 3]), scores=None,
-                            unimodal_targets={"text": np.array([0, 6, 2, 3]), "audio": np.array([1, 6, 3, 3])})
+                            unimodal_targets={"label_t": np.array([0, 6, 2, 3]), "label_a": np.array([1, 6, 3, 3])})
     subsets = unimodal_subsets(split)
     assert subsets["conflicting_text_label"] == [2] and subsets["aligned_text_label"] == [0, 1, 3]
     assert subsets["conflicting_audio_label"] == [0] and "conflicting_vision_label" not in subsets

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..losses import target_kind, task_loss
+from ..modalities import LABEL_KEYS
 
 KL_MODES = ("all", "pair")
 
@@ -80,7 +81,7 @@ def kl_term(out: dict, groups: int = 1) -> torch.Tensor:
 # The weighted parts of L by name: the fused prediction's task loss, each branch's, and the KL term.
 TASK_TERMS = {"task_te": "logits_te", "task_text": "logits_t", "task_audio": "logits_a", "task_vision": "logits_v"}
 # A batch's per-modality targets (data files with a label per modality, CH-SIMS), by the branch term they train.
-UNIMODAL_TARGETS = {"task_text": "label_t", "task_audio": "label_a", "task_vision": "label_v"}
+UNIMODAL_TARGETS = {f"task_{modality}": key for modality, key in LABEL_KEYS.items()}
 
 
 def causal_loss_terms(out: dict, target: torch.Tensor, alpha: float = 0.1, beta: float = 1.0,

@@ -259,10 +259,16 @@ def headline_hits(logits, target, task: str, score=None) -> np.ndarray:
         predicted = _as_numpy(logits).reshape(len(target), len(EMOTIONS), 2).argmax(-1)
         return (predicted == target).mean(axis=1).astype(np.float64)
     predicted, truth = predictions_to_scores(logits, task), true_scores(target, task, score)
-    if task.startswith("sims_"):  # 1 where the acc5 bin is right (mean: acc5)
-        edges = SIMS_BINS["acc5"]
-        return (sims_bin(np.clip(predicted, -1, 1), edges) == sims_bin(np.clip(truth, -1, 1), edges)).astype(np.float64)
-    return (np.round(np.clip(predicted, -3, 3)) == np.round(np.clip(truth, -3, 3))).astype(np.float64)
+    return (headline_classes(predicted, task) == headline_classes(truth, task)).astype(np.float64)
+
+
+def headline_classes(scores, task: str) -> np.ndarray:
+    """(N,) int64: the class the headline accuracy puts each sentiment score in: CH-SIMS's acc5 bin (0..4,
+    of the score clipped to [-1, 1]), else the 7-class score (-3..3, rounded half to even after clipping)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if task.startswith("sims_"):
+        return sims_bin(np.clip(scores, -1, 1), SIMS_BINS["acc5"]).astype(np.int64)
+    return np.round(np.clip(scores, -3, 3)).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------

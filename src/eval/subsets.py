@@ -13,8 +13,10 @@ scored on the same samples:
   when the majority label of its bias words is not its own, `aligned_words` when it is.
 - a user's file: `{name: [row, ...]}` or `{name: [id, ...]}` (splits made elsewhere).
 
-The label of a sample is its class: IEMOCAP's four (absent, present) decisions read as one 4-bit code,
-the 7-class sentiment for cls, the rounded score for regression.
+The label of a sample is its class: IEMOCAP's four (absent, present) decisions read as one 4-bit code;
+for sentiment the class of the score the headline accuracy judges (metrics.headline_classes): the
+rounded score in -3..3 for MOSI/MOSEI (acc7), MMSA's acc5 bin for CH-SIMS, whether the task is the
+classification or the regression one.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..errors import UserError
-from ..modalities import MODALITIES
+from ..modalities import LABEL_KEYS, MODALITIES
+from . import metrics
 
 WORD_CV = 0.1
 PROBE_C = 1.0
@@ -44,15 +47,13 @@ CHUNK = 512  # samples pooled at a time: a whole MOSEI split of text features do
 
 
 def label_codes(targets: np.ndarray, task: str, scores=None) -> np.ndarray:
-    """One integer class per sample (see the module docstring)."""
+    """One integer class per sample (see the module docstring): for sentiment, the class the headline
+    accuracy gives the true score (`scores` when given, else read back from the targets)."""
     targets = np.asarray(targets)
     if task == "binary":
         flat = targets.reshape(len(targets), -1)
         return (flat * 2 ** np.arange(flat.shape[1])).sum(1)
-    if task == "cls":
-        return targets.astype(np.int64).reshape(-1)
-    values = np.asarray(scores if scores is not None else targets, dtype=np.float64).reshape(-1)
-    return np.round(np.clip(values, -3, 3)).astype(np.int64)
+    return metrics.headline_classes(metrics.true_scores(targets, task, scores), task)
 
 
 def pooled_features(dataset, modality: str) -> np.ndarray:
@@ -89,16 +90,16 @@ def probe_subsets(train, split) -> dict:
 
 
 def unimodal_subsets(split) -> dict:
-    """For data with one label per modality (`dataset.unimodal_targets`, {modality: targets}); else {}."""
+    """For data with one label per modality (`dataset.unimodal_targets`, {label_t: targets, ...} by the
+    batch keys of LABEL_KEYS, in the form of `dataset.targets`); else {}."""
     unimodal = getattr(split, "unimodal_targets", None)
     if not unimodal:
         return {}
     labels = label_codes(split.targets, split.task, split.scores)
     subsets = {}
     for modality in MODALITIES:
-        if modality in unimodal:
-            own = np.asarray(unimodal[modality])
-            codes = label_codes(own, split.task, own if split.task == "regression" else None)
+        if LABEL_KEYS[modality] in unimodal:
+            codes = label_codes(unimodal[LABEL_KEYS[modality]], split.task)
             subsets.update(split_by(codes == labels, f"{modality}_label"))
     return subsets
 
