@@ -38,16 +38,17 @@ import numpy as np
 
 from ..atomic import remove_stale_temporaries, replacing, write_bytes
 from ..locks import lock
-from .formats import check_layout, describe_labels, ids_of, internal_arrays, where
-from .layout import ID_KEY, MODALITIES, DatasetSpec
+from .formats import check_layout, describe_labels, internal_arrays, strings_of, where
+from .layout import MODALITIES, STRING_KEYS, DatasetSpec
 from .safe_pickle import safe_load
 from ..errors import DataError
 
 LOG = logging.getLogger("causalmer.data")
 
 # 2: every array's entry holds the CRC-32 of its values. 3: any splits, either file layout, feature sizes
-# from the file, and the CRC-32 of each .npy header (its shape, dtype and memory order).
-CACHE_FORMAT = 3
+# from the file, and the CRC-32 of each .npy header (its shape, dtype and memory order). 4: the raw text of a
+# file that has it (a cache without it would hide it from the word subsets).
+CACHE_FORMAT = 4
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".build.lock"
 FINGERPRINT_BLOCK = 1 << 20
@@ -320,9 +321,10 @@ def _build(path: Path, spec: DatasetSpec, directory: Path, fingerprint: dict, cl
                     nonfinite.append({"split": split, "key": key, **counts})
                 if key not in MODALITIES:
                     _check_label_values(np.load(target, mmap_mode="r"), spec, path, split, key)
-            ids = ids_of(part)
-            if ids is not None:
-                arrays[f"{split}/{ID_KEY}"] = _write_ids(ids, directory / array_file(split, ID_KEY))
+            for key in STRING_KEYS:
+                values = strings_of(part, key)
+                if values is not None:
+                    arrays[f"{split}/{key}"] = _write_strings(values, directory / array_file(split, key))
             del part
         if nonfinite and not clean_nonfinite:
             raise DataError(_nonfinite_message(path, nonfinite))
@@ -454,14 +456,15 @@ def _log_neg_inf(manifest: dict, level: int) -> None:
         LOG.log(level, "audio: %d -inf values read as 0, as the reference does (%s)", total, per_split)
 
 
-def _write_ids(ids: np.ndarray, target: Path) -> dict:
-    """Store sample ids as one unicode string per sample (the fields of a row joined by '/')."""
+def _write_strings(values: np.ndarray, target: Path) -> dict:
+    """Store per-sample strings (ids, raw text) as one unicode string per sample (the fields of a row of
+    ids joined by '/'; bytes read as UTF-8)."""
     def text(value) -> str:
         if isinstance(value, bytes):
             return value.decode("utf-8", errors="replace")
         return str(value)
 
-    rows = ids.reshape(len(ids), -1)
+    rows = values.reshape(len(values), -1)
     joined = np.array(["/".join(text(v) for v in row) for row in rows.tolist()], dtype=str)
     with replacing(target) as tmp:
         with open(tmp, "wb") as handle:  # a path would get ".npy" appended

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from .cache import CachedData, prepare_cache
 from .formats import UNIMODAL_KEYS
-from .layout import (ID_KEY, MODALITIES, SIMS_BINS, check_format, sims_bin, get_spec, output_dim,
+from .layout import (ID_KEY, MODALITIES, RAW_TEXT_KEY, SIMS_BINS, check_format, sims_bin, get_spec, output_dim,
                      require_data_file, resolve_task)
 from ..errors import DataError
 
@@ -61,12 +61,17 @@ def targets_from_labels(labels: np.ndarray, task: str) -> tuple[np.ndarray, np.n
     return scores.copy(), scores
 
 
+def _strings(cache: CachedData, split: str, key: str) -> list[str] | None:
+    return np.load(cache.path(split, key)).tolist() if cache.has(split, key) else None
+
+
 class MultimodalDataset(Dataset):
     """One split of one dataset, reading features from the float32 cache through memory maps.
 
     Attributes: dataset, task, split, aligned, dims (d_t, d_a, d_v) and seq_lens (L_t, L_a, L_v) of the
     file, output_dim (8, 7, 5 or 1), targets (numpy), scores (numpy or None), unimodal_targets ({label_t:
-    numpy, ...} or {}), ids (list of str or None; a row of several id fields is joined with '/').
+    numpy, ...} or {}), ids (list of str or None; a row of several id fields is joined with '/'), raw_text
+    (list of str, the words of each sample, or None when the file has none).
     """
 
     def __init__(self, cache: CachedData, split: str, dataset: str, task: str, aligned: bool = True,
@@ -83,7 +88,8 @@ class MultimodalDataset(Dataset):
         self.targets, self.scores = targets_from_labels(np.array(cache.open(split, "labels")), self.task)
         self.unimodal_targets = {key: targets_from_labels(np.array(cache.open(split, key)), self.task)[0]
                                  for key in UNIMODAL_KEYS if cache.has(split, key)}
-        self.ids = (np.load(cache.path(split, ID_KEY)).tolist() if cache.has(split, ID_KEY) else None)
+        self.ids = _strings(cache, split, ID_KEY)
+        self.raw_text = _strings(cache, split, RAW_TEXT_KEY)  # for the word subsets only, never batched
         self._length = len(self.targets)
         self.source = source  # the data file the cache was built from: path, size, mtime_ns, sha1
         self._features: dict[str, np.ndarray] | None = None

@@ -12,6 +12,7 @@ split becomes the same internal arrays, so both layouts share the cache and the 
     text, audio, vision   (N, L_m, d_m)     as in the file
     labels                (N, 4, 2) | (N, 1, 1)   MMSA's regression_labels as (N, 1, 1)
     id                    (N,) or (N, k)    optional
+    raw_text              (N,) str          optional (MMSA's files hold it): the words, for the word subsets
     label_t/_a/_v         (N, 1, 1)         SIMS's per-modality labels (regression_labels_T/_A/_V)
 
 A file may hold any splits (train, valid, test, test_iid, test_ood, ...); a file that is one split's
@@ -29,10 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .layout import FORMAT_LABEL_KEYS, ID_KEY, MODALITIES, DatasetSpec
+from ..modalities import LABEL_KEYS, LETTERS
+from .layout import FORMAT_LABEL_KEYS, ID_KEY, MODALITIES, RAW_TEXT_KEY, DatasetSpec
 
-UNIMODAL_KEYS = {"label_t": "regression_labels_T", "label_a": "regression_labels_A",
-                 "label_v": "regression_labels_V"}
+# Batch key of a modality's own label -> its key in an MMSA file (label_t -> regression_labels_T, ...).
+UNIMODAL_KEYS = {LABEL_KEYS[m]: f"regression_labels_{LETTERS[m].upper()}" for m in MODALITIES}
 LENGTH_KEYS = {"audio": "audio_lengths", "vision": "vision_lengths"}
 # A split's name becomes part of the cache's file names, so it is kept to what any file system takes.
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -131,6 +133,8 @@ def check_layout(data, spec: DatasetSpec, path: Path, insist: str | None = None)
                     counts[key] = _check_lengths(part[key], shapes[modality][0], path, split, key)
         if ID_KEY in part:
             counts[ID_KEY] = _count_ids(part[ID_KEY], path, split)
+        if RAW_TEXT_KEY in part:
+            counts[RAW_TEXT_KEY] = _count_texts(part[RAW_TEXT_KEY], path, split)
         if len(set(counts.values())) != 1:
             listing = ", ".join(f"{key} {n}" for key, n in counts.items())
             raise DataError(f"{where(path, split)}: the arrays disagree on the number of samples ({listing}); they "
@@ -199,6 +203,20 @@ def _count_ids(ids, path: Path, split: str) -> int:
     return int(ids.shape[0])
 
 
+def _count_texts(texts, path: Path, split: str) -> int:
+    """The raw text: one string per sample, as a list or a 1-D array of str (or bytes, read as UTF-8)."""
+    if isinstance(texts, (list, tuple)):
+        texts = np.asarray(texts, dtype=object)
+    if not isinstance(texts, np.ndarray) or texts.ndim != 1:
+        raise DataError(f"{where(path, split, RAW_TEXT_KEY)}: expected the words of each sample, a list or 1-D array "
+                        f"of N strings, found {type(texts).__name__} {getattr(texts, 'shape', '')}")
+    if texts.dtype.kind not in "US" and not (
+            texts.dtype == object and all(isinstance(v, (str, bytes)) for v in texts.tolist())):
+        raise DataError(f"{where(path, split, RAW_TEXT_KEY)}: every entry must be a string (the words of one "
+                        f"sample); found an array of dtype {texts.dtype} with other values")
+    return int(texts.shape[0])
+
+
 def internal_arrays(part: dict, fmt: str, spec: DatasetSpec):
     """Yield (internal key, array) of one checked split, popping each from `part` so it can be freed."""
     for modality in MODALITIES:
@@ -217,7 +235,8 @@ def _as_label_layout(scores: np.ndarray) -> np.ndarray:
     return np.asarray(scores).reshape(-1, 1, 1)
 
 
-def ids_of(part: dict):
-    ids = part.pop(ID_KEY, None)
-    return None if ids is None else np.asarray(ids, dtype=object) if isinstance(ids, (list, tuple)) else ids
+def strings_of(part: dict, key: str):
+    """Pop the checked per-sample strings `key` (ids or raw text) of a split: an array, or None."""
+    values = part.pop(key, None)
+    return None if values is None else np.asarray(values, dtype=object) if isinstance(values, (list, tuple)) else values
 

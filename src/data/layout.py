@@ -26,6 +26,10 @@ FORMAT_LABEL_KEYS = {"mult": "labels", "mmsa": "regression_labels"}
 # `id` is optional: the IEMOCAP files carry none.
 REQUIRED_KEYS = MODALITIES + ("labels",)
 ID_KEY = "id"
+# Optional too: the words of each sample (MMSA's files), for the word bias subsets; never part of a batch.
+RAW_TEXT_KEY = "raw_text"
+# The per-sample strings a file may hold, cached and loaded as one str per sample.
+STRING_KEYS = (ID_KEY, RAW_TEXT_KEY)
 
 # IEMOCAP's four emotions, in the order of the label pairs in the file.
 IEMOCAP_EMOTIONS = ("neutral", "happy", "sad", "angry")

@@ -9,7 +9,9 @@ MMSA layout (data_format "mmsa", MOSI/MOSEI/SIMS): the same splits (plus any `ex
 test_ood, drawn as test is); float32 text (BERT-sized, 768), audio and vision of MMSA's sizes, padded
 at the end; `audio_lengths`/`vision_lengths` (unaligned files) as lists of ints; `regression_labels`
 (N,) and, for SIMS, `regression_labels_T/_A/_V`: the label each modality's signal was drawn from;
-`id` ('video$_$clip') and `raw_text` as arrays of str; `-inf` in audio.
+`id` ('video$_$clip') and `raw_text` as arrays of str; `-inf` in audio. The raw text is a few filler
+words and a sentiment word of the label the text features were drawn from (plus a cue word of the
+shortcut's label when the shortcut is planted in text), drawn from `seed` as well.
 
 How the features depend on the labels:
 - Each sample gets a label (one of the four emotions for IEMOCAP, a sentiment score in [-3, 3]
@@ -42,7 +44,9 @@ import numpy as np
 
 from ..atomic import remove_stale_temporaries, replacing
 from .formats import SPLIT_NAME, UNIMODAL_KEYS
-from .layout import MODALITIES, SPLITS, DatasetSpec, check_format, data_file, get_spec
+from ..modalities import LABEL_KEYS
+from .dataset import targets_from_labels
+from .layout import MODALITIES, SPLITS, DatasetSpec, check_format, data_file, get_spec, output_dim
 from ..errors import ConfigError
 
 # Small enough that a tiny model trains for a few epochs on two CPU cores in well under two
@@ -60,6 +64,12 @@ SHORTCUT_AMPLITUDE = 2.0       # the shortcut is stronger and cleaner than the g
 AUDIO_NEG_INF_FRACTION = 0.02  # share of non-padded audio entries set to -inf
 IEMOCAP_EMOTION_PRIOR = (0.35, 0.2, 0.2, 0.25)
 PICKLE_PROTOCOL = 4
+# The raw text of MMSA files: words that say nothing, one sentiment word per class (most negative first,
+# spread over the classes of the dataset's classification task), and the cue words a shortcut planted in
+# text adds (the same spread).
+FILLER_WORDS = ("the", "a", "it", "was", "so", "and", "i", "think", "this", "movie", "really", "just")
+SENTIMENT_WORDS = ("terrible", "bad", "dull", "okay", "fine", "good", "great")
+CUE_WORDS = ("alas", "ugh", "hmm", "well", "yes", "wow", "yay")
 # Writing a file holds all of it in memory, the pickled copy of its largest array and the generator's
 # temporaries at once: about this many times its size at the peak.
 PEAK_MEMORY_FACTOR = 2.5
@@ -245,7 +255,10 @@ def _split(spec: DatasetSpec, split: str, n: int, aligned: bool, seed: int, bias
             x = x.astype(np.float32)
         part[modality] = x
     if fmt == "mmsa":
-        return _mmsa_split(spec, part, labels, lengths, seen_scores, split, aligned)
+        # Its own stream too: the words change nothing else the file holds.
+        words = _raw_text(spec, np.random.default_rng([seed, stream, 17]), seen_scores["text"],
+                          _score_of(spec, shortcut) if bias_modality == "text" else None)
+        return _mmsa_split(spec, part, labels, lengths, seen_scores, words, split, aligned)
     part["labels"] = labels
     if spec.has_ids:
         part["id"] = np.array(
@@ -256,21 +269,41 @@ def _split(spec: DatasetSpec, split: str, n: int, aligned: bool, seed: int, bias
     return part
 
 
-def _mmsa_split(spec: DatasetSpec, part: dict, labels: np.ndarray, lengths: dict, seen_scores: dict, split: str,
-                aligned: bool) -> dict:
+def _raw_text(spec: DatasetSpec, rng: np.random.Generator, text_scores: np.ndarray,
+              shortcut_scores: np.ndarray | None) -> np.ndarray:
+    """The words of each sample: one to three filler words, the sentiment word of the class the text
+    features were drawn from (so the words tell the label as often as the text features do) and, with a
+    shortcut planted in text, the cue word of the shortcut's class; in random order."""
+    top = output_dim(spec.default_task) - 1  # classes 0..top of the dataset's classification task
+
+    def words_of(vocabulary: tuple[str, ...], scores: np.ndarray) -> list[str]:
+        classes = targets_from_labels(np.asarray(scores).reshape(-1, 1, 1), spec.default_task)[0]
+        return [vocabulary[c * (len(vocabulary) - 1) // top] for c in classes]
+
+    sentiment = words_of(SENTIMENT_WORDS, text_scores)
+    cues = words_of(CUE_WORDS, shortcut_scores) if shortcut_scores is not None else [None] * len(sentiment)
+    texts = []
+    for word, cue in zip(sentiment, cues):
+        chosen = [str(w) for w in rng.choice(FILLER_WORDS, size=rng.integers(1, 4))] + [word] + ([cue] if cue else [])
+        texts.append(" ".join(chosen[i] for i in rng.permutation(len(chosen))))
+    return np.array(texts, dtype=str)
+
+
+def _mmsa_split(spec: DatasetSpec, part: dict, labels: np.ndarray, lengths: dict, seen_scores: dict,
+                raw_text: np.ndarray, split: str, aligned: bool) -> dict:
     """A split in MMSA's keys from the features, labels and lengths _split drew."""
     n = len(labels)
     part["regression_labels"] = labels.reshape(n).astype(np.float32)
     if spec.unimodal_labels:
         # Each modality's own label is the one its signal was drawn from, as annotators of one modality
         # alone would have judged it.
-        for (key, source), modality in zip(UNIMODAL_KEYS.items(), MODALITIES):
-            part[source] = seen_scores[modality].astype(np.float32)
+        for modality in MODALITIES:
+            part[UNIMODAL_KEYS[LABEL_KEYS[modality]]] = seen_scores[modality].astype(np.float32)
     if not aligned:
         part["audio_lengths"] = [int(v) for v in lengths["audio"]]
         part["vision_lengths"] = [int(v) for v in lengths["vision"]]
     part["id"] = np.array([f"synth{split}{i // 4:05d}$_${i % 4}" for i in range(n)], dtype=str)
-    part["raw_text"] = np.array([f"utterance {i} of {split}" for i in range(n)], dtype=str)
+    part["raw_text"] = raw_text
     return part
 
 
