@@ -68,3 +68,21 @@ def test_keep_freed_memory_reports_a_failing_mallopt(monkeypatch):
 
     monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: FakeLibc)
     assert runtime.keep_freed_memory() is False
+
+
+def test_console_lines_follow_sys_stdout_when_it_is_replaced(monkeypatch):
+    """A notebook or test harness may swap sys.stdout after logging was set up (and close the old one)."""
+    import io
+    import logging
+
+    from src.run.runtime import setup_logging
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", first)
+    setup_logging()
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", second)
+    logging.getLogger("causalmer").info("after the swap")
+    assert second.getvalue() == "after the swap\n"
+    setup_logging()  # bound to the real stdout again (monkeypatch restores it after the test)

@@ -25,6 +25,15 @@ import sys
 from pathlib import Path
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a line is logged: a notebook or a test harness may replace
+    sys.stdout after logging was set up, and a handler bound to the old, closed stream would fail."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
 def setup_logging(log_file: Path | None = None, main_process: bool = True) -> None:
     """Console lines (INFO on the main process, WARNING on the others), and `log_file` if given."""
     root = logging.getLogger()
@@ -32,7 +41,7 @@ def setup_logging(log_file: Path | None = None, main_process: bool = True) -> No
         handler.close()  # a previous run's train.log
     root.handlers.clear()
     root.setLevel(logging.INFO if main_process else logging.WARNING)
-    console = logging.StreamHandler(sys.stdout)
+    console = ConsoleHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(console)
     if log_file is not None and main_process:
