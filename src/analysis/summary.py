@@ -50,15 +50,20 @@ def flatten_metrics(tree: dict) -> dict[str, float]:
             if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
+def read_json(path: Path):
+    """A result file of a run (metrics.json, robustness.json), or a message naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+
+
 def robustness_metrics(run_dir: Path) -> dict[str, float]:
     """The figures of a run's robustness result (module docstring), or {} when it has none."""
     path = Path(run_dir) / ROBUSTNESS_FILE
     if not path.is_file():
         return {}
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"cannot read {path}: {error}") from error
+    result = read_json(path)
     try:
         metric = result["metric"]
         flat = {f"robustness/{subset}/{prediction}/{metric}": value
@@ -102,10 +107,7 @@ def load_run_metrics(run_dir: Path) -> dict[str, float]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise UserError(f"{path} not found: is {run_dir} a finished run directory?")
-    try:
-        tree = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"cannot read {path}: {error}") from error
+    tree = read_json(path)
     if not isinstance(tree, dict):
         raise UserError(f"{path} should hold a JSON object of metrics, found {type(tree).__name__}")
     return {**flatten_metrics(tree), **robustness_metrics(run_dir)}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +29,12 @@ import numpy as np
 from ..errors import UserError
 from ..eval.metrics import PAPER_METRICS, headline, headline_hits, is_fraction_metric
 from ..eval.stats import paired_bootstrap, paired_t_test
-from .summary import METRICS_FILE, read_run_config
+from .summary import METRICS_FILE, ROBUSTNESS_FILE, read_json, read_run_config
 
 FORMATS = ("markdown", "latex", "csv")
 EXTENSIONS = {"markdown": "md", "latex": "tex", "csv": "csv"}
 PREDICTION_LABELS = {"m": "m (its backbone)", "te": "te (fused)", "tie": "tie (debiased)"}
 CAUSAL_PREDICTIONS = ("m", "te", "tie")
-ROBUSTNESS_FILE = Path("robustness") / "robustness.json"
 ALL_SAMPLES = "all"  # the subset of robustness.json's accuracy that is the whole split
 NO_STD = "—"
 
@@ -71,17 +69,10 @@ def in_display_unit(metric: str, value: float) -> float:
     return 100.0 * value if is_fraction_metric(metric) else value
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
-
-
 def run_predictions(run_dir: Path, checkpoint: str, split: str) -> dict:
     """{prediction: {metric: value}} of a run's metrics.json (fractions as stored)."""
     path = Path(run_dir) / METRICS_FILE
-    tree = _read_json(path)
+    tree = read_json(path)
     try:
         return tree[checkpoint][split]["predictions"]
     except (KeyError, TypeError):
@@ -94,7 +85,7 @@ def tie_alpha(run_dir: Path) -> tuple[float, float] | None:
     path = Path(run_dir) / ROBUSTNESS_FILE
     if not path.is_file():
         return None
-    saved = _read_json(path)
+    saved = read_json(path)
     try:
         return float(saved["accuracy"][ALL_SAMPLES]["tie_alpha"]), float(saved["alpha"]["selected"])
     except (KeyError, TypeError, ValueError):
