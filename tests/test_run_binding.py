@@ -216,6 +216,21 @@ def test_a_checkpoint_copied_in_from_another_run_is_not_the_runs_own(runs, capsy
     assert json.loads(result.read_text())["checkpoint"]["run"]["seed"] == 4
 
 
+def test_a_best_checkpoint_swapped_in_while_training_is_not_reported_as_the_runs(runs, data_dir, capsys,
+                                                                                 monkeypatch):
+    from src.train import loop
+
+    original = loop.final_evaluation
+
+    def swapped(model, splits, cfg, run_dir, *args, **kwargs):  # another run's file lands before the last step
+        shutil.copy(runs / "iemocap" / "tiny" / "seed4" / "best_acc.pt", run_dir / "best_acc.pt")
+        return original(model, splits, cfg, run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "final_evaluation", swapped)
+    assert_refused(run(capsys, *train_args(data_dir, runs, name="swap")), "another run", "seed 4")
+    assert not (runs / "iemocap" / "swap" / "seed3" / "metrics.json").exists()
+
+
 def test_resume_from_a_last_checkpoint_of_another_run_is_refused(runs, data_dir, capsys):
     a, b = runs / "iemocap" / "tiny" / "seed3", runs / "iemocap" / "tiny" / "seed4"
     shutil.copy(b / "last.pt", a / "last.pt")

@@ -177,7 +177,7 @@ def train(cfg: dict, run_dir: Path, ctx: Context, seed: int, resume: bool = Fals
             log.info("early stop: %d epochs without a better validation loss", state["since_best"])
             break
 
-    results = final_evaluation(model, splits, cfg, run_dir, ctx, amp, state, run=run)
+    results = final_evaluation(model, splits, cfg, run_dir, ctx, amp, state, run=run, identity=identity)
     logger.log_final(results, cfg, headline_key)
     logger.close()
     return results
@@ -335,12 +335,14 @@ def stop_if_nonfinite(value: float, what: str, epoch: int, step: int = 0, n_batc
         "--name, since --resume continues only the same config")
 
 
-def final_evaluation(model, splits, cfg, run_dir: Path, ctx: Context, amp: bool, state: dict, run=None) -> dict:
+def final_evaluation(model, splits, cfg, run_dir: Path, ctx: Context, amp: bool, state: dict, run=None,
+                     identity: dict | None = None) -> dict:
     """Evaluate the best-validation-loss and best-validation-score checkpoints on valid and every split of
     the file beyond train and valid (test, test_ood, ...).
 
     The checkpoints load into `model`; `run` (default `model`) is what evaluates: `model` itself or
-    its compiled wrapper, which shares its parameters."""
+    its compiled wrapper, which shares its parameters. With the run's `identity`, a checkpoint another
+    run wrote (copied in while this one trained) is refused rather than reported as this run's."""
     run = model if run is None else run
     batch_size = cfg["train"]["eval_batch_size"]
     # Which file every number below came from: the data as it was when the run opened it.
@@ -348,6 +350,8 @@ def final_evaluation(model, splits, cfg, run_dir: Path, ctx: Context, amp: bool,
     for which in ("best_loss", "best_acc"):
         path = run_dir / ckpt_io.CHECKPOINT_NAMES[which]
         saved = ckpt_io.load_checkpoint(path)
+        if identity is not None:
+            run_identity.check_own_checkpoint(saved, path, run_dir, which, identity)
         ckpt_io.load_model_state(model, saved["model"], path)
         results[which] = {"epoch": saved["epoch"], "checkpoint": str(path)}
         for split in evaluated_splits(splits):
